@@ -1,0 +1,58 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+export SQLX_OFFLINE ?= true
+export CARGO_TERM_COLOR ?= never
+DEV_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentidp
+
+.PHONY: help services run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench
+
+help:
+	@echo "make run     start Postgres and Redis if needed, migrate, serve on 127.0.0.1:8080"
+	@echo "make test    fmt, clippy, OpenAPI drift, offline-query check and all tests"
+	@echo "make openapi regenerate openapi/openapi.json"
+	@echo "make bench   benchmarks (not part of make test)"
+
+services:
+	@bash scripts/services.sh
+
+run: services
+	cargo run --release --bin agentidp -- serve
+
+build:
+	cargo build --all-targets
+
+release:
+	cargo build --release --bin agentidp
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+# The committed document must equal what the binary prints.
+openapi:
+	cargo run --quiet --bin agentidp -- openapi > openapi/openapi.json
+
+openapi-check:
+	@cargo run --quiet --bin agentidp -- openapi | diff -u openapi/openapi.json - \
+	  || { echo "openapi/openapi.json is stale: run 'make openapi' and commit it"; exit 1; }
+
+# Compiling with SQLX_OFFLINE=true already fails when a query is missing from .sqlx/;
+# with sqlx-cli present, also catch stale entries.
+sqlx-check:
+	@if cargo sqlx --version >/dev/null 2>&1; then \
+	  cargo sqlx prepare --check --database-url "$(DEV_DATABASE_URL)" -- --all-targets; \
+	else echo "sqlx-cli not installed: offline build is the .sqlx check"; fi
+
+sqlx-prepare: services
+	SQLX_OFFLINE=false DATABASE_URL="$(DEV_DATABASE_URL)" cargo sqlx migrate run --source migrations
+	SQLX_OFFLINE=false cargo sqlx prepare --database-url "$(DEV_DATABASE_URL)" -- --all-targets
+
+test: services lint openapi-check
+	@cargo sqlx --version >/dev/null 2>&1 && DATABASE_URL="$(DEV_DATABASE_URL)" SQLX_OFFLINE=false cargo sqlx migrate run --source migrations >/dev/null || true
+	$(MAKE) --no-print-directory sqlx-check
+	cargo test --all-targets -- --test-threads=$${TEST_THREADS:-8}
+
+bench: services
+	bash bench/run.sh

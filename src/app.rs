@@ -1,0 +1,161 @@
+//! The application: shared state, the router, and serving with graceful shutdown. Used by `main`
+//! and by the integration tests alike.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{Router, response::IntoResponse};
+use axum_server::{Handle, tls_rustls::RustlsConfig};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::{
+    config::Config,
+    db,
+    http::{self, error::problem_for_status, openapi::ApiDoc},
+    redis::Redis,
+    telemetry,
+};
+
+/// Everything a handler may need: cheap to clone, one allocation behind it.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    config: Config,
+    db: PgPool,
+    redis: Redis,
+    metrics: PrometheusHandle,
+    listener_is_tls: bool,
+}
+
+impl AppState {
+    pub fn new(config: Config, db: PgPool, redis: Redis) -> Self {
+        let listener_is_tls = config.tls.enabled();
+        Self(Arc::new(Inner { config, db, redis, metrics: telemetry::metrics_handle(), listener_is_tls }))
+    }
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+    pub fn db(&self) -> &PgPool {
+        &self.0.db
+    }
+    pub fn redis(&self) -> &Redis {
+        &self.0.redis
+    }
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.0.metrics
+    }
+    /// Whether our own listener speaks TLS (proxies may still tell us otherwise).
+    pub fn listener_is_tls(&self) -> bool {
+        self.0.listener_is_tls
+    }
+}
+
+/// Every documented route of every module. The OpenAPI document is derived from this.
+pub fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(http::ops::router())
+}
+
+/// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
+pub fn build_router(state: AppState) -> Router {
+    let (router, _) = api_router().split_for_parts();
+    let router = router
+        .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
+        .fallback(|| async { problem_for_status(axum::http::StatusCode::NOT_FOUND, None) })
+        .method_not_allowed_fallback(|| async {
+            problem_for_status(axum::http::StatusCode::METHOD_NOT_ALLOWED, None).into_response()
+        });
+    http::middleware::stack(router, &state).with_state(state)
+}
+
+/// A bound, ready-to-serve application.
+pub struct Application {
+    state: AppState,
+    listener: std::net::TcpListener,
+    tls: Option<RustlsConfig>,
+}
+
+impl Application {
+    /// Connects to Postgres (retrying), migrates if configured, prepares Redis, binds the listener.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let db = db::connect(&config.database).await?;
+        if config.database.migrate_on_start {
+            db::migrate(&db).await?;
+        }
+        let redis = Redis::new(&config.redis)?;
+        if let Err(e) = redis.ping().await {
+            tracing::warn!(error = %e, "redis unreachable at start-up: serving degraded until it returns");
+        }
+        Self::with_parts(config, db, redis).await
+    }
+
+    /// Binds with existing pools (tests bring their own database and key prefix).
+    pub async fn with_parts(config: Config, db: PgPool, redis: Redis) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(config.server.bind)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.bind))?;
+        listener.set_nonblocking(true)?;
+        let tls = if config.tls.enabled() {
+            Some(
+                RustlsConfig::from_pem_file(&config.tls.cert_path, &config.tls.key_path)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("tls.cert_path/tls.key_path: {e}"))?,
+            )
+        } else {
+            None
+        };
+        Ok(Self { state: AppState::new(config, db, redis), listener, tls })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish within
+    /// the grace period, and closes the pools.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self { state, listener, tls } = self;
+        let grace = Duration::from_secs(state.config().server.shutdown_grace_secs);
+        let handle: Handle<SocketAddr> = Handle::new();
+        let signal = handle.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
+            signal.graceful_shutdown(Some(grace));
+        });
+        let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
+        match tls {
+            Some(tls) => axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(service).await?,
+            None => axum_server::from_tcp(listener)?.handle(handle).serve(service).await?,
+        }
+        state.db().close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

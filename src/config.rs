@@ -1,0 +1,297 @@
+//! Configuration: compiled-in defaults, then an optional file, then `AGENTIDP_` environment variables.
+//!
+//! Everything is validated once at boot. A bad value is reported as one line naming the key, and the
+//! process exits with status 2 (see [`ConfigError`]).
+
+use std::{fmt, net::SocketAddr, path::PathBuf};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The built-in defaults, also the reference for every key that exists.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// The effective configuration of one process.
+// Unknown top-level keys are tolerated (other tools set AGENTIDP_* variables too); unknown keys
+// inside a section are typos and are refused.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub cors: CorsConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    /// The externally visible base URL; issuer and redirects are derived from it.
+    pub public_url: String,
+    pub request_timeout_secs: u64,
+    pub body_limit_bytes: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_path: String,
+    pub key_path: String,
+    pub enforce: bool,
+    pub trusted_proxies: Vec<IpNet>,
+    pub hsts_max_age_secs: u64,
+}
+
+impl TlsConfig {
+    /// Whether this process terminates TLS itself.
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    #[serde(serialize_with = "redact_url")]
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub connect_retry_secs: u64,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    #[serde(serialize_with = "redact_url")]
+    pub url: String,
+    pub key_prefix: String,
+    pub pool_size: usize,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// A secret value from configuration: it deserializes normally but never prints.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"[redacted]\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "[redacted]" })
+    }
+}
+
+/// Prints a connection URL with its password hidden.
+fn redact_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redacted_url(url))
+}
+
+/// `scheme://user:secret@host/db` becomes `scheme://user:[redacted]@host/db`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:[redacted]@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Why the configuration could not be used; rendered as a single line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("configuration: key `{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl Config {
+    /// Loads defaults, the optional file and the environment, then validates.
+    pub fn load(file: Option<&PathBuf>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Parse(format!("file {} does not exist or is not a file", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // AGENTIDP_CONFIG names the file, it is not a key.
+        figment = figment.merge(Env::prefixed("AGENTIDP_").split("__").ignore(&["config"]));
+        Self::from_figment(figment)
+    }
+
+    /// Extracts and validates from an assembled figment (tests build their own).
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid { key, problem: problem.into() }
+        }
+        let s = &self.server;
+        if !(s.public_url.starts_with("http://") || s.public_url.starts_with("https://")) {
+            return Err(invalid("server.public_url", "must start with http:// or https://"));
+        }
+        if s.public_url.ends_with('/') {
+            return Err(invalid("server.public_url", "must not end with a slash"));
+        }
+        if s.request_timeout_secs == 0 || s.request_timeout_secs > 3600 {
+            return Err(invalid("server.request_timeout_secs", "must be between 1 and 3600"));
+        }
+        if s.body_limit_bytes < 1024 || s.body_limit_bytes > 64 * 1024 * 1024 {
+            return Err(invalid("server.body_limit_bytes", "must be between 1024 and 67108864"));
+        }
+        if s.shutdown_grace_secs > 600 {
+            return Err(invalid("server.shutdown_grace_secs", "must be at most 600"));
+        }
+        let t = &self.tls;
+        if t.cert_path.is_empty() != t.key_path.is_empty() {
+            return Err(invalid("tls.cert_path", "tls.cert_path and tls.key_path must be set together"));
+        }
+        for (key, path) in [("tls.cert_path", &t.cert_path), ("tls.key_path", &t.key_path)] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                return Err(invalid(key, format!("file {path} does not exist")));
+            }
+        }
+        for origin in &self.cors.allowed_origins {
+            if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
+                return Err(invalid("cors.allowed_origins", format!("{origin:?} is not a valid origin")));
+            }
+        }
+        let d = &self.database;
+        if !(d.url.starts_with("postgres://") || d.url.starts_with("postgresql://")) {
+            return Err(invalid("database.url", "must be a postgres:// URL"));
+        }
+        if d.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if d.acquire_timeout_ms == 0 {
+            return Err(invalid("database.acquire_timeout_ms", "must be at least 1"));
+        }
+        let r = &self.redis;
+        if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+            return Err(invalid("redis.url", "must be a redis:// or rediss:// URL"));
+        }
+        if r.pool_size == 0 {
+            return Err(invalid("redis.pool_size", "must be at least 1"));
+        }
+        if r.timeout_ms == 0 {
+            return Err(invalid("redis.timeout_ms", "must be at least 1"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", "is not a valid filter such as \"info\" or \"info,sqlx=warn\""));
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, every secret redacted.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not render: {e}\n"))
+    }
+}
+
+/// Figment errors can span lines; the operator gets one.
+fn one_line(e: &figment::Error) -> String {
+    e.clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+            let text =
+                if key.is_empty() { format!("{}{source}", e.kind) } else { format!("key `{key}`: {}{source}", e.kind) };
+            text.replace('\n', " ")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn with(key: &str, value: impl Serialize) -> Result<Config, ConfigError> {
+        Config::from_figment(Figment::from(Toml::string(DEFAULTS)).merge(Serialized::default(key, value)))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = with("log.format", "json").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let err = with("server.request_timeout_secs", "soon").unwrap_err().to_string();
+        assert!(err.contains("request_timeout_secs"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key() {
+        let err = with("redis.url", "http://x").unwrap_err().to_string();
+        assert_eq!(err, "configuration: key `redis.url`: must be a redis:// or rediss:// URL");
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        let mut c = with("log.format", "pretty").unwrap();
+        c.database.url = "postgres://app:hunter2@db:5432/x".into();
+        let out = c.redacted_toml();
+        assert!(!out.contains("hunter2"));
+        assert!(out.contains("postgres://app:[redacted]@db:5432/x"));
+        assert_eq!(format!("{:?}", Secret::new("s3cret")), "\"[redacted]\"");
+    }
+}

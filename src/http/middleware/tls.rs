@@ -1,0 +1,73 @@
+//! Layer 1, TLS: decides whether the request arrived over HTTPS, redirects plain HTTP when TLS is
+//! enforced, and sets HSTS on HTTPS responses.
+//!
+//! "Arrived over HTTPS" is the listener's own scheme, unless the peer is a configured trusted proxy,
+//! in which case its `X-Forwarded-Proto` decides. The header from anyone else is ignored, so a client
+//! cannot talk its way past enforcement.
+
+use std::net::SocketAddr;
+
+use axum::{
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderValue, Method, StatusCode, Uri, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+
+use crate::app::AppState;
+
+/// Whether the current request came in over HTTPS, for layers that set cookies.
+#[derive(Clone, Copy, Debug)]
+pub struct Secure(pub bool);
+
+pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let tls = &state.config().tls;
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let trusted = peer.is_some_and(|ip| tls.trusted_proxies.iter().any(|net| net.contains(&ip)));
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(',').next().unwrap_or("").trim().eq_ignore_ascii_case("https"));
+    let https = match forwarded {
+        Some(proto) if trusted => proto,
+        _ => state.listener_is_tls(),
+    };
+
+    if !https && tls.enforce {
+        return redirect_to_https(&state, req.method(), req.uri(), req.headers().get(header::HOST));
+    }
+    req.extensions_mut().insert(Secure(https));
+    let mut response = next.run(req).await;
+    if https {
+        let value = format!("max-age={}; includeSubDomains", tls.hsts_max_age_secs);
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
+        }
+    }
+    response
+}
+
+/// 308 keeps the method and body, so a POST is repeated as a POST over HTTPS.
+fn redirect_to_https(state: &AppState, _method: &Method, uri: &Uri, host: Option<&HeaderValue>) -> Response {
+    let public = &state.config().server.public_url;
+    // Prefer the configured public origin: the Host header is the client's to choose.
+    let authority = match public.strip_prefix("https://") {
+        Some(rest) => rest.to_owned(),
+        None => match host.and_then(|h| h.to_str().ok()).filter(|h| valid_host(h)) {
+            Some(h) => h.to_owned(),
+            None => return StatusCode::BAD_REQUEST.into_response(),
+        },
+    };
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    match HeaderValue::from_str(&format!("https://{authority}{path}")) {
+        Ok(location) => (StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, location)]).into_response(),
+        Err(_) => StatusCode::BAD_REQUEST.into_response(),
+    }
+}
+
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}

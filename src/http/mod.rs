@@ -1,0 +1,11 @@
+//! Shared HTTP machinery: the middleware stack, extractors, the error type and operations routes.
+
+pub mod error;
+pub mod extract;
+pub mod middleware;
+pub mod openapi;
+pub mod ops;
+pub mod problem;
+pub mod request_id;
+
+pub use error::{ApiError, ApiResult};

@@ -1,0 +1,20 @@
+//! AgentIdP: identity provider, policy decision point, usage meter and delegation broker for AI
+//! agents and for the humans and services that run them.
+//!
+//! # Layout
+//! - [`app`]: shared state, the router, serving and graceful shutdown.
+//! - [`config`]: layered configuration (defaults, file, `AGENTIDP_` environment), validated at boot.
+//! - [`db`], [`redis`]: the one Postgres pool and the one Redis pool.
+//! - [`http`]: the middleware stack in request order, extractors, `ApiError`, operations routes, OpenAPI.
+//! - [`cli`]: the `agentidp` command line.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod redis;
+pub mod telemetry;
+
+/// The name of the session cookie.
+pub const SESSION_COOKIE: &str = "agentidp_session";

@@ -1,0 +1,64 @@
+//! The Redis pool and key namespacing. Redis holds only hot, rebuildable state, so the process runs
+//! (degraded) without it; every caller must treat a Redis error as "unknown", never as a 500.
+
+use std::time::Duration;
+
+use deadpool_redis::{Config as PoolConfig, Pool, PoolConfig as DeadpoolConfig, Runtime, Timeouts};
+
+use crate::config::RedisConfig;
+
+/// A Redis pool plus the key prefix every key of this deployment lives under.
+#[derive(Clone)]
+pub struct Redis {
+    pool: Pool,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl Redis {
+    /// Builds the pool without connecting: an unreachable Redis must not stop start-up.
+    pub fn new(cfg: &RedisConfig) -> anyhow::Result<Self> {
+        Self::with_prefix(cfg, cfg.key_prefix.clone())
+    }
+
+    /// The same, under another key prefix (tests give each app its own).
+    pub fn with_prefix(cfg: &RedisConfig, prefix: String) -> anyhow::Result<Self> {
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let mut pool_cfg = PoolConfig::from_url(cfg.url.clone());
+        pool_cfg.pool = Some(DeadpoolConfig {
+            max_size: cfg.pool_size,
+            timeouts: Timeouts { wait: Some(timeout), create: Some(timeout), recycle: Some(timeout) },
+            ..Default::default()
+        });
+        let pool = pool_cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| anyhow::anyhow!("redis.url: {e}"))?;
+        Ok(Self { pool, prefix, timeout })
+    }
+
+    /// The full key for a name within this deployment's namespace.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A pooled connection, failing fast when Redis is away.
+    pub async fn conn(&self) -> anyhow::Result<deadpool_redis::Connection> {
+        Ok(tokio::time::timeout(self.timeout, self.pool.get()).await??)
+    }
+
+    /// The per-command deadline callers should apply.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// PING with the configured deadline.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        let mut conn = self.conn().await?;
+        let pong: String =
+            tokio::time::timeout(self.timeout, deadpool_redis::redis::cmd("PING").query_async(&mut *conn)).await??;
+        anyhow::ensure!(pong == "PONG", "unexpected PING answer");
+        Ok(())
+    }
+}

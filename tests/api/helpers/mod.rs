@@ -1,0 +1,212 @@
+//! The test harness: the real application on 127.0.0.1:0, with its own database (a copy of a
+//! migrated template) and its own Redis key prefix, plus helpers that read like the API.
+// Helpers serve many test files; not every one uses every helper.
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::{sync::Once, time::Duration};
+
+use agentidp::{
+    app::Application,
+    config::{Config, DEFAULTS},
+    redis::Redis,
+};
+use figment::{
+    Figment,
+    providers::{Format, Serialized, Toml},
+};
+use reqwest::{Response, StatusCode};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool, postgres::PgPoolOptions};
+
+/// The server the tests own: a maintenance connection creates one database per test from it.
+pub fn admin_url() -> String {
+    std::env::var("AGENTIDP_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("AGENTIDP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{db}")
+}
+
+static INIT: Once = Once::new();
+
+fn init_process() {
+    INIT.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if std::env::var("TEST_LOG").is_ok() {
+            let _ = tracing_subscriber::fmt().with_env_filter("info,sqlx=warn").with_test_writer().try_init();
+        }
+    });
+}
+
+/// The template database name: a hash of the migrations, so a schema change makes a new one.
+fn template_name() -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for m in agentidp::db::MIGRATOR.iter() {
+        for b in m.checksum.iter().chain(m.version.to_le_bytes().iter()) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("agentidp_tmpl_{h:016x}")
+}
+
+/// Creates a fresh, migrated database and returns its URL. Test binaries running at once agree on
+/// the template through an advisory lock.
+pub async fn fresh_database() -> (String, String) {
+    let admin = admin_url();
+    let mut conn =
+        PgConnection::connect(&admin).await.expect("connect to the test Postgres (is `make services` done?)");
+    let template = template_name();
+    sqlx::query("select pg_advisory_lock(727274)").execute(&mut conn).await.unwrap();
+    let exists: bool = sqlx::query_scalar("select exists(select 1 from pg_database where datname = $1)")
+        .bind(&template)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    if !exists {
+        sqlx::query(&format!("create database {template}")).execute(&mut conn).await.unwrap();
+        let pool = PgPoolOptions::new().max_connections(1).connect(&with_db(&admin, &template)).await.unwrap();
+        agentidp::db::MIGRATOR.run(&pool).await.expect("migrations apply to an empty database");
+        pool.close().await;
+        // Old templates and databases of earlier runs are only clutter now.
+        let stale: Vec<String> = sqlx::query_scalar(
+            "select datname from pg_database where (datname like 'agentidp\\_tmpl\\_%' and datname <> $1) or datname like 'agentidp\\_t\\_%'",
+        )
+        .bind(&template)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        for db in stale {
+            let _ = sqlx::query(&format!("drop database if exists {db} with (force)")).execute(&mut conn).await;
+        }
+    }
+    let name = format!("agentidp_t_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("create database {name} template {template}")).execute(&mut conn).await.unwrap();
+    sqlx::query("select pg_advisory_unlock(727274)").execute(&mut conn).await.unwrap();
+    (with_db(&admin, &name), name)
+}
+
+/// A configuration for a test app: defaults, then the test's own values.
+pub fn test_config(db_url: &str, extra: &[(&str, Value)]) -> Config {
+    let mut fig = Figment::from(Toml::string(DEFAULTS))
+        .merge(Serialized::default("server.bind", "127.0.0.1:0"))
+        .merge(Serialized::default("database.url", db_url))
+        .merge(Serialized::default("database.connect_retry_secs", 5))
+        .merge(Serialized::default("database.acquire_timeout_ms", 1500))
+        .merge(Serialized::default("redis.url", redis_url()))
+        .merge(Serialized::default("server.shutdown_grace_secs", 10));
+    for (k, v) in extra {
+        fig = fig.merge(Serialized::default(k, v.clone()));
+    }
+    Config::from_figment(fig).expect("test configuration is valid")
+}
+
+/// A running application and a client for it.
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub db: PgPool,
+    pub db_url: String,
+    pub redis: Redis,
+    pub config: Config,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    pub server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The application with default test configuration.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// The application with extra configuration keys (dotted, as in the TOML file).
+pub async fn spawn_app_with(extra: &[(&str, Value)]) -> TestApp {
+    init_process();
+    let (db_url, _) = fresh_database().await;
+    spawn_on(test_config(&db_url, extra), None).await
+}
+
+/// Starts the app on an existing configuration; `redis_prefix` lets two apps share one namespace.
+pub async fn spawn_on(config: Config, redis_prefix: Option<String>) -> TestApp {
+    init_process();
+    let db = agentidp::db::pool_options(&config.database)
+        .connect(&config.database.url)
+        .await
+        .expect("connect to the test database");
+    let prefix = redis_prefix.unwrap_or_else(|| format!("test:{}:", uuid::Uuid::new_v4().simple()));
+    let redis = Redis::with_prefix(&config.redis, prefix).unwrap();
+    let app = Application::with_parts(config.clone(), db.clone(), redis.clone()).await.expect("app builds");
+    let addr = app.local_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    let scheme = if config.tls.enabled() { "https" } else { "http" };
+    let client =
+        reqwest::Client::builder().danger_accept_invalid_certs(true).timeout(Duration::from_secs(30)).build().unwrap();
+    TestApp {
+        addr,
+        base: format!("{scheme}://{addr}"),
+        client,
+        db,
+        db_url: config.database.url.clone(),
+        redis,
+        config,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.expect("request sent")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client.post(self.url(path)).json(body).send().await.expect("request sent")
+    }
+
+    /// Asks the server to stop and returns its join handle.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.take().expect("server still running")
+    }
+}
+
+/// Asserts a problem+json response with the given status and code; returns the body.
+pub async fn assert_problem(resp: Response, status: StatusCode, code: &str) -> Value {
+    let got = resp.status();
+    let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let header_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let text = resp.text().await.unwrap();
+    assert_eq!(got, status, "status; body: {text}");
+    assert_eq!(ct, "application/problem+json", "content type; body: {text}");
+    let body: Value = serde_json::from_str(&text).expect("problem body is JSON");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(body["type"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
+    assert_eq!(body["request_id"].as_str().map(str::to_owned), header_id, "request id in body and header");
+    body
+}
+
+/// Reads a JSON body after checking the status.
+pub async fn json_ok(resp: Response, status: StatusCode) -> Value {
+    let got = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(got, status, "body: {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}

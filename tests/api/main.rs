@@ -1,0 +1,5 @@
+//! Integration tests: one binary, the real router, a real Postgres and a real Redis.
+
+mod helpers;
+
+mod foundation;
