@@ -12,6 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
+    auth::AuthState,
     config::Config,
     db,
     http::{self, error::problem_for_status, openapi::ApiDoc},
@@ -29,12 +30,14 @@ struct Inner {
     redis: Redis,
     metrics: PrometheusHandle,
     listener_is_tls: bool,
+    auth: AuthState,
 }
 
 impl AppState {
     pub fn new(config: Config, db: PgPool, redis: Redis) -> Self {
         let listener_is_tls = config.tls.enabled();
-        Self(Arc::new(Inner { config, db, redis, metrics: telemetry::metrics_handle(), listener_is_tls }))
+        let auth = AuthState::new(&config.auth);
+        Self(Arc::new(Inner { config, db, redis, metrics: telemetry::metrics_handle(), listener_is_tls, auth }))
     }
     pub fn config(&self) -> &Config {
         &self.0.config
@@ -48,6 +51,9 @@ impl AppState {
     pub fn metrics(&self) -> &PrometheusHandle {
         &self.0.metrics
     }
+    pub fn auth(&self) -> &AuthState {
+        &self.0.auth
+    }
     /// Whether our own listener speaks TLS (proxies may still tell us otherwise).
     pub fn listener_is_tls(&self) -> bool {
         self.0.listener_is_tls
@@ -56,7 +62,10 @@ impl AppState {
 
 /// Every documented route of every module. The OpenAPI document is derived from this.
 pub fn api_router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(http::ops::router())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(http::ops::router())
+        .merge(crate::auth::router())
+        .merge(crate::audit::router())
 }
 
 /// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
@@ -129,16 +138,40 @@ impl Application {
             tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
             signal.graceful_shutdown(Some(grace));
         });
+        let background = spawn_background(&state);
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
         match tls {
             Some(tls) => axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(service).await?,
             None => axum_server::from_tcp(listener)?.handle(handle).serve(service).await?,
         }
+        background.abort();
+        // What was buffered in memory goes out before the pool closes.
+        state.auth().last_used.flush(state.db()).await;
         state.db().close().await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Background work of one instance: cache invalidations from other instances, batched writes.
+fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
+    let subscriber = tokio::spawn(crate::auth::credentials::run_subscriber(
+        state.config().redis.url.clone(),
+        state.redis().clone(),
+        state.auth().cache.clone(),
+    ));
+    let flusher_state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            tick.tick().await;
+            if subscriber.is_finished() {
+                tracing::error!("invalidation subscriber stopped");
+            }
+            flusher_state.auth().last_used.flush(flusher_state.db()).await;
+        }
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -30,6 +30,19 @@ pub enum Command {
     Openapi,
     /// Print the effective configuration, every secret redacted.
     Config,
+    /// Create the first organization and its owner, who becomes a system admin. Changes nothing
+    /// (and exits 1) if a system admin, the email or the organization already exists.
+    Bootstrap {
+        /// The organization's name.
+        #[arg(long, value_name = "NAME")]
+        org: String,
+        /// The owner's email.
+        #[arg(long, value_name = "EMAIL")]
+        email: String,
+        /// Read the password from standard input instead of generating one.
+        #[arg(long)]
+        password_stdin: bool,
+    },
 }
 
 /// Parses arguments, runs the command, maps failures to exit codes (2: bad configuration).
@@ -61,6 +74,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match command {
+            Command::Bootstrap { org, email, password_stdin } => bootstrap(&config, &org, &email, password_stdin).await,
             Command::Migrate => {
                 let pool = db::connect(&config.database).await?;
                 db::migrate(&pool).await?;
@@ -75,10 +89,45 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<AlreadyDone>().is_some() => {
+            eprintln!("agentidp: nothing changed: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "fatal");
             eprintln!("agentidp: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Bootstrap found its work done already.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct AlreadyDone(String);
+
+async fn bootstrap(config: &Config, org: &str, email: &str, password_stdin: bool) -> anyhow::Result<()> {
+    let password = if password_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let p = line.trim_end_matches(['\r', '\n']).to_owned();
+        anyhow::ensure!(!p.is_empty(), "no password on standard input");
+        Some(p)
+    } else {
+        None
+    };
+    let pool = db::connect(&config.database).await?;
+    db::migrate(&pool).await?;
+    match crate::auth::bootstrap::run(&pool, org, email, password).await? {
+        crate::auth::bootstrap::Outcome::AlreadyDone(what) => Err(AlreadyDone(what).into()),
+        crate::auth::bootstrap::Outcome::Created { org_id, user_id, generated_password } => {
+            println!("organization: {org_id}");
+            println!("owner:        {user_id} ({email}, system admin)");
+            if let Some(p) = generated_password {
+                println!("password:     {p}");
+                println!("(shown once; it is stored only as an argon2id hash)");
+            }
+            Ok(())
         }
     }
 }

@@ -26,6 +26,20 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub session_ttl_secs: u64,
+    pub credential_cache_secs: u64,
+    pub login_max_failures_account: u32,
+    pub login_max_failures_ip: u32,
+    pub login_window_secs: u64,
+    pub login_backoff_base_secs: u64,
+    pub login_backoff_max_secs: u64,
+    pub password_token_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -229,6 +243,22 @@ impl Config {
         }
         if r.timeout_ms == 0 {
             return Err(invalid("redis.timeout_ms", "must be at least 1"));
+        }
+        let a = &self.auth;
+        if a.session_ttl_secs < 60 {
+            return Err(invalid("auth.session_ttl_secs", "must be at least 60"));
+        }
+        if a.credential_cache_secs > 300 {
+            return Err(invalid("auth.credential_cache_secs", "must be at most 300 (revocation waits on it)"));
+        }
+        if a.login_max_failures_account == 0 || a.login_max_failures_ip == 0 {
+            return Err(invalid("auth.login_max_failures_account", "limits must be at least 1"));
+        }
+        if a.login_window_secs == 0 || a.login_backoff_base_secs == 0 {
+            return Err(invalid("auth.login_window_secs", "window and back-off base must be at least 1"));
+        }
+        if a.login_backoff_max_secs < a.login_backoff_base_secs {
+            return Err(invalid("auth.login_backoff_max_secs", "must be at least auth.login_backoff_base_secs"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "is not a valid filter such as \"info\" or \"info,sqlx=warn\""));

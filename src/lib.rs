@@ -6,11 +6,17 @@
 //! - [`config`]: layered configuration (defaults, file, `AGENTIDP_` environment), validated at boot.
 //! - [`db`], [`redis`]: the one Postgres pool and the one Redis pool.
 //! - [`http`]: the middleware stack in request order, extractors, `ApiError`, operations routes, OpenAPI.
+//! - [`auth`]: organizations, humans, memberships, sessions, API keys, bootstrap.
+//! - [`audit`]: the per-organization hash-chained audit log.
+//! - [`crypto`]: random secrets, hashing, password hashing.
 //! - [`cli`]: the `agentidp` command line.
 
 pub mod app;
+pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod db;
 pub mod http;
 pub mod redis;

@@ -21,6 +21,9 @@ use super::error::{FieldError, Problem};
     modifiers(&SecuritySchemes),
     tags(
         (name = "operations", description = "Liveness, readiness, metrics, this document"),
+        (name = "auth", description = "Login sessions, API keys, the caller's identity"),
+        (name = "organizations", description = "Organizations and their members"),
+        (name = "audit", description = "The tamper-evident audit log"),
     )
 )]
 pub struct ApiDoc;

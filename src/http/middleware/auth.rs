@@ -1,10 +1,54 @@
-//! Layer 5, auth: on protected routes, requires a valid principal and builds the `Actor`.
+//! Layer 5, auth: on protected routes, requires a valid principal and builds the [`Actor`].
 //!
-//! Pass-through for now: the identity issue fills it in (revocation checks, 401 with
-//! `WWW-Authenticate`).
+//! Which routes are public is declared once, in [`crate::auth::PUBLIC_ROUTES`]. A missing or bad
+//! credential on any other route is 401 problem+json with `WWW-Authenticate`; an organization the
+//! caller does not belong to is 403; Postgres being away while resolving is 503.
 
-use axum::{extract::Request, middleware::Next, response::Response};
+use axum::{
+    extract::{MatchedPath, Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
 
-pub async fn layer(req: Request, next: Next) -> Response {
+use super::org_context::{Identified, OrgChoice};
+use crate::{
+    app::AppState,
+    auth::{Actor, ActorType, Credential, credentials::Failure, is_public},
+    http::ApiError,
+};
+
+pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if is_public(req.extensions().get::<MatchedPath>().map(|p| p.as_str())) {
+        return next.run(req).await;
+    }
+    let Some(identified) = req.extensions().get::<Identified>().cloned() else {
+        return ApiError::unauthorized("Authentication is required.").into_response();
+    };
+    let principal = match identified.principal {
+        Ok(p) => p,
+        Err(Failure::Invalid) => {
+            return ApiError::Unauthorized {
+                detail: "The credential is invalid, expired or revoked.".into(),
+                challenge: "Bearer error=\"invalid_token\"",
+            }
+            .into_response();
+        }
+        Err(Failure::Unavailable) => return ApiError::Unavailable("credential store".into()).into_response(),
+    };
+    let org_id = match identified.org {
+        OrgChoice::Chosen(o) => o,
+        OrgChoice::Malformed => {
+            return ApiError::bad_request("invalid_org_header", "X-Org-Id must be an organization id (UUID).")
+                .into_response();
+        }
+        OrgChoice::NotMember => {
+            return ApiError::forbidden("org_not_member", "You are not a member of the organization in X-Org-Id.")
+                .into_response();
+        }
+    };
+    if let Credential::ApiKey { key_id, .. } = &principal.credential {
+        state.auth().last_used.touch(*key_id);
+    }
+    req.extensions_mut().insert(Actor { principal, actor_type: ActorType::Human, org_id });
     next.run(req).await
 }

@@ -41,10 +41,10 @@ pub fn stack(router: Router<AppState>, state: &AppState) -> Router<AppState> {
         .option_layer(cors(&cfg.cors))
         // The six product layers, in request order.
         .layer(from_fn_with_state(state.clone(), tls::layer))
-        .layer(from_fn(org_context::layer))
+        .layer(from_fn_with_state(state.clone(), org_context::layer))
         .layer(from_fn(metering::layer))
         .layer(from_fn(tier::layer))
-        .layer(from_fn(auth::layer))
+        .layer(from_fn_with_state(state.clone(), auth::layer))
         .layer(from_fn(policy::layer))
         // Innermost, because it changes the body type the handler reads.
         .layer(DefaultBodyLimit::max(cfg.server.body_limit_bytes))

@@ -1,11 +1,75 @@
-//! Layer 2, org context: identifies the caller's credentials cheaply and attaches the org.
+//! Layer 2, org context: identifies the caller's credentials cheaply and picks the organization.
 //!
-//! Pass-through for now: the identity issue fills it in (JWT verification through a verified-token
-//! cache, API key or session lookup by hash through a short in-process cache). A bad credential here
-//! is never an error by itself, so public routes keep working.
+//! The presented secret (by priority: `X-API-Key`, `Authorization: Bearer`, session cookie) is
+//! resolved through the in-process credential cache, falling back to a lookup by hash. The outcome
+//! is attached to the request as [`Identified`]; a bad credential is not an error here, so public
+//! routes keep working. The auth layer decides what a protected route makes of it.
 
-use axum::{extract::Request, middleware::Next, response::Response};
+use std::sync::Arc;
 
-pub async fn layer(req: Request, next: Next) -> Response {
+use axum::{
+    extract::{Request, State},
+    middleware::Next,
+    response::Response,
+};
+use uuid::Uuid;
+
+use crate::{
+    app::AppState,
+    auth::{
+        Credential, Principal,
+        credentials::{self, Failure},
+    },
+};
+
+/// Why the requested organization cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrgChoice {
+    Chosen(Option<Uuid>),
+    /// `X-Org-Id` is not a UUID.
+    Malformed,
+    /// The caller is not a member of the requested organization.
+    NotMember,
+}
+
+/// What the org-context layer found on the request.
+#[derive(Debug, Clone)]
+pub struct Identified {
+    pub principal: Result<Arc<Principal>, Failure>,
+    pub org: OrgChoice,
+}
+
+fn choose_org(principal: &Principal, header: Option<&str>) -> OrgChoice {
+    let requested = match header {
+        None => None,
+        Some(h) => match h.trim().parse::<Uuid>() {
+            Ok(id) => Some(id),
+            Err(_) => return OrgChoice::Malformed,
+        },
+    };
+    match (&principal.credential, requested) {
+        (Credential::ApiKey { org_id, .. }, None) => OrgChoice::Chosen(Some(*org_id)),
+        (Credential::ApiKey { org_id, .. }, Some(r)) if r == *org_id => OrgChoice::Chosen(Some(r)),
+        (Credential::ApiKey { .. }, Some(_)) => OrgChoice::NotMember,
+        (Credential::Session { .. }, None) => OrgChoice::Chosen(principal.memberships.first().map(|(o, _)| *o)),
+        (Credential::Session { .. }, Some(r)) => {
+            if principal.system_admin || principal.memberships.iter().any(|(o, _)| *o == r) {
+                OrgChoice::Chosen(Some(r))
+            } else {
+                OrgChoice::NotMember
+            }
+        }
+    }
+}
+
+pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if let Some(secret) = credentials::presented(req.headers()) {
+        let principal = credentials::resolve(state.db(), &state.auth().cache, &secret).await;
+        let org = match &principal {
+            Ok(p) => choose_org(p, req.headers().get("x-org-id").map(|v| v.to_str().unwrap_or("-"))),
+            Err(_) => OrgChoice::Chosen(None),
+        };
+        req.extensions_mut().insert(Identified { principal, org });
+    }
     next.run(req).await
 }

@@ -16,6 +16,15 @@ use axum::{
 
 use crate::app::AppState;
 
+tokio::task_local! {
+    static CLIENT_IP: Option<String>;
+}
+
+/// The client's IP for the request on this task: the peer, or what a trusted proxy forwarded.
+pub fn current_client_ip() -> Option<String> {
+    CLIENT_IP.try_with(|ip| ip.clone()).ok().flatten()
+}
+
 /// Whether the current request came in over HTTPS, for layers that set cookies.
 #[derive(Clone, Copy, Debug)]
 pub struct Secure(pub bool);
@@ -38,7 +47,18 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         return redirect_to_https(&state, req.method(), req.uri(), req.headers().get(header::HOST));
     }
     req.extensions_mut().insert(Secure(https));
-    let mut response = next.run(req).await;
+    let forwarded_for = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok());
+    let client_ip = match forwarded_for {
+        Some(ip) if trusted => Some(ip),
+        _ => peer,
+    }
+    .map(|ip| ip.to_string());
+    let mut response = CLIENT_IP.scope(client_ip, next.run(req)).await;
     if https {
         let value = format!("max-age={}; includeSubDomains", tls.hsts_max_age_secs);
         if let Ok(v) = HeaderValue::from_str(&value) {
