@@ -86,9 +86,12 @@ pub enum Failure {
     Unavailable,
 }
 
+/// A cached principal and when it was loaded.
+type Entry = (Instant, Arc<Principal>);
+
 /// Resolved principals by secret hash, for `ttl`.
 pub struct CredentialCache {
-    entries: RwLock<HashMap<[u8; 32], (Instant, Arc<Principal>)>>,
+    entries: RwLock<HashMap<[u8; 32], Entry>>,
     ttl: Duration,
 }
 

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use axum::{
     Json,
-    extract::rejection::{JsonRejection, PathRejection, QueryRejection},
+    extract::rejection::{PathRejection, QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -222,10 +222,14 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::RowNotFound => Self::NotFound,
-            // Postgres away, or every connection busy: a retryable 503, not a 500.
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Self::Unavailable(e.to_string())
-            }
+            // Postgres away, restarting, or every connection busy: a retryable 503, not a 500. A
+            // connection cut mid-handshake shows up as a protocol or TLS error.
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(e.to_string()),
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("57P01") => Self::Unavailable(e.to_string()),
             other => Self::Internal(other.into()),
         }
@@ -264,24 +268,6 @@ fn flatten_validation(errors: &validator::ValidationErrors, prefix: String, out:
                 }
             }
         }
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let status = rejection.status();
-        let (code, detail): (&'static str, String) = match &rejection {
-            JsonRejection::JsonDataError(e) => ("invalid_body", body_error_text(e)),
-            JsonRejection::JsonSyntaxError(e) => ("malformed_json", body_error_text(e)),
-            JsonRejection::MissingJsonContentType(_) => {
-                ("unsupported_media_type", "Expected a body with `Content-Type: application/json`.".to_owned())
-            }
-            JsonRejection::BytesRejection(_) if status == StatusCode::PAYLOAD_TOO_LARGE => {
-                ("payload_too_large", default_detail(status).to_owned())
-            }
-            _ => ("bad_request", "The request body could not be read.".to_owned()),
-        };
-        Self::Status { status, code, detail: detail.into() }
     }
 }
 

@@ -1,8 +1,9 @@
 //! Extractors that turn framework rejections into problem+json, and validate at the edge.
 
 use axum::{
+    body::Bytes,
     extract::{FromRequest, FromRequestParts, Request},
-    http::request::Parts,
+    http::{StatusCode, header, request::Parts},
 };
 use serde::de::DeserializeOwned;
 use validator::Validate;
@@ -18,8 +19,58 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(Self(value))
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::Status {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code: "unsupported_media_type",
+                detail: "Expected a body with `Content-Type: application/json`.".into(),
+            });
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            let status = rejection.status();
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+            ApiError::Status { status, code, detail: "The request body could not be read.".into() }
+        })?;
+        parse_json(&bytes).map(Self)
+    }
+}
+
+/// Deserializes with the failing field's path in the message. Well-formed JSON of the wrong shape
+/// is a 422; only text that is not JSON at all is a 400.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let error = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(value) => {
+            return match de.end() {
+                Ok(()) => Ok(value),
+                Err(e) => Err(ApiError::Status {
+                    status: StatusCode::BAD_REQUEST,
+                    code: "malformed_json",
+                    detail: e.to_string().into(),
+                }),
+            };
+        }
+        Err(e) => e,
+    };
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    let message: String = inner.to_string().chars().take(300).collect();
+    let well_formed = serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+    if well_formed {
+        let detail = if path.is_empty() || path == "." { message } else { format!("{path}: {message}") };
+        Err(ApiError::Status { status: StatusCode::UNPROCESSABLE_ENTITY, code: "invalid_body", detail: detail.into() })
+    } else {
+        Err(ApiError::Status { status: StatusCode::BAD_REQUEST, code: "malformed_json", detail: message.into() })
     }
 }
 

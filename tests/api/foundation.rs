@@ -7,7 +7,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    assert_problem, fresh_database, json_ok, proxy::Proxy, redis_url, spawn_app, spawn_app_with, spawn_on, test_config,
+    ADMIN_EMAIL, PASSWORD, assert_problem, fresh_database, json_ok, proxy::Proxy, redis_url, spawn_app, spawn_app_with,
+    spawn_on, test_config,
 };
 
 #[tokio::test]
@@ -103,9 +104,23 @@ async fn redis_outage_degrades_and_recovers_without_restart() {
     let app = spawn_app_with(&[("redis.url", json!(format!("redis://{}", proxy.addr)))]).await;
     assert_eq!(json_ok(app.get("/ready").await, StatusCode::OK).await["status"], "ok");
 
+    let admin = app.bootstrap().await;
     proxy.down().await;
     let body = json_ok(app.get("/ready").await, StatusCode::OK).await;
     assert_eq!(body["status"], "degraded", "{body}");
+    // Identity keeps working without Redis: login (its throttle falls back per process), authenticated
+    // calls, and logout (whose broadcast fails quietly).
+    let other = app.sign_in(ADMIN_EMAIL, PASSWORD).await;
+    assert_eq!(app.login(ADMIN_EMAIL, "wrong-password-x").await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(app.as_(&admin, reqwest::Method::GET, "/auth/me").send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        app.as_(&other, reqwest::Method::POST, "/auth/logout").send().await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        app.as_(&other, reqwest::Method::GET, "/auth/me").send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(body["redis"]["status"], "down");
     assert_eq!(app.get("/health").await.status(), StatusCode::OK);
     assert_problem(app.get("/nope").await, StatusCode::NOT_FOUND, "not_found").await;
@@ -131,6 +146,7 @@ async fn postgres_outage_is_503_and_recovers_without_restart() {
     assert!(via_proxy.ends_with(&db_name));
     let app = spawn_on(test_config(&via_proxy, &[]), None).await;
     assert_eq!(app.get("/ready").await.status(), StatusCode::OK);
+    let admin = app.bootstrap().await;
 
     proxy.down().await;
     let resp = app.get("/ready").await;
@@ -138,6 +154,13 @@ async fn postgres_outage_is_503_and_recovers_without_restart() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["postgres"]["status"], "down");
     assert_eq!(app.get("/health").await.status(), StatusCode::OK, "liveness touches nothing");
+    // Routes that need Postgres say so with a retryable 503, never a 500.
+    assert_problem(app.login(ADMIN_EMAIL, PASSWORD).await, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable")
+        .await;
+    let resp = app.client.get(app.url("/auth/me")).bearer_auth("aidp_ses_not-cached-anywhere").send().await.unwrap();
+    assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
+    let resp = app.as_(&admin, reqwest::Method::GET, "/api/v1/audit").send().await.unwrap();
+    assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
 
     proxy.up();
     let mut code = StatusCode::SERVICE_UNAVAILABLE;
@@ -149,6 +172,7 @@ async fn postgres_outage_is_503_and_recovers_without_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(code, StatusCode::OK);
+    assert_eq!(app.as_(&admin, reqwest::Method::GET, "/api/v1/audit").send().await.unwrap().status(), StatusCode::OK);
 }
 
 fn self_signed() -> (tempfile_path::Path, tempfile_path::Path) {
@@ -279,4 +303,63 @@ fn serve_gives_up_on_an_unreachable_postgres() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not reachable"));
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let (db_url, _) = fresh_database().await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentidp"))
+        .arg("serve")
+        .env_remove("AGENTIDP_CONFIG")
+        .env("AGENTIDP_DATABASE__URL", &db_url)
+        .env("AGENTIDP_SERVER__BIND", "127.0.0.1:0")
+        .env("AGENTIDP_LOG__FORMAT", "json")
+        .env("AGENTIDP_REDIS__KEY_PREFIX", format!("test:{}:", uuid::Uuid::new_v4().simple()))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server logs before exiting").unwrap();
+        if line.contains("\"listening\"") {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    let body = br#"{"email":"nobody@example.com","password":"not-a-real-password"}"#;
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "POST /auth/login HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    conn.write_all(&body[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "the server waits for the in-flight request");
+
+    conn.write_all(&body[10..]).unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    assert!(response.contains("application/problem+json"), "{response}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "server did not exit after draining");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
 }

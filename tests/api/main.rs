@@ -2,4 +2,6 @@
 
 mod helpers;
 
+mod audit;
 mod foundation;
+mod identity;

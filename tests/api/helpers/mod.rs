@@ -117,6 +117,7 @@ pub struct TestApp {
     pub db_url: String,
     pub redis: Redis,
     pub config: Config,
+    pub state: agentidp::app::AppState,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -144,6 +145,7 @@ pub async fn spawn_on(config: Config, redis_prefix: Option<String>) -> TestApp {
     let redis = Redis::with_prefix(&config.redis, prefix).unwrap();
     let app = Application::with_parts(config.clone(), db.clone(), redis.clone()).await.expect("app builds");
     let addr = app.local_addr();
+    let state = app.state().clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
@@ -159,6 +161,7 @@ pub async fn spawn_on(config: Config, redis_prefix: Option<String>) -> TestApp {
         db_url: config.database.url.clone(),
         redis,
         config,
+        state,
         shutdown: Some(tx),
         server: Some(server),
     }
@@ -183,6 +186,100 @@ impl TestApp {
             let _ = tx.send(());
         }
         self.server.take().expect("server still running")
+    }
+}
+
+pub const ADMIN_EMAIL: &str = "admin@acme.test";
+pub const PASSWORD: &str = "correct-horse-battery";
+
+/// A signed-in caller: a session token or an API key, and the organization it acts in.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub token: String,
+    pub org_id: String,
+    pub user_id: String,
+}
+
+impl TestApp {
+    /// The first organization and its owner (a system admin), signed in.
+    pub async fn bootstrap(&self) -> Caller {
+        match agentidp::auth::bootstrap::run(&self.db, "Acme Labs", ADMIN_EMAIL, Some(PASSWORD.into())).await.unwrap() {
+            agentidp::auth::bootstrap::Outcome::Created { .. } => {}
+            agentidp::auth::bootstrap::Outcome::AlreadyDone(w) => panic!("bootstrap: {w}"),
+        }
+        self.sign_in(ADMIN_EMAIL, PASSWORD).await
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> Response {
+        self.post_json("/auth/login", &serde_json::json!({ "email": email, "password": password })).await
+    }
+
+    pub async fn sign_in(&self, email: &str, password: &str) -> Caller {
+        let body = json_ok(self.login(email, password).await, StatusCode::OK).await;
+        Caller {
+            token: body["session_token"].as_str().unwrap().to_owned(),
+            org_id: body["actor"]["org_id"].as_str().unwrap_or_default().to_owned(),
+            user_id: body["actor"]["actor_id"].as_str().unwrap().trim_start_matches("user:").to_owned(),
+        }
+    }
+
+    /// A request with the caller's bearer token.
+    pub fn as_(&self, caller: &Caller, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(&caller.token)
+    }
+
+    /// A new organization (as a system admin) with a fresh owner, signed in.
+    pub async fn org_with_owner(&self, admin: &Caller, name: &str, owner_email: &str) -> Caller {
+        let org = json_ok(
+            self.as_(admin, reqwest::Method::POST, "/api/v1/organizations")
+                .json(&serde_json::json!({ "name": name }))
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::CREATED,
+        )
+        .await;
+        let org_id = org["id"].as_str().unwrap().to_owned();
+        self.add_member(admin, &org_id, owner_email, "owner").await;
+        let mut caller = self.sign_in(owner_email, PASSWORD).await;
+        caller.org_id = org_id;
+        caller
+    }
+
+    /// Adds a member with the standard test password; returns the member body.
+    pub async fn add_member(&self, by: &Caller, org_id: &str, email: &str, role: &str) -> Value {
+        json_ok(
+            self.as_(by, reqwest::Method::POST, &format!("/api/v1/organizations/{org_id}/members"))
+                .json(&serde_json::json!({ "email": email, "role": role, "password": PASSWORD }))
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::CREATED,
+        )
+        .await
+    }
+
+    /// A new API key for the caller, acting in its org.
+    pub async fn api_key(&self, by: &Caller, scopes: Option<&[&str]>) -> Caller {
+        let mut body = serde_json::json!({ "description": "test key" });
+        if let Some(s) = scopes {
+            body["scopes"] = serde_json::json!(s);
+        }
+        let created = json_ok(
+            self.as_(by, reqwest::Method::POST, "/auth/api-keys")
+                .header("x-org-id", &by.org_id)
+                .json(&body)
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::CREATED,
+        )
+        .await;
+        Caller {
+            token: created["key"].as_str().unwrap().to_owned(),
+            org_id: by.org_id.clone(),
+            user_id: by.user_id.clone(),
+        }
     }
 }
 
