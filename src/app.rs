@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
-    auth::AuthState,
+    auth::{AuthState, keys::KeyRing},
     config::Config,
     db,
     http::{self, error::problem_for_status, openapi::ApiDoc},
@@ -31,13 +31,15 @@ struct Inner {
     metrics: PrometheusHandle,
     listener_is_tls: bool,
     auth: AuthState,
+    keys: KeyRing,
 }
 
 impl AppState {
     pub fn new(config: Config, db: PgPool, redis: Redis) -> Self {
         let listener_is_tls = config.tls.enabled();
         let auth = AuthState::new(&config.auth);
-        Self(Arc::new(Inner { config, db, redis, metrics: telemetry::metrics_handle(), listener_is_tls, auth }))
+        let keys = KeyRing::new(config.kek());
+        Self(Arc::new(Inner { config, db, redis, metrics: telemetry::metrics_handle(), listener_is_tls, auth, keys }))
     }
     pub fn config(&self) -> &Config {
         &self.0.config
@@ -53,6 +55,9 @@ impl AppState {
     }
     pub fn auth(&self) -> &AuthState {
         &self.0.auth
+    }
+    pub fn keys(&self) -> &KeyRing {
+        &self.0.keys
     }
     /// Whether our own listener speaks TLS (proxies may still tell us otherwise).
     pub fn listener_is_tls(&self) -> bool {
@@ -115,7 +120,18 @@ impl Application {
         } else {
             None
         };
-        Ok(Self { state: AppState::new(config, db, redis), listener, tls })
+        if config.auth.key_encryption_key.is_empty() {
+            tracing::warn!(
+                "auth.key_encryption_key is not set: signing keys are sealed with the PUBLIC development key. \
+                 Never run like this in production (server.environment = \"production\" refuses to)."
+            );
+        }
+        let state = AppState::new(config, db, redis);
+        let cfg = state.config();
+        state.keys().ensure(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs).await?;
+        // Revocations made before this instance started.
+        state.auth().revocations.sync(state.db(), state.redis(), cfg.auth.access_token_ttl_secs as i64).await?;
+        Ok(Self { state, listener, tls })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -156,20 +172,29 @@ impl Application {
 
 /// Background work of one instance: cache invalidations from other instances, batched writes.
 fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
-    let subscriber = tokio::spawn(crate::auth::credentials::run_subscriber(
-        state.config().redis.url.clone(),
-        state.redis().clone(),
-        state.auth().cache.clone(),
-    ));
-    let flusher_state = state.clone();
+    let subscriber = tokio::spawn(crate::auth::credentials::run_subscriber(state.clone()));
+    let state = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(15));
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
+            ticks += 1;
             if subscriber.is_finished() {
-                tracing::error!("invalidation subscriber stopped");
+                tracing::error!("change subscriber stopped");
             }
-            flusher_state.auth().last_used.flush(flusher_state.db()).await;
+            state.auth().last_used.flush(state.db()).await;
+            // Safety net under pub/sub: re-read revocations every 30 s.
+            if ticks.is_multiple_of(2) {
+                let ttl = state.config().auth.access_token_ttl_secs as i64;
+                if let Err(e) = state.auth().revocations.sync(state.db(), state.redis(), ttl).await {
+                    tracing::warn!(error = %e, "revocation sync failed");
+                }
+            }
+            // Scheduled key rotation, checked every 15 minutes.
+            if ticks % 60 == 1 {
+                crate::auth::agents::rotate_if_due(&state).await;
+            }
         }
     })
 }

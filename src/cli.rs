@@ -32,6 +32,11 @@ pub enum Command {
     Config,
     /// Create the first organization and its owner, who becomes a system admin. Changes nothing
     /// (and exits 1) if a system admin, the email or the organization already exists.
+    /// Signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     Bootstrap {
         /// The organization's name.
         #[arg(long, value_name = "NAME")]
@@ -43,6 +48,13 @@ pub enum Command {
         #[arg(long)]
         password_stdin: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Retire the active signing key and make a new one (of `auth.signing_algorithm`). Retired keys
+    /// stay in the JWKS until the tokens they signed have expired.
+    Rotate,
 }
 
 /// Parses arguments, runs the command, maps failures to exit codes (2: bad configuration).
@@ -75,6 +87,18 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match command {
             Command::Bootstrap { org, email, password_stdin } => bootstrap(&config, &org, &email, password_stdin).await,
+            Command::Keys { command: KeysCommand::Rotate } => {
+                let pool = db::connect(&config.database).await?;
+                db::migrate(&pool).await?;
+                let keys = crate::auth::keys::KeyRing::new(config.kek());
+                let kid = keys.rotate(&pool, config.algorithm(), config.auth.access_token_ttl_secs).await?;
+                // Running instances learn of it from their next unknown-kid reload or pub/sub.
+                if let Ok(redis) = crate::redis::Redis::new(&config.redis) {
+                    crate::auth::credentials::publish(&redis, "keys").await;
+                }
+                println!("active signing key: {kid} ({})", config.algorithm().as_str());
+                Ok(())
+            }
             Command::Migrate => {
                 let pool = db::connect(&config.database).await?;
                 db::migrate(&pool).await?;

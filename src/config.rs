@@ -40,11 +40,46 @@ pub struct AuthConfig {
     pub login_backoff_base_secs: u64,
     pub login_backoff_max_secs: u64,
     pub password_token_ttl_secs: u64,
+    pub access_token_ttl_secs: u64,
+    pub audience: String,
+    pub allowed_resources: Vec<String>,
+    pub signing_algorithm: String,
+    pub key_encryption_key: Secret,
+    pub key_rotation_days: u64,
+    pub client_secret_rotation_overlap_secs: u64,
+}
+
+impl AuthConfig {
+    /// The `iss` of our tokens: the public URL.
+    pub fn issuer(server: &ServerConfig) -> String {
+        server.public_url.clone()
+    }
+}
+
+impl Config {
+    /// The audience our tokens carry by default and that this server accepts.
+    pub fn audience(&self) -> String {
+        if self.auth.audience.is_empty() { self.server.public_url.clone() } else { self.auth.audience.clone() }
+    }
+
+    /// The key-encryption key: configured, or the public development one.
+    pub fn kek(&self) -> [u8; 32] {
+        if self.auth.key_encryption_key.is_empty() {
+            crate::auth::keys::DEV_KEK
+        } else {
+            crate::auth::keys::parse_kek(self.auth.key_encryption_key.expose()).unwrap_or(crate::auth::keys::DEV_KEK)
+        }
+    }
+
+    pub fn algorithm(&self) -> crate::auth::keys::Algorithm {
+        crate::auth::keys::Algorithm::parse(&self.auth.signing_algorithm).unwrap_or(crate::auth::keys::Algorithm::ES256)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
+    pub environment: Environment,
     pub bind: SocketAddr,
     /// The externally visible base URL; issuer and redirects are derived from it.
     pub public_url: String,
@@ -102,6 +137,13 @@ pub struct RedisConfig {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Development,
+    Production,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -260,6 +302,24 @@ impl Config {
         if a.login_backoff_max_secs < a.login_backoff_base_secs {
             return Err(invalid("auth.login_backoff_max_secs", "must be at least auth.login_backoff_base_secs"));
         }
+        if !(60..=86400).contains(&a.access_token_ttl_secs) {
+            return Err(invalid("auth.access_token_ttl_secs", "must be between 60 and 86400"));
+        }
+        if crate::auth::keys::Algorithm::parse(&a.signing_algorithm).is_none() {
+            return Err(invalid("auth.signing_algorithm", "must be ES256, RS256 or EdDSA"));
+        }
+        if a.key_encryption_key.is_empty() {
+            if self.server.environment == Environment::Production {
+                return Err(invalid("auth.key_encryption_key", "is required when server.environment is production"));
+            }
+        } else if let Err(problem) = crate::auth::keys::parse_kek(a.key_encryption_key.expose()) {
+            return Err(invalid("auth.key_encryption_key", problem));
+        }
+        for r in &a.allowed_resources {
+            if !(r.starts_with("https://") || r.starts_with("http://")) {
+                return Err(invalid("auth.allowed_resources", format!("{r:?} is not an absolute http(s) URI")));
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "is not a valid filter such as \"info\" or \"info,sqlx=warn\""));
         }
@@ -300,6 +360,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = with("log.format", "json").unwrap();
         assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.server.environment, Environment::Development);
     }
 
     #[test]
@@ -323,5 +384,22 @@ mod tests {
         assert!(!out.contains("hunter2"));
         assert!(out.contains("postgres://app:[redacted]@db:5432/x"));
         assert_eq!(format!("{:?}", Secret::new("s3cret")), "\"[redacted]\"");
+    }
+}
+
+#[cfg(test)]
+mod production_tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    #[test]
+    fn production_requires_a_kek_and_hides_it() {
+        let base = Figment::from(Toml::string(DEFAULTS)).merge(Serialized::default("server.environment", "production"));
+        let err = Config::from_figment(base.clone()).unwrap_err().to_string();
+        assert!(err.contains("auth.key_encryption_key"), "{err}");
+        let kek = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = Config::from_figment(base.merge(Serialized::default("auth.key_encryption_key", kek))).unwrap();
+        assert!(!c.redacted_toml().contains(kek));
+        assert_eq!(c.kek()[31], 31);
     }
 }

@@ -85,6 +85,11 @@ scopes! {
     ApiKeysRead => "api_keys:read",
     ApiKeysWrite => "api_keys:write",
     AuditRead => "audit:read",
+    AgentsRead => "agents:read",
+    AgentsWrite => "agents:write",
+    TokensIntrospect => "tokens:introspect",
+    TokensRevoke => "tokens:revoke",
+    KeysManage => "keys:manage",
 }
 
 /// The authenticated caller of this request.
@@ -124,7 +129,7 @@ impl Actor {
     pub fn scopes(&self) -> Option<&[Scope]> {
         match &self.principal.credential {
             Credential::Session { .. } => None,
-            Credential::ApiKey { scopes, .. } => Some(scopes),
+            Credential::ApiKey { scopes, .. } | Credential::AccessToken { scopes, .. } => Some(scopes),
         }
     }
 
@@ -156,10 +161,8 @@ impl Actor {
         if self.is_system_admin() {
             return Ok(());
         }
-        // An API key acts only inside its own organization.
-        if let Credential::ApiKey { org_id: key_org, .. } = &self.principal.credential
-            && *key_org != org_id
-        {
+        // An API key or a token acts only inside its own organization.
+        if self.principal.credential.bound_org().is_some_and(|bound| bound != org_id) {
             return Err(ApiError::NotFound);
         }
         match self.role_in(org_id) {
@@ -198,9 +201,9 @@ pub struct ActorIdentity {
     pub org_ids: Vec<Uuid>,
     /// Roles in the current organization, plus `system_admin` when global.
     pub roles: Vec<String>,
-    pub email: String,
+    pub email: Option<String>,
     pub display_name: Option<String>,
-    /// `session` or `api_key`.
+    /// `session`, `api_key` or `access_token`.
     pub credential_type: &'static str,
     /// The scopes this credential carries.
     pub scopes: Vec<&'static str>,
@@ -213,10 +216,13 @@ impl From<&Actor> for ActorIdentity {
         if a.is_system_admin() {
             roles.push("system_admin".into());
         }
-        let org_ids = match &a.principal.credential {
-            Credential::ApiKey { org_id, .. } => vec![*org_id],
-            Credential::Session { .. } => a.principal.memberships.iter().map(|(o, _)| *o).collect(),
+        let org_ids = match a.principal.credential.bound_org() {
+            Some(org) => vec![org],
+            None => a.principal.memberships.iter().map(|(o, _)| *o).collect(),
         };
+        if a.actor_type == ActorType::Agent {
+            roles.push("agent".into());
+        }
         Self {
             actor_id: a.actor_id(),
             actor_type: a.actor_type,
@@ -228,6 +234,7 @@ impl From<&Actor> for ActorIdentity {
             credential_type: match a.principal.credential {
                 Credential::Session { .. } => "session",
                 Credential::ApiKey { .. } => "api_key",
+                Credential::AccessToken { .. } => "access_token",
             },
             scopes: a
                 .scopes()

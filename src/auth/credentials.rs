@@ -19,7 +19,10 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::actor::{Role, Scope};
+use super::{
+    actor::{ActorType, Role, Scope},
+    tokens::Claims,
+};
 use crate::redis::Redis;
 
 pub const SESSION_PREFIX: &str = "aidp_ses_";
@@ -28,15 +31,41 @@ pub const API_KEY_PREFIX: &str = "aidp_key_";
 /// How the principal authenticated.
 #[derive(Debug, Clone)]
 pub enum Credential {
-    Session { session_id: Uuid, expires_at: OffsetDateTime },
-    ApiKey { key_id: Uuid, org_id: Uuid, scopes: Vec<Scope>, expires_at: Option<OffsetDateTime> },
+    Session {
+        session_id: Uuid,
+        expires_at: OffsetDateTime,
+    },
+    ApiKey {
+        key_id: Uuid,
+        org_id: Uuid,
+        scopes: Vec<Scope>,
+        expires_at: Option<OffsetDateTime>,
+    },
+    /// An RFC 9068 access token issued to an agent's credential.
+    AccessToken {
+        claims: Arc<Claims>,
+        scopes: Vec<Scope>,
+    },
+}
+
+impl Credential {
+    /// The organization a credential is bound to, if it is bound to one.
+    pub fn bound_org(&self) -> Option<Uuid> {
+        match self {
+            Self::Session { .. } => None,
+            Self::ApiKey { org_id, .. } => Some(*org_id),
+            Self::AccessToken { claims, .. } => Some(claims.org_id),
+        }
+    }
 }
 
 /// A resolved credential: the human behind it and their memberships.
 #[derive(Debug, Clone)]
 pub struct Principal {
+    /// The user's or agent's id.
     pub user_id: Uuid,
-    pub email: String,
+    pub actor_type: ActorType,
+    pub email: Option<String>,
     pub display_name: Option<String>,
     pub system_admin: bool,
     /// (organization, role), oldest membership first.
@@ -47,10 +76,11 @@ pub struct Principal {
 }
 
 impl Principal {
-    fn expired(&self, now: OffsetDateTime) -> bool {
+    pub fn expired(&self, now: OffsetDateTime) -> bool {
         match &self.credential {
             Credential::Session { expires_at, .. } => *expires_at <= now,
             Credential::ApiKey { expires_at, .. } => expires_at.is_some_and(|e| e <= now),
+            Credential::AccessToken { claims, .. } => claims.exp <= now.unix_timestamp(),
         }
     }
 }
@@ -232,7 +262,8 @@ async fn load(db: &PgPool, secret: &str, hash: [u8; 32]) -> Result<Option<Princi
     .collect();
     Ok(Some(Principal {
         user_id: row.user_id,
-        email: row.email,
+        actor_type: ActorType::Human,
+        email: Some(row.email),
         display_name: row.display_name,
         system_admin: row.system_admin,
         memberships,
@@ -264,17 +295,23 @@ pub async fn invalidate(cache: &CredentialCache, redis: &Redis, what: Invalidati
             format!("user:{id}")
         }
     };
-    let publish = async {
+    publish(redis, &message).await;
+}
+
+/// Tells every instance (this one included) about a change. A failure is logged, not returned:
+/// the change is committed in Postgres, and instances catch up from there (see the subscriber).
+pub async fn publish(redis: &Redis, message: &str) {
+    let send = async {
         let mut conn = redis.conn().await?;
         let _: i64 = tokio::time::timeout(
             redis.timeout(),
-            deadpool_redis::redis::cmd("PUBLISH").arg(channel(redis)).arg(&message).query_async(&mut *conn),
+            deadpool_redis::redis::cmd("PUBLISH").arg(channel(redis)).arg(message).query_async(&mut *conn),
         )
         .await??;
         anyhow::Ok(())
     };
-    if let Err(e) = publish.await {
-        tracing::warn!(error = %e, "could not publish a cache invalidation; other instances catch up within the cache TTL");
+    if let Err(e) = send.await {
+        tracing::warn!(error = %e, "could not publish a change to other instances; they catch up from Postgres");
     }
 }
 
@@ -290,29 +327,47 @@ fn apply(cache: &CredentialCache, message: &str) {
     }
 }
 
-/// Listens for invalidations until the process ends, reconnecting as needed.
-pub async fn run_subscriber(url: String, redis: Redis, cache: Arc<CredentialCache>) {
-    let channel = channel(&redis);
+/// Listens for changes made by other instances until the process ends, reconnecting as needed.
+/// Each (re)connection starts from Postgres, since messages sent while away are lost.
+pub async fn run_subscriber(state: crate::app::AppState) {
+    let channel = channel(state.redis());
+    let url = state.config().redis.url.clone();
+    let auth = state.auth();
+    let max_ttl = state.config().auth.access_token_ttl_secs as i64;
     loop {
         let session = async {
             let client = deadpool_redis::redis::Client::open(url.as_str())?;
             let mut pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub()).await??;
             pubsub.subscribe(&channel).await?;
-            // Anything published while we were away is lost: start clean.
-            cache.clear();
+            auth.cache.clear();
+            auth.clients.clear();
+            auth.revocations.sync(state.db(), state.redis(), max_ttl).await?;
+            state.keys().load(state.db()).await?;
+            auth.revocations.set_live(true);
             let mut stream = pubsub.on_message();
             while let Some(msg) = stream.next().await {
-                if let Ok(text) = msg.get_payload::<String>() {
-                    apply(&cache, &text);
+                let Ok(text) = msg.get_payload::<String>() else { continue };
+                if text == "keys" {
+                    if let Err(e) = state.keys().load(state.db()).await {
+                        tracing::warn!(error = %e, "reloading signing keys failed");
+                    }
+                } else if let Some(client_id) = text.strip_prefix("client:") {
+                    auth.clients.remove(client_id);
+                } else if text.starts_with("jti:") || text.starts_with("wm:") {
+                    auth.revocations.apply(&text);
+                } else {
+                    apply(&auth.cache, &text);
                 }
             }
             anyhow::Ok(())
         };
         if let Err(e) = session.await {
-            tracing::debug!(error = %e, "invalidation subscriber disconnected");
+            tracing::debug!(error = %e, "change subscriber disconnected");
         }
-        // Connection lost: entries may be stale from here on.
-        cache.clear();
+        // From here until the next connection, requests also ask Postgres about revocation.
+        auth.revocations.set_live(false);
+        auth.cache.clear();
+        auth.clients.clear();
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

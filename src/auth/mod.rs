@@ -2,12 +2,17 @@
 //! org-context and auth layers resolve, and the first-run bootstrap.
 
 mod actor;
+pub mod agents;
 pub mod bootstrap;
 pub mod credentials;
+pub mod keys;
 pub mod model;
+pub mod oauth;
 mod orgs;
+pub mod revocation;
 mod sessions;
 mod throttle;
+pub mod tokens;
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,6 +30,9 @@ pub struct AuthState {
     pub cache: Arc<CredentialCache>,
     pub throttle: LoginThrottle,
     pub last_used: LastUsed,
+    pub clients: oauth::ClientCache,
+    pub revocations: revocation::Revocations,
+    pub verified: tokens::VerifiedCache,
 }
 
 impl AuthState {
@@ -33,6 +41,9 @@ impl AuthState {
             cache: Arc::new(CredentialCache::new(Duration::from_secs(cfg.credential_cache_secs))),
             throttle: LoginThrottle::new(cfg.clone()),
             last_used: LastUsed::default(),
+            clients: oauth::ClientCache::new(Duration::from_secs(cfg.credential_cache_secs)),
+            revocations: revocation::Revocations::default(),
+            verified: tokens::VerifiedCache::default(),
         }
     }
 }
@@ -49,11 +60,41 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(orgs::get_org))
         .routes(routes!(orgs::list_members, orgs::add_member))
         .routes(routes!(orgs::update_member, orgs::remove_member))
+        .routes(routes!(agents::create_agent, agents::list_agents))
+        .routes(routes!(agents::get_agent, agents::update_agent, agents::delete_agent))
+        .routes(routes!(agents::create_credential, agents::list_credentials))
+        .routes(routes!(agents::revoke_credential))
+        .routes(routes!(agents::rotate_credential))
+        .routes(routes!(agents::revoke_agent_tokens))
+        .routes(routes!(agents::revoke_credential_tokens))
+        .routes(routes!(agents::revoke_org_tokens))
+        .routes(routes!(agents::rotate_keys))
+        .routes(routes!(oauth::token))
+        .routes(routes!(oauth::introspect))
+        .routes(routes!(oauth::revoke))
+        .routes(routes!(oauth::as_metadata))
+        .routes(routes!(oauth::openid_configuration))
+        .routes(routes!(oauth::protected_resource))
+        .routes(routes!(oauth::jwks))
 }
 
 /// Routes anyone may call; every other route requires a principal.
-pub const PUBLIC_ROUTES: &[&str] =
-    &["/health", "/ready", "/metrics", "/openapi.json", "/auth/login", "/auth/set-password"];
+/// The OAuth endpoints authenticate clients themselves (RFC 6749 JSON errors, not 401 problems).
+pub const PUBLIC_ROUTES: &[&str] = &[
+    "/health",
+    "/ready",
+    "/metrics",
+    "/openapi.json",
+    "/auth/login",
+    "/auth/set-password",
+    "/api/v1/token",
+    "/api/v1/token/introspect",
+    "/api/v1/token/revoke",
+    "/.well-known/oauth-authorization-server",
+    "/.well-known/openid-configuration",
+    "/.well-known/oauth-protected-resource",
+    "/.well-known/jwks.json",
+];
 
 /// Whether a matched route template is public (Swagger UI's assets and unknown paths are).
 pub fn is_public(route: Option<&str>) -> bool {

@@ -24,6 +24,8 @@ use super::error::{FieldError, Problem};
         (name = "auth", description = "Login sessions, API keys, the caller's identity"),
         (name = "organizations", description = "Organizations and their members"),
         (name = "audit", description = "The tamper-evident audit log"),
+        (name = "agents", description = "The agent registry and agents' client credentials"),
+        (name = "oauth", description = "The OAuth 2.0 authorization server: tokens, introspection, revocation, metadata, keys"),
     )
 )]
 pub struct ApiDoc;
@@ -45,6 +47,15 @@ impl Modify for SecuritySchemes {
         );
         components
             .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
+        components.add_security_scheme(
+            "client_secret_basic",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Basic)
+                    .description(Some("An agent credential's client_id and client_secret (RFC 6749 §2.3.1)"))
+                    .build(),
+            ),
+        );
         components.add_security_scheme(
             "session_cookie",
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(crate::SESSION_COOKIE))),

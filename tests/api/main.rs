@@ -5,3 +5,4 @@ mod helpers;
 mod audit;
 mod foundation;
 mod identity;
+mod oauth;

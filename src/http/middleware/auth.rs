@@ -13,12 +13,19 @@ use axum::{
 use super::org_context::{Identified, OrgChoice};
 use crate::{
     app::AppState,
-    auth::{Actor, ActorType, Credential, credentials::Failure, is_public},
+    auth::{Actor, Credential, credentials::Failure, is_public},
     http::ApiError,
 };
 
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if is_public(req.extensions().get::<MatchedPath>().map(|p| p.as_str())) {
+        // A public route may still use a valid credential (introspection by an admin key).
+        if let Some(Identified { principal: Ok(principal), org: OrgChoice::Chosen(org_id) }) =
+            req.extensions().get::<Identified>().cloned()
+        {
+            let actor_type = principal.actor_type;
+            req.extensions_mut().insert(Actor { principal, actor_type, org_id });
+        }
         return next.run(req).await;
     }
     let Some(identified) = req.extensions().get::<Identified>().cloned() else {
@@ -49,6 +56,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     if let Credential::ApiKey { key_id, .. } = &principal.credential {
         state.auth().last_used.touch(*key_id);
     }
-    req.extensions_mut().insert(Actor { principal, actor_type: ActorType::Human, org_id });
+    let actor_type = principal.actor_type;
+    req.extensions_mut().insert(Actor { principal, actor_type, org_id });
     next.run(req).await
 }

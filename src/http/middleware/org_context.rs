@@ -1,7 +1,8 @@
 //! Layer 2, org context: identifies the caller's credentials cheaply and picks the organization.
 //!
 //! The presented secret (by priority: `X-API-Key`, `Authorization: Bearer`, session cookie) is
-//! resolved through the in-process credential cache, falling back to a lookup by hash. The outcome
+//! resolved: a JWT access token through the verified-token cache and the revocation set, a session
+//! or API key through the in-process credential cache, falling back to a lookup by hash. The outcome
 //! is attached to the request as [`Identified`]; a bad credential is not an error here, so public
 //! routes keep working. The auth layer decides what a protected route makes of it.
 
@@ -17,7 +18,7 @@ use uuid::Uuid;
 use crate::{
     app::AppState,
     auth::{
-        Credential, Principal,
+        Principal,
         credentials::{self, Failure},
     },
 };
@@ -47,12 +48,12 @@ fn choose_org(principal: &Principal, header: Option<&str>) -> OrgChoice {
             Err(_) => return OrgChoice::Malformed,
         },
     };
-    match (&principal.credential, requested) {
-        (Credential::ApiKey { org_id, .. }, None) => OrgChoice::Chosen(Some(*org_id)),
-        (Credential::ApiKey { org_id, .. }, Some(r)) if r == *org_id => OrgChoice::Chosen(Some(r)),
-        (Credential::ApiKey { .. }, Some(_)) => OrgChoice::NotMember,
-        (Credential::Session { .. }, None) => OrgChoice::Chosen(principal.memberships.first().map(|(o, _)| *o)),
-        (Credential::Session { .. }, Some(r)) => {
+    match (principal.credential.bound_org(), requested) {
+        (Some(bound), None) => OrgChoice::Chosen(Some(bound)),
+        (Some(bound), Some(r)) if r == bound => OrgChoice::Chosen(Some(r)),
+        (Some(_), Some(_)) => OrgChoice::NotMember,
+        (None, None) => OrgChoice::Chosen(principal.memberships.first().map(|(o, _)| *o)),
+        (None, Some(r)) => {
             if principal.system_admin || principal.memberships.iter().any(|(o, _)| *o == r) {
                 OrgChoice::Chosen(Some(r))
             } else {
@@ -64,7 +65,11 @@ fn choose_org(principal: &Principal, header: Option<&str>) -> OrgChoice {
 
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if let Some(secret) = credentials::presented(req.headers()) {
-        let principal = credentials::resolve(state.db(), &state.auth().cache, &secret).await;
+        let principal = if crate::auth::tokens::looks_like_jwt(&secret) {
+            crate::auth::oauth::resolve_access_token(&state, &secret).await
+        } else {
+            credentials::resolve(state.db(), &state.auth().cache, &secret).await
+        };
         let org = match &principal {
             Ok(p) => choose_org(p, req.headers().get("x-org-id").map(|v| v.to_str().unwrap_or("-"))),
             Err(_) => OrgChoice::Chosen(None),

@@ -283,6 +283,73 @@ impl TestApp {
     }
 }
 
+/// An agent's client credential.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub agent_id: String,
+    pub credential_id: String,
+    pub client_id: String,
+    pub secret: String,
+}
+
+impl TestApp {
+    /// A new agent in the caller's organization.
+    pub async fn create_agent(&self, by: &Caller, body: Value) -> Value {
+        json_ok(
+            self.as_(by, reqwest::Method::POST, "/api/v1/agents").json(&body).send().await.unwrap(),
+            StatusCode::CREATED,
+        )
+        .await
+    }
+
+    /// An agent allowed `scopes`, with one credential.
+    pub async fn agent_client(&self, by: &Caller, scopes: &[&str]) -> Client {
+        let agent = self.create_agent(by, serde_json::json!({ "name": "worker", "allowed_scopes": scopes })).await;
+        let agent_id = agent["id"].as_str().unwrap().to_owned();
+        self.credential(by, &agent_id).await
+    }
+
+    pub async fn credential(&self, by: &Caller, agent_id: &str) -> Client {
+        let cred = json_ok(
+            self.as_(by, reqwest::Method::POST, &format!("/api/v1/agents/{agent_id}/credentials"))
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::CREATED,
+        )
+        .await;
+        Client {
+            agent_id: agent_id.to_owned(),
+            credential_id: cred["id"].as_str().unwrap().to_owned(),
+            client_id: cred["client_id"].as_str().unwrap().to_owned(),
+            secret: cred["client_secret"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// POSTs a form to the token endpoint with client_secret_basic.
+    pub async fn token_request(&self, client: &Client, form: &[(&str, &str)]) -> Response {
+        self.client
+            .post(self.url("/api/v1/token"))
+            .basic_auth(&client.client_id, Some(&client.secret))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A fresh access token for the client.
+    pub async fn access_token(&self, client: &Client) -> String {
+        let body =
+            json_ok(self.token_request(client, &[("grant_type", "client_credentials")]).await, StatusCode::OK).await;
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// GET /auth/me with a bearer token; the status.
+    pub async fn me_status(&self, token: &str) -> StatusCode {
+        self.client.get(self.url("/auth/me")).bearer_auth(token).send().await.unwrap().status()
+    }
+}
+
 /// Asserts a problem+json response with the given status and code; returns the body.
 pub async fn assert_problem(resp: Response, status: StatusCode, code: &str) -> Value {
     let got = resp.status();

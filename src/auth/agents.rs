@@ -1,0 +1,728 @@
+//! The agent registry and agents' client credentials, bulk token revocation, and signing-key
+//! rotation by API.
+
+use axum::{Json, extract::State, http::StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+use validator::{Validate, ValidationError};
+
+use super::{
+    actor::{Actor, Role, Scope},
+    credentials,
+    revocation::{self, Announced, Subject},
+};
+use crate::{
+    app::AppState,
+    audit::{self, Event},
+    crypto,
+    http::{
+        ApiError, ApiResult,
+        error::Problem,
+        extract::{ApiPath, ApiQuery, ValidatedJson},
+    },
+};
+
+pub const CLIENT_SECRET_PREFIX: &str = "aidp_cs_";
+const CLIENT_ID_PREFIX: &str = "aidp_client_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStatus {
+    Active,
+    Suspended,
+}
+
+impl AgentStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+        }
+    }
+}
+
+/// Tags and scopes: short, printable, no spaces (a scope list is space-separated on the wire).
+fn validate_tags(tags: &[String]) -> Result<(), ValidationError> {
+    if tags.len() > 100 {
+        return Err(ValidationError::new("length").with_message("at most 100 entries".into()));
+    }
+    for t in tags {
+        let ok = (1..=100).contains(&t.len())
+            && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'_' | b'-' | b'/' | b'*'));
+        if !ok {
+            return Err(ValidationError::new("format").with_message("1 to 100 of [A-Za-z0-9:._-/*]".into()));
+        }
+    }
+    Ok(())
+}
+
+fn validate_metadata(v: &Value) -> Result<(), ValidationError> {
+    if !v.is_object() {
+        return Err(ValidationError::new("type").with_message("must be a JSON object".into()));
+    }
+    if v.to_string().len() > 16 * 1024 {
+        return Err(ValidationError::new("length").with_message("at most 16 KiB".into()));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize, Validate, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgent {
+    #[validate(length(min = 1, max = 200))]
+    pub name: String,
+    #[validate(length(max = 2000))]
+    pub description: Option<String>,
+    /// A member of the organization; default: the caller. Only admins name someone else.
+    pub owner_id: Option<Uuid>,
+    #[validate(custom(function = "validate_tags"))]
+    pub capabilities: Option<Vec<String>>,
+    /// The ceiling for its tokens' scopes.
+    #[validate(custom(function = "validate_tags"))]
+    pub allowed_scopes: Option<Vec<String>>,
+    #[validate(custom(function = "validate_metadata"))]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, Validate, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAgent {
+    #[validate(length(min = 1, max = 200))]
+    pub name: Option<String>,
+    #[validate(length(max = 2000))]
+    pub description: Option<String>,
+    pub owner_id: Option<Uuid>,
+    #[validate(custom(function = "validate_tags"))]
+    pub capabilities: Option<Vec<String>>,
+    #[validate(custom(function = "validate_tags"))]
+    pub allowed_scopes: Option<Vec<String>>,
+    /// `suspended` makes every live token of the agent fail on its next use.
+    pub status: Option<AgentStatus>,
+    #[validate(custom(function = "validate_metadata"))]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Agent {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub owner_id: Uuid,
+    pub capabilities: Vec<String>,
+    pub allowed_scopes: Vec<String>,
+    pub status: AgentStatus,
+    pub metadata: Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentPage {
+    pub items: Vec<Agent>,
+    pub next_cursor: Option<Uuid>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AgentQuery {
+    /// `active` or `suspended`.
+    pub status: Option<AgentStatus>,
+    /// Only agents with this capability tag.
+    pub capability: Option<String>,
+    /// Name contains this text (case-insensitive).
+    pub q: Option<String>,
+    /// Only agents owned by this user.
+    pub owner_id: Option<Uuid>,
+    pub after: Option<Uuid>,
+    /// 1 to 200, default 50.
+    pub limit: Option<i64>,
+}
+
+struct AgentRow {
+    agent_id: Uuid,
+    organization_id: Uuid,
+    name: String,
+    description: String,
+    owner_id: Uuid,
+    capabilities: Vec<String>,
+    allowed_scopes: Vec<String>,
+    status: String,
+    metadata: Value,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+impl From<AgentRow> for Agent {
+    fn from(r: AgentRow) -> Self {
+        Self {
+            id: r.agent_id,
+            org_id: r.organization_id,
+            name: r.name,
+            description: r.description,
+            owner_id: r.owner_id,
+            capabilities: r.capabilities,
+            allowed_scopes: r.allowed_scopes,
+            status: if r.status == "active" { AgentStatus::Active } else { AgentStatus::Suspended },
+            metadata: r.metadata,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+async fn fetch_agent(conn: &mut PgConnection, org_id: Uuid, id: Uuid, lock: bool) -> ApiResult<AgentRow> {
+    let row = if lock {
+        sqlx::query_as!(
+            AgentRow,
+            "select * from agent where agent_id = $1 and organization_id = $2 for update",
+            id,
+            org_id
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+    } else {
+        sqlx::query_as!(AgentRow, "select * from agent where agent_id = $1 and organization_id = $2", id, org_id)
+            .fetch_optional(&mut *conn)
+            .await?
+    };
+    row.ok_or(ApiError::NotFound)
+}
+
+/// Managing an agent: its owner, or an owner/admin of its organization.
+fn require_manage(actor: &Actor, org_id: Uuid, owner_id: Uuid) -> ApiResult<()> {
+    actor.require_scope(Scope::AgentsWrite)?;
+    actor.require_role(org_id, Role::Member)?;
+    if actor.user_id() == owner_id || actor.require_role(org_id, Role::Admin).is_ok() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("not_agent_owner", "Only the agent's owner or an organization admin may do this."))
+    }
+}
+
+async fn require_member(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) -> ApiResult<()> {
+    let found = sqlx::query_scalar!(
+        "select 1 as one from membership where organization_id = $1 and user_id = $2",
+        org_id,
+        user_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    if found.is_none() {
+        return Err(ApiError::field("owner_id", "not_member", "the owner must be a member of the organization"));
+    }
+    Ok(())
+}
+
+/// Kills every live token of `subject` and tells every instance.
+async fn revoke_subject(conn: &mut PgConnection, subject: Subject) -> ApiResult<Announced> {
+    let not_before = revocation::revoke_subject(conn, &subject).await?;
+    Ok(Announced::Subject { subject, not_before })
+}
+
+/// Drops an agent's client records from every instance's cache.
+async fn forget_clients(state: &AppState, agent_id: Uuid) -> ApiResult<()> {
+    let ids = sqlx::query_scalar!("select client_id from agent_credential where agent_id = $1", agent_id)
+        .fetch_all(state.db())
+        .await?;
+    for id in ids {
+        state.auth().clients.remove(&id);
+        credentials::publish(state.redis(), &format!("client:{id}")).await;
+    }
+    Ok(())
+}
+
+/// Registers an agent in the current organization.
+#[utoipa::path(post, path = "/api/v1/agents", tag = "agents", request_body = CreateAgent,
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 201, body = Agent), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)))]
+pub(super) async fn create_agent(
+    State(state): State<AppState>,
+    actor: Actor,
+    ValidatedJson(req): ValidatedJson<CreateAgent>,
+) -> ApiResult<(StatusCode, Json<Agent>)> {
+    actor.require_scope(Scope::AgentsWrite)?;
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let owner_id = req.owner_id.unwrap_or(actor.user_id());
+    if owner_id != actor.user_id() {
+        actor.require_role(org_id, Role::Admin)?;
+    }
+    let mut tx = state.db().begin().await?;
+    require_member(&mut tx, org_id, owner_id).await?;
+    let id = Uuid::now_v7();
+    let row = sqlx::query_as!(
+        AgentRow,
+        "insert into agent (agent_id, organization_id, name, description, owner_id, capabilities, allowed_scopes, metadata)
+         values ($1, $2, $3, $4, $5, $6, $7, $8) returning *",
+        id,
+        org_id,
+        req.name,
+        req.description.unwrap_or_default(),
+        owner_id,
+        &req.capabilities.unwrap_or_default(),
+        &req.allowed_scopes.unwrap_or_default(),
+        req.metadata.unwrap_or_else(|| json!({}))
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(
+        &mut tx,
+        Event::by(&actor, org_id, "agent.created").target("agent", id).details(json!({ "name": row.name })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(row.into())))
+}
+
+/// Agents of the current organization, filtered, in pages.
+#[utoipa::path(get, path = "/api/v1/agents", tag = "agents", params(AgentQuery),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = AgentPage), (status = 400, body = Problem), (status = 401, body = Problem)))]
+pub(super) async fn list_agents(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiQuery(q): ApiQuery<AgentQuery>,
+) -> ApiResult<Json<AgentPage>> {
+    actor.require_scope(Scope::AgentsRead)?;
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 200"));
+    }
+    if q.q.as_ref().is_some_and(|s| s.len() > 200) || q.capability.as_ref().is_some_and(|s| s.len() > 100) {
+        return Err(ApiError::bad_request("invalid_query", "filters are at most 200 characters"));
+    }
+    let pattern = q.q.map(|s| format!("%{}%", s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+    let rows = sqlx::query_as!(
+        AgentRow,
+        "select * from agent
+         where organization_id = $1
+           and ($2::text is null or status = $2)
+           and ($3::text is null or $3 = any(capabilities))
+           and ($4::text is null or name ilike $4)
+           and ($5::uuid is null or owner_id = $5)
+           and ($6::uuid is null or agent_id > $6)
+         order by agent_id limit $7",
+        org_id,
+        q.status.map(|s| s.as_str()),
+        q.capability,
+        pattern,
+        q.owner_id,
+        q.after,
+        limit + 1
+    )
+    .fetch_all(state.db())
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let items: Vec<Agent> = rows.into_iter().take(limit as usize).map(Agent::from).collect();
+    let next_cursor = if more { items.last().map(|a| a.id) } else { None };
+    Ok(Json(AgentPage { items, next_cursor }))
+}
+
+/// One agent of the current organization.
+#[utoipa::path(get, path = "/api/v1/agents/{id}", tag = "agents", params(("id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = Agent), (status = 404, body = Problem)))]
+pub(super) async fn get_agent(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Agent>> {
+    actor.require_scope(Scope::AgentsRead)?;
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let mut conn = state.db().acquire().await?;
+    Ok(Json(fetch_agent(&mut conn, org_id, id, false).await?.into()))
+}
+
+/// Updates an agent. Suspending it kills its live tokens; narrowing its scopes applies to new tokens.
+#[utoipa::path(patch, path = "/api/v1/agents/{id}", tag = "agents", params(("id" = Uuid, Path)), request_body = UpdateAgent,
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = Agent), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub(super) async fn update_agent(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath(id): ApiPath<Uuid>,
+    ValidatedJson(req): ValidatedJson<UpdateAgent>,
+) -> ApiResult<Json<Agent>> {
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let mut tx = state.db().begin().await?;
+    let old = fetch_agent(&mut tx, org_id, id, true).await?;
+    require_manage(&actor, org_id, old.owner_id)?;
+    if let Some(owner) = req.owner_id
+        && owner != old.owner_id
+    {
+        actor.require_role(org_id, Role::Admin)?;
+        require_member(&mut tx, org_id, owner).await?;
+    }
+    let suspending = req.status == Some(AgentStatus::Suspended) && old.status == "active";
+    let row = sqlx::query_as!(
+        AgentRow,
+        "update agent set
+            name = coalesce($3, name),
+            description = coalesce($4, description),
+            owner_id = coalesce($5, owner_id),
+            capabilities = coalesce($6, capabilities),
+            allowed_scopes = coalesce($7, allowed_scopes),
+            status = coalesce($8, status),
+            metadata = coalesce($9, metadata)
+         where agent_id = $1 and organization_id = $2 returning *",
+        id,
+        org_id,
+        req.name,
+        req.description,
+        req.owner_id,
+        req.capabilities.as_deref(),
+        req.allowed_scopes.as_deref(),
+        req.status.map(|s| s.as_str()),
+        req.metadata
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let announced = if suspending { Some(revoke_subject(&mut tx, Subject::Agent(id)).await?) } else { None };
+    let action = match (old.status.as_str(), row.status.as_str()) {
+        ("active", "suspended") => "agent.suspended",
+        ("suspended", "active") => "agent.activated",
+        _ => "agent.updated",
+    };
+    audit::record(&mut tx, Event::by(&actor, org_id, action).target("agent", id)).await?;
+    tx.commit().await?;
+    if let Some(a) = announced {
+        revocation::announce(&state, a).await;
+    }
+    forget_clients(&state, id).await?;
+    Ok(Json(row.into()))
+}
+
+/// Deletes an agent, its credentials, and (at once) every live token.
+#[utoipa::path(delete, path = "/api/v1/agents/{id}", tag = "agents", params(("id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 204, description = "Deleted"), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub(super) async fn delete_agent(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    forget_clients(&state, id).await?;
+    let mut tx = state.db().begin().await?;
+    let old = fetch_agent(&mut tx, org_id, id, true).await?;
+    require_manage(&actor, org_id, old.owner_id)?;
+    let announced = revoke_subject(&mut tx, Subject::Agent(id)).await?;
+    sqlx::query!("delete from agent where agent_id = $1", id).execute(&mut *tx).await?;
+    audit::record(
+        &mut tx,
+        Event::by(&actor, org_id, "agent.deleted").target("agent", id).details(json!({ "name": old.name })),
+    )
+    .await?;
+    tx.commit().await?;
+    revocation::announce(&state, announced).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A new credential: the only time its secret is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedCredential {
+    pub id: Uuid,
+    pub client_id: String,
+    pub client_secret: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// After a rotation: until when the previous secret still works.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub previous_secret_expires_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CredentialInfo {
+    pub id: Uuid,
+    pub client_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub rotated_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub previous_secret_expires_at: Option<OffsetDateTime>,
+}
+
+/// Issues a client credential for an agent (client_id + secret, the secret shown once).
+#[utoipa::path(post, path = "/api/v1/agents/{id}/credentials", tag = "agents", params(("id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 201, body = CreatedCredential), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub(super) async fn create_credential(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath(agent_id): ApiPath<Uuid>,
+) -> ApiResult<(StatusCode, Json<CreatedCredential>)> {
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let mut tx = state.db().begin().await?;
+    let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
+    require_manage(&actor, org_id, agent.owner_id)?;
+    let id = Uuid::now_v7();
+    let client_id =
+        crypto::random_token(CLIENT_ID_PREFIX).chars().take(CLIENT_ID_PREFIX.len() + 22).collect::<String>();
+    let secret = crypto::random_token(CLIENT_SECRET_PREFIX);
+    let created_at = sqlx::query_scalar!(
+        "insert into agent_credential (credential_id, agent_id, organization_id, client_id, secret_hash)
+         values ($1, $2, $3, $4, $5) returning created_at",
+        id,
+        agent_id,
+        org_id,
+        client_id,
+        &crypto::sha256(&secret)[..]
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(
+        &mut tx,
+        Event::by(&actor, org_id, "credential.created")
+            .target("credential", id)
+            .details(json!({ "agent_id": agent_id, "client_id": client_id })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedCredential { id, client_id, client_secret: secret, created_at, previous_secret_expires_at: None }),
+    ))
+}
+
+/// An agent's live credentials, without secrets.
+#[utoipa::path(get, path = "/api/v1/agents/{id}/credentials", tag = "agents", params(("id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = Vec<CredentialInfo>), (status = 404, body = Problem)))]
+pub(super) async fn list_credentials(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath(agent_id): ApiPath<Uuid>,
+) -> ApiResult<Json<Vec<CredentialInfo>>> {
+    actor.require_scope(Scope::AgentsRead)?;
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let mut conn = state.db().acquire().await?;
+    fetch_agent(&mut conn, org_id, agent_id, false).await?;
+    let rows = sqlx::query!(
+        "select credential_id, client_id, created_at, rotated_at, previous_expires_at from agent_credential
+         where agent_id = $1 and organization_id = $2 and revoked_at is null order by created_at",
+        agent_id,
+        org_id
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| CredentialInfo {
+                id: r.credential_id,
+                client_id: r.client_id,
+                created_at: r.created_at,
+                rotated_at: r.rotated_at,
+                previous_secret_expires_at: r.previous_expires_at,
+            })
+            .collect(),
+    ))
+}
+
+async fn fetch_credential(conn: &mut PgConnection, org_id: Uuid, agent_id: Uuid, id: Uuid) -> ApiResult<String> {
+    sqlx::query_scalar!(
+        "select client_id from agent_credential
+         where credential_id = $1 and agent_id = $2 and organization_id = $3 and revoked_at is null for update",
+        id,
+        agent_id,
+        org_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(ApiError::NotFound)
+}
+
+/// Revokes a credential: it can no longer get tokens, and its live tokens die at once.
+#[utoipa::path(delete, path = "/api/v1/agents/{id}/credentials/{cred_id}", tag = "agents",
+    params(("id" = Uuid, Path), ("cred_id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 204, description = "Revoked"), (status = 404, body = Problem)))]
+pub(super) async fn revoke_credential(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath((agent_id, id)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let mut tx = state.db().begin().await?;
+    let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
+    require_manage(&actor, org_id, agent.owner_id)?;
+    let client_id = fetch_credential(&mut tx, org_id, agent_id, id).await?;
+    sqlx::query!("update agent_credential set revoked_at = now() where credential_id = $1", id)
+        .execute(&mut *tx)
+        .await?;
+    let announced = revoke_subject(&mut tx, Subject::Credential(id)).await?;
+    audit::record(&mut tx, Event::by(&actor, org_id, "credential.revoked").target("credential", id)).await?;
+    tx.commit().await?;
+    revocation::announce(&state, announced).await;
+    state.auth().clients.remove(&client_id);
+    credentials::publish(state.redis(), &format!("client:{client_id}")).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Issues a new secret; the previous one keeps working for the configured overlap.
+#[utoipa::path(post, path = "/api/v1/agents/{id}/credentials/{cred_id}/rotate", tag = "agents",
+    params(("id" = Uuid, Path), ("cred_id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = CreatedCredential), (status = 404, body = Problem)))]
+pub(super) async fn rotate_credential(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath((agent_id, id)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<Json<CreatedCredential>> {
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let mut tx = state.db().begin().await?;
+    let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
+    require_manage(&actor, org_id, agent.owner_id)?;
+    let client_id = fetch_credential(&mut tx, org_id, agent_id, id).await?;
+    let secret = crypto::random_token(CLIENT_SECRET_PREFIX);
+    let overlap = state.config().auth.client_secret_rotation_overlap_secs as f64;
+    let r = sqlx::query!(
+        "update agent_credential set previous_secret_hash = secret_hash,
+                previous_expires_at = now() + make_interval(secs => $2), secret_hash = $3, rotated_at = now()
+         where credential_id = $1 returning created_at, previous_expires_at",
+        id,
+        overlap,
+        &crypto::sha256(&secret)[..]
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut tx, Event::by(&actor, org_id, "credential.rotated").target("credential", id)).await?;
+    tx.commit().await?;
+    state.auth().clients.remove(&client_id);
+    credentials::publish(state.redis(), &format!("client:{client_id}")).await;
+    Ok(Json(CreatedCredential {
+        id,
+        client_id,
+        client_secret: secret,
+        created_at: r.created_at,
+        previous_secret_expires_at: r.previous_expires_at,
+    }))
+}
+
+/// What a bulk revocation did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BulkRevocation {
+    /// Every token of the subject issued at or before this instant is rejected.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+}
+
+async fn bulk(state: &AppState, actor: &Actor, org_id: Uuid, subject: Subject) -> ApiResult<Json<BulkRevocation>> {
+    let mut tx = state.db().begin().await?;
+    let key = subject.key();
+    let announced = revoke_subject(&mut tx, subject).await?;
+    let Announced::Subject { not_before, .. } = &announced else {
+        unreachable!("subject revocations announce subjects")
+    };
+    let not_before = OffsetDateTime::from_unix_timestamp(*not_before).unwrap_or_else(|_| OffsetDateTime::now_utc());
+    audit::record(&mut tx, Event::by(actor, org_id, "tokens.revoked").details(json!({ "subject": key }))).await?;
+    tx.commit().await?;
+    revocation::announce(state, announced).await;
+    Ok(Json(BulkRevocation { not_before }))
+}
+
+/// Revokes every live token of an agent.
+#[utoipa::path(post, path = "/api/v1/agents/{id}/revoke-tokens", tag = "agents", params(("id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = BulkRevocation), (status = 404, body = Problem)))]
+pub(super) async fn revoke_agent_tokens(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<BulkRevocation>> {
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let mut conn = state.db().acquire().await?;
+    let agent = fetch_agent(&mut conn, org_id, id, false).await?;
+    drop(conn);
+    require_manage(&actor, org_id, agent.owner_id)?;
+    bulk(&state, &actor, org_id, Subject::Agent(id)).await
+}
+
+/// Revokes every live token issued to one credential.
+#[utoipa::path(post, path = "/api/v1/agents/{id}/credentials/{cred_id}/revoke-tokens", tag = "agents",
+    params(("id" = Uuid, Path), ("cred_id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = BulkRevocation), (status = 404, body = Problem)))]
+pub(super) async fn revoke_credential_tokens(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath((agent_id, id)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<Json<BulkRevocation>> {
+    let org_id = actor.current_org()?;
+    actor.require_role(org_id, Role::Member)?;
+    let mut tx = state.db().begin().await?;
+    let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
+    require_manage(&actor, org_id, agent.owner_id)?;
+    fetch_credential(&mut tx, org_id, agent_id, id).await?;
+    tx.commit().await?;
+    bulk(&state, &actor, org_id, Subject::Credential(id)).await
+}
+
+/// Revokes every live token of every agent in an organization (owners and admins).
+#[utoipa::path(post, path = "/api/v1/organizations/{id}/revoke-tokens", tag = "organizations", params(("id" = Uuid, Path)),
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = BulkRevocation), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub(super) async fn revoke_org_tokens(
+    State(state): State<AppState>,
+    actor: Actor,
+    ApiPath(org_id): ApiPath<Uuid>,
+) -> ApiResult<Json<BulkRevocation>> {
+    actor.require_scope(Scope::TokensRevoke)?;
+    actor.require_role(org_id, Role::Admin)?;
+    bulk(&state, &actor, org_id, Subject::Org(org_id)).await
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RotatedKey {
+    pub kid: String,
+    pub algorithm: String,
+}
+
+/// Rotates the signing key now (system admins). Retired keys stay in the JWKS until their tokens expire.
+#[utoipa::path(post, path = "/api/v1/keys/rotate", tag = "oauth",
+    security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
+    responses((status = 200, body = RotatedKey), (status = 403, body = Problem)))]
+pub(super) async fn rotate_keys(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<RotatedKey>> {
+    actor.require_scope(Scope::KeysManage)?;
+    if !actor.is_system_admin() {
+        return Err(ApiError::forbidden("system_admin_required", "Only system admins rotate signing keys."));
+    }
+    let cfg = state.config();
+    let kid = state.keys().rotate(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs).await?;
+    credentials::publish(state.redis(), "keys").await;
+    Ok(Json(RotatedKey { kid, algorithm: cfg.algorithm().as_str().to_owned() }))
+}
+
+/// Scheduled rotation: rotates when the active key is older than `auth.key_rotation_days`.
+pub async fn rotate_if_due(state: &AppState) {
+    let cfg = state.config();
+    if cfg.auth.key_rotation_days == 0 {
+        return;
+    }
+    let max_age = time::Duration::days(cfg.auth.key_rotation_days as i64);
+    match state.keys().rotate_if_older(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs, max_age).await {
+        Ok(Some(kid)) => {
+            tracing::info!(kid, "signing key rotated on schedule");
+            credentials::publish(state.redis(), "keys").await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "scheduled key rotation failed"),
+    }
+}

@@ -1,0 +1,424 @@
+//! Signing keys: generation, sealing at rest, rotation, the JWKS, and the parsed keys kept ready.
+//!
+//! Private keys are sealed with AES-256-GCM under the key-encryption key from configuration (the
+//! kid is the associated data, so a sealed key cannot be swapped onto another row). The active key
+//! signs; retired keys stay published until every token they signed has expired. Keys are parsed
+//! once into a [`KeySet`] and swapped whole on rotation, never re-parsed per request.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use aes_gcm::{
+    Aes256Gcm, KeyInit, Nonce,
+    aead::{Aead, Payload},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use rand_core::{OsRng, RngCore};
+use rsa::{
+    pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey},
+    traits::PublicKeyParts,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+/// The algorithms tokens can be signed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Algorithm {
+    ES256,
+    RS256,
+    EdDSA,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ES256 => "ES256",
+            Self::RS256 => "RS256",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ES256" => Some(Self::ES256),
+            "RS256" => Some(Self::RS256),
+            "EdDSA" => Some(Self::EdDSA),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed private key, ready to sign.
+enum Signer {
+    Es256(p256::ecdsa::SigningKey),
+    Rs256(Box<rsa::pkcs1v15::SigningKey<Sha256>>),
+    EdDsa(ed25519_dalek::SigningKey),
+}
+
+/// A parsed public key, ready to verify.
+pub enum Verifier {
+    Es256(p256::ecdsa::VerifyingKey),
+    Rs256(Box<rsa::pkcs1v15::VerifyingKey<Sha256>>),
+    EdDsa(ed25519_dalek::VerifyingKey),
+}
+
+impl Verifier {
+    pub fn algorithm(&self) -> Algorithm {
+        match self {
+            Self::Es256(_) => Algorithm::ES256,
+            Self::Rs256(_) => Algorithm::RS256,
+            Self::EdDsa(_) => Algorithm::EdDSA,
+        }
+    }
+
+    /// Checks a signature made with this key's own algorithm (the caller pins `alg` to the key).
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        use signature::Verifier as _;
+        match self {
+            Self::Es256(k) => {
+                p256::ecdsa::Signature::from_slice(signature).is_ok_and(|s| k.verify(message, &s).is_ok())
+            }
+            Self::Rs256(k) => {
+                rsa::pkcs1v15::Signature::try_from(signature).is_ok_and(|s| k.verify(message, &s).is_ok())
+            }
+            Self::EdDsa(k) => {
+                ed25519_dalek::Signature::from_slice(signature).is_ok_and(|s| k.verify_strict(message, &s).is_ok())
+            }
+        }
+    }
+}
+
+/// The signing key in use.
+pub struct ActiveKey {
+    pub kid: String,
+    pub algorithm: Algorithm,
+    signer: Signer,
+}
+
+impl ActiveKey {
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        use signature::{RandomizedSigner, Signer as _};
+        match &self.signer {
+            Signer::Es256(k) => {
+                let s: p256::ecdsa::Signature = k.sign(message);
+                s.to_bytes().to_vec()
+            }
+            // Blinded: RSA without blinding leaks timing.
+            Signer::Rs256(k) => {
+                let s = k.sign_with_rng(&mut OsRng, message);
+                signature::SignatureEncoding::to_vec(&s)
+            }
+            Signer::EdDsa(k) => k.sign(message).to_bytes().to_vec(),
+        }
+    }
+}
+
+/// Every key that may verify a token, plus the one that signs.
+pub struct KeySet {
+    pub active: Arc<ActiveKey>,
+    pub verifiers: HashMap<String, Arc<Verifier>>,
+    /// The JWKS document, rendered once per key set.
+    pub jwks: Arc<Value>,
+}
+
+/// The key-encryption key and the current key set, swappable on rotation.
+pub struct KeyRing {
+    kek: [u8; 32],
+    current: RwLock<Option<Arc<KeySet>>>,
+    last_reload: std::sync::Mutex<Option<Instant>>,
+}
+
+struct Generated {
+    signer: Signer,
+    private: Vec<u8>,
+    jwk: Value,
+}
+
+fn generate(algorithm: Algorithm, kid: &str) -> anyhow::Result<Generated> {
+    Ok(match algorithm {
+        Algorithm::ES256 => {
+            let key = p256::ecdsa::SigningKey::random(&mut OsRng);
+            let point = key.verifying_key().to_encoded_point(false);
+            let jwk = json!({
+                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+                "x": B64.encode(point.x().ok_or_else(|| anyhow::anyhow!("no x"))?),
+                "y": B64.encode(point.y().ok_or_else(|| anyhow::anyhow!("no y"))?),
+            });
+            Generated { private: key.to_bytes().to_vec(), signer: Signer::Es256(key), jwk }
+        }
+        Algorithm::RS256 => {
+            let key = rsa::RsaPrivateKey::new(&mut OsRng, 2048)?;
+            let public = key.to_public_key();
+            let jwk = json!({
+                "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+                "n": B64.encode(public.n().to_bytes_be()),
+                "e": B64.encode(public.e().to_bytes_be()),
+            });
+            let private = key.to_pkcs1_der()?.as_bytes().to_vec();
+            Generated { private, signer: Signer::Rs256(Box::new(rsa::pkcs1v15::SigningKey::new(key))), jwk }
+        }
+        Algorithm::EdDSA => {
+            let key = ed25519_dalek::SigningKey::generate(&mut OsRng);
+            let jwk = json!({
+                "kty": "OKP", "crv": "Ed25519", "use": "sig", "alg": "EdDSA", "kid": kid,
+                "x": B64.encode(key.verifying_key().as_bytes()),
+            });
+            Generated { private: key.to_bytes().to_vec(), signer: Signer::EdDsa(key), jwk }
+        }
+    })
+}
+
+fn signer_from(algorithm: Algorithm, private: &[u8]) -> anyhow::Result<Signer> {
+    Ok(match algorithm {
+        Algorithm::ES256 => Signer::Es256(p256::ecdsa::SigningKey::from_slice(private)?),
+        Algorithm::RS256 => {
+            Signer::Rs256(Box::new(rsa::pkcs1v15::SigningKey::new(rsa::RsaPrivateKey::from_pkcs1_der(private)?)))
+        }
+        Algorithm::EdDSA => Signer::EdDsa(ed25519_dalek::SigningKey::from_bytes(
+            private.try_into().map_err(|_| anyhow::anyhow!("Ed25519 seed is not 32 bytes"))?,
+        )),
+    })
+}
+
+/// Parses a published JWK of ours back into a verifier.
+fn verifier_from_jwk(algorithm: Algorithm, jwk: &Value) -> anyhow::Result<Verifier> {
+    let field = |name: &str| -> anyhow::Result<Vec<u8>> {
+        Ok(B64.decode(jwk[name].as_str().ok_or_else(|| anyhow::anyhow!("jwk lacks {name}"))?)?)
+    };
+    Ok(match algorithm {
+        Algorithm::ES256 => {
+            let (x, y) = (field("x")?, field("y")?);
+            let point = p256::EncodedPoint::from_affine_coordinates(
+                p256::FieldBytes::from_slice(&x),
+                p256::FieldBytes::from_slice(&y),
+                false,
+            );
+            Verifier::Es256(p256::ecdsa::VerifyingKey::from_encoded_point(&point)?)
+        }
+        Algorithm::RS256 => {
+            let n = rsa::BigUint::from_bytes_be(&field("n")?);
+            let e = rsa::BigUint::from_bytes_be(&field("e")?);
+            Verifier::Rs256(Box::new(rsa::pkcs1v15::VerifyingKey::new(rsa::RsaPublicKey::new(n, e)?)))
+        }
+        Algorithm::EdDSA => Verifier::EdDsa(ed25519_dalek::VerifyingKey::from_bytes(
+            field("x")?.as_slice().try_into().map_err(|_| anyhow::anyhow!("Ed25519 key is not 32 bytes"))?,
+        )?),
+    })
+}
+
+impl KeyRing {
+    pub fn new(kek: [u8; 32]) -> Self {
+        Self { kek, current: RwLock::new(None), last_reload: std::sync::Mutex::new(None) }
+    }
+
+    fn seal(&self, kid: &str, plaintext: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let cipher = Aes256Gcm::new_from_slice(&self.kek)?;
+        let mut nonce = [0u8; 12];
+        OsRng.fill_bytes(&mut nonce);
+        let sealed = cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: kid.as_bytes() })
+            .map_err(|_| anyhow::anyhow!("sealing failed"))?;
+        Ok([nonce.as_slice(), &sealed].concat())
+    }
+
+    fn unseal(&self, kid: &str, sealed: &[u8]) -> anyhow::Result<Vec<u8>> {
+        anyhow::ensure!(sealed.len() > 12, "sealed key too short");
+        let cipher = Aes256Gcm::new_from_slice(&self.kek)?;
+        cipher.decrypt(Nonce::from_slice(&sealed[..12]), Payload { msg: &sealed[12..], aad: kid.as_bytes() }).map_err(
+            |_| {
+                anyhow::anyhow!(
+                    "cannot unseal signing key {kid}: wrong auth.key_encryption_key, or the row was altered"
+                )
+            },
+        )
+    }
+
+    /// The current key set; `None` only before the first load.
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads every publishable key from Postgres and swaps the parsed set in.
+    pub async fn load(&self, db: &PgPool) -> anyhow::Result<()> {
+        let rows = sqlx::query!(
+            "select kid, algorithm, public_jwk, private_key_sealed, status from signing_key
+             where status = 'active' or expires_at > now() order by created_at"
+        )
+        .fetch_all(db)
+        .await?;
+        let mut verifiers = HashMap::new();
+        let mut keys = Vec::new();
+        let mut active = None;
+        for r in rows {
+            let algorithm = Algorithm::parse(&r.algorithm).ok_or_else(|| anyhow::anyhow!("unknown algorithm"))?;
+            verifiers.insert(r.kid.clone(), Arc::new(verifier_from_jwk(algorithm, &r.public_jwk)?));
+            keys.push(r.public_jwk.clone());
+            if r.status == "active" {
+                let private = self.unseal(&r.kid, &r.private_key_sealed)?;
+                active = Some(Arc::new(ActiveKey { kid: r.kid, algorithm, signer: signer_from(algorithm, &private)? }));
+            }
+        }
+        let active = active.ok_or_else(|| anyhow::anyhow!("no active signing key"))?;
+        // Newest first: clients that take the first key take the signing one.
+        keys.reverse();
+        let set = KeySet { active, verifiers, jwks: Arc::new(json!({ "keys": keys })) };
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Reloads when a token names a kid we do not know (another instance rotated), at most once a second.
+    pub async fn reload_for_unknown_kid(&self, db: &PgPool) {
+        {
+            let mut last = self.last_reload.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        if let Err(e) = self.load(db).await {
+            tracing::warn!(error = %e, "reloading signing keys failed");
+        }
+    }
+
+    /// Makes sure an active key of `algorithm` exists (creating or rotating to one), then loads.
+    pub async fn ensure(&self, db: &PgPool, algorithm: Algorithm, token_ttl_secs: u64) -> anyhow::Result<()> {
+        let mut tx = db.begin().await?;
+        // Several instances starting at once: one generates, the others find it.
+        sqlx::query!("select pg_advisory_xact_lock(7273)").execute(&mut *tx).await?;
+        let active = sqlx::query_scalar!("select algorithm from signing_key where status = 'active'")
+            .fetch_optional(&mut *tx)
+            .await?;
+        if active.as_deref() != Some(algorithm.as_str()) {
+            self.rotate_in(&mut tx, algorithm, token_ttl_secs).await?;
+        }
+        tx.commit().await?;
+        self.load(db).await
+    }
+
+    /// Retires the active key and creates a new one; returns the new kid.
+    pub async fn rotate(&self, db: &PgPool, algorithm: Algorithm, token_ttl_secs: u64) -> anyhow::Result<String> {
+        let mut tx = db.begin().await?;
+        sqlx::query!("select pg_advisory_xact_lock(7273)").execute(&mut *tx).await?;
+        let kid = self.rotate_in(&mut tx, algorithm, token_ttl_secs).await?;
+        tx.commit().await?;
+        self.load(db).await?;
+        Ok(kid)
+    }
+
+    async fn rotate_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        algorithm: Algorithm,
+        token_ttl_secs: u64,
+    ) -> anyhow::Result<String> {
+        let mut raw = [0u8; 16];
+        OsRng.fill_bytes(&mut raw);
+        let kid = B64.encode(raw);
+        // RSA generation takes a while: keep it off the async threads.
+        let kid2 = kid.clone();
+        let generated = tokio::task::spawn_blocking(move || generate(algorithm, &kid2)).await??;
+        let sealed = self.seal(&kid, &generated.private)?;
+        // A retired key verifies until the last token it signed has expired (plus clock skew).
+        let keep = (token_ttl_secs + 60) as f64;
+        sqlx::query!(
+            "update signing_key set status = 'retired', retired_at = now(),
+                    expires_at = now() + make_interval(secs => $1)
+             where status = 'active'",
+            keep
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query!(
+            "insert into signing_key (kid, algorithm, public_jwk, private_key_sealed, status) values ($1, $2, $3, $4, 'active')",
+            kid,
+            algorithm.as_str(),
+            generated.jwk,
+            sealed
+        )
+        .execute(&mut *tx)
+        .await?;
+        drop(generated.signer);
+        crate::audit::record(
+            tx,
+            crate::audit::Event::anonymous(crate::audit::SYSTEM_CHAIN, "signing_key.rotated")
+                .target("signing_key", &kid)
+                .details(json!({ "algorithm": algorithm.as_str() })),
+        )
+        .await?;
+        Ok(kid)
+    }
+
+    /// Scheduled rotation: rotates only if the active key is older than `max_age`, deciding under
+    /// the lock so that several instances rotate once between them.
+    pub async fn rotate_if_older(
+        &self,
+        db: &PgPool,
+        algorithm: Algorithm,
+        token_ttl_secs: u64,
+        max_age: time::Duration,
+    ) -> anyhow::Result<Option<String>> {
+        let mut tx = db.begin().await?;
+        sqlx::query!("select pg_advisory_xact_lock(7273)").execute(&mut *tx).await?;
+        let created = sqlx::query_scalar!("select created_at from signing_key where status = 'active'")
+            .fetch_optional(&mut *tx)
+            .await?;
+        if created.is_some_and(|c| OffsetDateTime::now_utc() - c < max_age) {
+            return Ok(None);
+        }
+        let kid = self.rotate_in(&mut tx, algorithm, token_ttl_secs).await?;
+        tx.commit().await?;
+        self.load(db).await?;
+        Ok(Some(kid))
+    }
+}
+
+/// The development key-encryption key: fixed, public, and only for machines with nothing to protect.
+pub const DEV_KEK: [u8; 32] = *b"agentidp-development-only-kek!!!";
+
+/// Decodes `auth.key_encryption_key` (base64 of 32 bytes).
+pub fn parse_kek(b64: &str) -> Result<[u8; 32], String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .or_else(|_| B64.decode(b64.trim()))
+        .map_err(|_| "must be base64".to_owned())?;
+    bytes.try_into().map_err(|_| "must decode to exactly 32 bytes (try: openssl rand -base64 32)".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_algorithm_signs_and_its_jwk_verifies() {
+        for alg in [Algorithm::ES256, Algorithm::RS256, Algorithm::EdDSA] {
+            let g = generate(alg, "k1").unwrap();
+            let active = ActiveKey { kid: "k1".into(), algorithm: alg, signer: signer_from(alg, &g.private).unwrap() };
+            let sig = active.sign(b"header.claims");
+            let v = verifier_from_jwk(alg, &g.jwk).unwrap();
+            assert!(v.verify(b"header.claims", &sig), "{alg:?}");
+            assert!(!v.verify(b"header.claimz", &sig), "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn sealing_binds_the_kid() {
+        let ring = KeyRing::new([7u8; 32]);
+        let sealed = ring.seal("a", b"secret").unwrap();
+        assert_eq!(ring.unseal("a", &sealed).unwrap(), b"secret");
+        assert!(ring.unseal("b", &sealed).is_err());
+        assert!(KeyRing::new([8u8; 32]).unseal("a", &sealed).is_err());
+        assert!(!sealed.windows(6).any(|w| w == b"secret"));
+    }
+
+    #[test]
+    fn kek_parsing() {
+        assert!(parse_kek(&base64::engine::general_purpose::STANDARD.encode([1u8; 32])).is_ok());
+        assert!(parse_kek("short").is_err());
+    }
+}

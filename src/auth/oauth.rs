@@ -1,0 +1,593 @@
+//! The OAuth 2.0 authorization server: the token endpoint (RFC 6749 §4.4 client credentials),
+//! introspection (RFC 7662), revocation (RFC 7009), metadata (RFC 8414, OpenID discovery, RFC 9728)
+//! and the JWKS. Errors here are RFC 6749 §5.2 JSON, not problem+json.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Extension, Json,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use serde::Serialize;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{
+    actor::{Actor, ActorType, Role, Scope},
+    credentials::{Credential, Failure, Principal},
+    revocation::{self, Announced},
+    tokens::{self, Audience, Claims, Rejection},
+};
+use crate::app::AppState;
+
+/// An RFC 6749 §5.2 error.
+#[derive(Debug)]
+pub struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
+        Self { status, error, description: description.into() }
+    }
+    fn invalid_request(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
+    }
+    fn invalid_client() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_client", "Client authentication failed.")
+    }
+    fn server_error() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "Try again shortly.")
+    }
+}
+
+/// The RFC 6749 error body.
+#[derive(Serialize, ToSchema)]
+pub struct OAuthErrorBody {
+    pub error: String,
+    pub error_description: String,
+}
+
+fn no_store(headers: &mut HeaderMap) {
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let mut response =
+            (self.status, Json(OAuthErrorBody { error: self.error.into(), error_description: self.description }))
+                .into_response();
+        no_store(response.headers_mut());
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"agentidp\""));
+        }
+        response
+    }
+}
+
+impl From<sqlx::Error> for OAuthError {
+    fn from(e: sqlx::Error) -> Self {
+        tracing::warn!(error = %e, "database error on an OAuth endpoint");
+        Self::server_error()
+    }
+}
+
+/// Form parameters, each at most once (RFC 6749 §3.2), except RFC 8707's `resource`.
+struct Form {
+    params: HashMap<String, String>,
+    resources: Vec<String>,
+}
+
+fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Form, OAuthError> {
+    let form_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+    if !form_type {
+        return Err(OAuthError::invalid_request("The body must be application/x-www-form-urlencoded."));
+    }
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(body).map_err(|_| OAuthError::invalid_request("The form body is malformed."))?;
+    let mut params = HashMap::new();
+    let mut resources = Vec::new();
+    for (k, v) in pairs {
+        if k.len() > 64 || v.len() > 8192 {
+            return Err(OAuthError::invalid_request("A parameter is too long."));
+        }
+        if k == "resource" {
+            resources.push(v);
+            continue;
+        }
+        if params.insert(k.clone(), v).is_some() {
+            return Err(OAuthError::invalid_request(format!("The parameter `{k}` is repeated.")));
+        }
+    }
+    Ok(Form { params, resources })
+}
+
+/// What the token endpoint needs to know about a client, cached briefly.
+#[derive(Debug, Clone)]
+pub struct ClientRecord {
+    pub credential_id: Uuid,
+    pub client_id: String,
+    pub agent_id: Uuid,
+    pub org_id: Uuid,
+    secret_hash: Vec<u8>,
+    previous: Option<(Vec<u8>, OffsetDateTime)>,
+    pub agent_active: bool,
+    pub allowed_scopes: Vec<String>,
+}
+
+/// Client records by client_id; dropped on every instance when a credential or agent changes.
+pub struct ClientCache {
+    entries: RwLock<HashMap<String, (Instant, Arc<ClientRecord>)>>,
+    ttl: Duration,
+}
+
+impl ClientCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self { entries: RwLock::new(HashMap::new()), ttl }
+    }
+    pub fn remove(&self, client_id: &str) {
+        self.entries.write().unwrap_or_else(|e| e.into_inner()).remove(client_id);
+    }
+    pub fn clear(&self) {
+        self.entries.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+    fn get(&self, client_id: &str) -> Option<Arc<ClientRecord>> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.get(client_id).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, r)| r.clone())
+    }
+    fn put(&self, record: Arc<ClientRecord>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.len() > 100_000 {
+            entries.clear();
+        }
+        entries.insert(record.client_id.clone(), (Instant::now(), record));
+    }
+}
+
+async fn load_client(state: &AppState, client_id: &str) -> Result<Option<Arc<ClientRecord>>, OAuthError> {
+    if client_id.is_empty() || client_id.len() > 128 {
+        return Ok(None);
+    }
+    let clients = &state.auth().clients;
+    if let Some(r) = clients.get(client_id) {
+        return Ok(Some(r));
+    }
+    let Some(r) = sqlx::query!(
+        "select c.credential_id, c.client_id, c.secret_hash, c.previous_secret_hash, c.previous_expires_at,
+                a.agent_id, a.organization_id, a.status, a.allowed_scopes
+         from agent_credential c join agent a using (agent_id)
+         where c.client_id = $1 and c.revoked_at is null",
+        client_id
+    )
+    .fetch_optional(state.db())
+    .await?
+    else {
+        return Ok(None);
+    };
+    let record = Arc::new(ClientRecord {
+        credential_id: r.credential_id,
+        client_id: r.client_id,
+        agent_id: r.agent_id,
+        org_id: r.organization_id,
+        secret_hash: r.secret_hash,
+        previous: r.previous_secret_hash.zip(r.previous_expires_at),
+        agent_active: r.status == "active",
+        allowed_scopes: r.allowed_scopes,
+    });
+    clients.put(record.clone());
+    Ok(Some(record))
+}
+
+/// `client_secret_basic` or `client_secret_post`, never both (RFC 6749 §2.3).
+async fn authenticate_client(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: &Form,
+) -> Result<Arc<ClientRecord>, OAuthError> {
+    let basic = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, rest) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("basic").then(|| rest.trim().to_owned())
+    });
+    let (id, secret) = match (basic, form.params.get("client_secret")) {
+        (Some(_), Some(_)) => {
+            return Err(OAuthError::invalid_request("Use one client authentication method, not two."));
+        }
+        (Some(b64), None) => {
+            let decoded = STANDARD.decode(b64).map_err(|_| OAuthError::invalid_client())?;
+            let text = String::from_utf8(decoded).map_err(|_| OAuthError::invalid_client())?;
+            let (id, secret) = text.split_once(':').ok_or_else(OAuthError::invalid_client)?;
+            // RFC 6749 §2.3.1: both are form-urlencoded before base64.
+            let unescape = |s: &str| -> Result<String, OAuthError> {
+                let pairs: Vec<(String, String)> =
+                    serde_urlencoded::from_str(&format!("v={s}")).map_err(|_| OAuthError::invalid_client())?;
+                Ok(pairs.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+            };
+            let id = unescape(id)?;
+            if form.params.get("client_id").is_some_and(|c| *c != id) {
+                return Err(OAuthError::invalid_request("client_id differs from the Authorization header."));
+            }
+            (id, unescape(secret)?)
+        }
+        (None, Some(secret)) => {
+            let id = form.params.get("client_id").ok_or_else(OAuthError::invalid_client)?;
+            (id.clone(), secret.clone())
+        }
+        (None, None) => return Err(OAuthError::invalid_client()),
+    };
+    let record = load_client(state, &id).await?;
+    let presented = crate::crypto::sha256(&secret);
+    let now = OffsetDateTime::now_utc();
+    let ok = record.as_ref().is_some_and(|r| {
+        let current = crate::crypto::ct_eq(&r.secret_hash, &presented);
+        let previous =
+            r.previous.as_ref().is_some_and(|(h, until)| *until > now && crate::crypto::ct_eq(h, &presented));
+        current | previous
+    });
+    match record {
+        Some(r) if ok => Ok(r),
+        _ => Err(OAuthError::invalid_client()),
+    }
+}
+
+/// The token response (RFC 6749 §5.1).
+#[derive(Serialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub scope: String,
+}
+
+/// Form fields of the token endpoint.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct TokenForm {
+    /// `client_credentials`.
+    grant_type: String,
+    /// Space-separated, within the agent's `allowed_scopes`; default: all of them.
+    scope: Option<String>,
+    /// RFC 8707 resource indicator: the token's audience, if allowed by configuration.
+    resource: Option<String>,
+    /// With `client_secret_post`.
+    client_id: Option<String>,
+    /// With `client_secret_post`.
+    client_secret: Option<String>,
+}
+
+/// Client credentials grant: an RFC 9068 access token for an agent.
+#[utoipa::path(post, path = "/api/v1/token", tag = "oauth",
+    request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    security((), ("client_secret_basic" = [])),
+    responses(
+        (status = 200, body = TokenResponse),
+        (status = 400, description = "invalid_request, invalid_scope, invalid_target, unsupported_grant_type, unauthorized_client", body = OAuthErrorBody),
+        (status = 401, description = "invalid_client", body = OAuthErrorBody)))]
+pub(super) async fn token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthError> {
+    let form = parse_form(&headers, &body)?;
+    match form.params.get("grant_type").map(String::as_str) {
+        None => return Err(OAuthError::invalid_request("grant_type is required.")),
+        Some("client_credentials") => {}
+        Some(_) => {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "Only client_credentials is supported.",
+            ));
+        }
+    }
+    let client = authenticate_client(&state, &headers, &form).await?;
+    if !client.agent_active {
+        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "unauthorized_client", "The agent is suspended."));
+    }
+    let scope = match form.params.get("scope") {
+        None => client.allowed_scopes.join(" "),
+        Some(requested) => {
+            let mut granted: Vec<&str> = Vec::new();
+            for s in requested.split(' ').filter(|s| !s.is_empty()) {
+                if !client.allowed_scopes.iter().any(|a| a == s) {
+                    return Err(OAuthError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_scope",
+                        format!(
+                            "The scope `{}` is not allowed for this agent.",
+                            s.chars().take(100).collect::<String>()
+                        ),
+                    ));
+                }
+                if !granted.contains(&s) {
+                    granted.push(s);
+                }
+            }
+            granted.join(" ")
+        }
+    };
+    let cfg = state.config();
+    let aud = if form.resources.is_empty() {
+        Audience::One(cfg.audience())
+    } else {
+        for r in &form.resources {
+            if !cfg.auth.allowed_resources.contains(r) {
+                return Err(OAuthError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_target",
+                    "This resource is not served here.",
+                ));
+            }
+        }
+        if form.resources.len() == 1 {
+            Audience::One(form.resources[0].clone())
+        } else {
+            Audience::Many(form.resources.clone())
+        }
+    };
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let ttl = cfg.auth.access_token_ttl_secs;
+    let claims = Claims {
+        iss: cfg.server.public_url.clone(),
+        sub: format!("agent:{}", client.agent_id),
+        aud,
+        exp: now + ttl as i64,
+        iat: now,
+        nbf: now,
+        jti: Uuid::new_v4(),
+        client_id: client.client_id.clone(),
+        scope: scope.clone(),
+        org_id: client.org_id,
+        actor_type: "agent".into(),
+        cid: client.credential_id,
+    };
+    let access_token = tokens::sign(state.keys(), &claims).map_err(|e| {
+        tracing::error!(error = %e, "signing failed");
+        OAuthError::server_error()
+    })?;
+    metrics::counter!("tokens_issued_total", "grant_type" => "client_credentials").increment(1);
+    let mut response =
+        Json(TokenResponse { access_token, token_type: "Bearer", expires_in: ttl, scope }).into_response();
+    no_store(response.headers_mut());
+    Ok(response)
+}
+
+/// Verifies one of our tokens for any audience we serve; expired, forged and revoked tokens are `None`.
+async fn live_claims(state: &AppState, token: &str) -> Result<Option<Arc<Claims>>, OAuthError> {
+    if !tokens::looks_like_jwt(token) {
+        return Ok(None);
+    }
+    let cfg = state.config();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let mut audiences = vec![cfg.audience()];
+    audiences.extend(cfg.auth.allowed_resources.iter().cloned());
+    let mut result = tokens::verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
+    if result == Err(Rejection::UnknownKey) {
+        state.keys().reload_for_unknown_kid(state.db()).await;
+        result = tokens::verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
+    }
+    let Ok(claims) = result else { return Ok(None) };
+    if state.auth().revocations.is_revoked(state.db(), &claims).await? {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(claims)))
+}
+
+/// Resolves a bearer JWT for the org-context layer.
+pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<Principal>, Failure> {
+    let cfg = state.config();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let audiences = [cfg.audience()];
+    let verified = &state.auth().verified;
+    let mut result = verified.verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
+    if result.as_ref().err() == Some(&Rejection::UnknownKey) {
+        state.keys().reload_for_unknown_kid(state.db()).await;
+        result = verified.verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
+    }
+    let claims = result.map_err(|why| {
+        tracing::debug!(?why, "access token rejected");
+        Failure::Invalid
+    })?;
+    match state.auth().revocations.is_revoked(state.db(), &claims).await {
+        Ok(false) => {}
+        Ok(true) => return Err(Failure::Invalid),
+        Err(e) => {
+            tracing::warn!(error = %e, "revocation check failed");
+            return Err(Failure::Unavailable);
+        }
+    }
+    let agent_id = claims.agent_id().ok_or(Failure::Invalid)?;
+    let scopes = claims.scopes().filter_map(Scope::parse).collect();
+    Ok(Arc::new(Principal {
+        user_id: agent_id,
+        actor_type: ActorType::Agent,
+        email: None,
+        display_name: None,
+        system_admin: false,
+        memberships: Vec::new(),
+        secret_hash: crate::crypto::sha256(token),
+        credential: Credential::AccessToken { claims, scopes },
+    }))
+}
+
+/// Who may introspect: an agent's client (tokens of its org), or an owner/admin API key or session.
+enum Introspector {
+    Org(Uuid),
+    Anyone,
+}
+
+async fn introspector(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: &Form,
+    actor: Option<&Actor>,
+) -> Result<Introspector, OAuthError> {
+    if let Some(actor) = actor
+        && !matches!(actor.principal.credential, Credential::AccessToken { .. })
+    {
+        if actor.is_system_admin() && actor.principal.credential.bound_org().is_none() {
+            return Ok(Introspector::Anyone);
+        }
+        let org = actor.org_id.ok_or_else(OAuthError::invalid_client)?;
+        let allowed = actor.has_scope(Scope::TokensIntrospect) && actor.require_role(org, Role::Admin).is_ok();
+        return if allowed { Ok(Introspector::Org(org)) } else { Err(OAuthError::invalid_client()) };
+    }
+    let client = authenticate_client(state, headers, form).await?;
+    Ok(Introspector::Org(client.org_id))
+}
+
+/// RFC 7662 introspection. Anything but an active token of the caller's organization is
+/// `{"active": false}`.
+#[utoipa::path(post, path = "/api/v1/token/introspect", tag = "oauth",
+    request_body(content_type = "application/x-www-form-urlencoded", description = "token, token_type_hint"),
+    security(("client_secret_basic" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "`active` plus the claims of an active token", body = Value),
+        (status = 400, body = OAuthErrorBody),
+        (status = 401, body = OAuthErrorBody)))]
+pub(super) async fn introspect(
+    State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthError> {
+    let form = parse_form(&headers, &body)?;
+    let who = introspector(&state, &headers, &form, actor.as_ref().map(|a| &a.0)).await?;
+    let token = form.params.get("token").ok_or_else(|| OAuthError::invalid_request("token is required."))?;
+    let claims = live_claims(&state, token).await?;
+    let visible = claims.filter(|c| match who {
+        Introspector::Anyone => true,
+        Introspector::Org(org) => c.org_id == org,
+    });
+    let body = match visible {
+        None => json!({ "active": false }),
+        Some(c) => {
+            let mut v = serde_json::to_value(&*c).unwrap_or_else(|_| json!({}));
+            v["active"] = json!(true);
+            v["token_type"] = json!("Bearer");
+            v
+        }
+    };
+    let mut response = Json(body).into_response();
+    no_store(response.headers_mut());
+    Ok(response)
+}
+
+/// RFC 7009 revocation: a client revokes its own tokens. Unknown tokens (and tokens of other
+/// clients, which are left alone) get the same 200.
+#[utoipa::path(post, path = "/api/v1/token/revoke", tag = "oauth",
+    request_body(content_type = "application/x-www-form-urlencoded", description = "token, token_type_hint"),
+    security(("client_secret_basic" = [])),
+    responses(
+        (status = 200, description = "Revoked, or nothing to revoke"),
+        (status = 400, body = OAuthErrorBody),
+        (status = 401, body = OAuthErrorBody)))]
+pub(super) async fn revoke(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthError> {
+    let form = parse_form(&headers, &body)?;
+    let client = authenticate_client(&state, &headers, &form).await?;
+    let token = form.params.get("token").ok_or_else(|| OAuthError::invalid_request("token is required."))?;
+    if let Some(c) = live_claims(&state, token).await?
+        && c.client_id == client.client_id
+    {
+        let mut tx = state.db().begin().await?;
+        revocation::revoke_jti(&mut tx, c.jti, c.org_id, c.exp).await?;
+        tx.commit().await?;
+        revocation::announce(&state, Announced::Jti { jti: c.jti, exp: c.exp }).await;
+    }
+    let mut response = StatusCode::OK.into_response();
+    no_store(response.headers_mut());
+    Ok(response)
+}
+
+fn metadata(state: &AppState) -> Value {
+    let cfg = state.config();
+    let base = &cfg.server.public_url;
+    let alg = state.keys().current().map(|k| k.active.algorithm.as_str()).unwrap_or("ES256");
+    let scopes: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+    json!({
+        "issuer": base,
+        "token_endpoint": format!("{base}/api/v1/token"),
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
+        "introspection_endpoint": format!("{base}/api/v1/token/introspect"),
+        "revocation_endpoint": format!("{base}/api/v1/token/revoke"),
+        "grant_types_supported": ["client_credentials"],
+        "response_types_supported": [],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "scopes_supported": scopes,
+        "access_token_signing_alg_values_supported": [alg],
+        "id_token_signing_alg_values_supported": [alg],
+        "subject_types_supported": ["public"],
+        "service_documentation": format!("{base}/docs/"),
+    })
+}
+
+/// RFC 8414 authorization server metadata.
+#[utoipa::path(get, path = "/.well-known/oauth-authorization-server", tag = "oauth",
+    responses((status = 200, description = "RFC 8414 metadata", body = Value)))]
+pub(super) async fn as_metadata(State(state): State<AppState>) -> Json<Value> {
+    Json(metadata(&state))
+}
+
+/// OpenID Connect discovery (the same metadata, for clients that look here).
+#[utoipa::path(get, path = "/.well-known/openid-configuration", tag = "oauth",
+    responses((status = 200, description = "Discovery metadata", body = Value)))]
+pub(super) async fn openid_configuration(State(state): State<AppState>) -> Json<Value> {
+    Json(metadata(&state))
+}
+
+/// RFC 9728 protected resource metadata.
+#[utoipa::path(get, path = "/.well-known/oauth-protected-resource", tag = "oauth",
+    responses((status = 200, description = "RFC 9728 metadata", body = Value)))]
+pub(super) async fn protected_resource(State(state): State<AppState>) -> Json<Value> {
+    let cfg = state.config();
+    let base = &cfg.server.public_url;
+    let alg = state.keys().current().map(|k| k.active.algorithm.as_str()).unwrap_or("ES256");
+    let scopes: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+    Json(json!({
+        "resource": cfg.audience(),
+        "authorization_servers": [base],
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
+        "bearer_methods_supported": ["header"],
+        "scopes_supported": scopes,
+        "resource_signing_alg_values_supported": [alg],
+        "resource_documentation": format!("{base}/docs/"),
+    }))
+}
+
+/// The public keys that verify our tokens: the active key and every retired key still needed.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "oauth",
+    responses((status = 200, description = "RFC 7517 JSON Web Key Set", body = Value)))]
+pub(super) async fn jwks(State(state): State<AppState>) -> Response {
+    let keys = state.keys().current().map(|k| k.jwks.clone()).unwrap_or_else(|| Arc::new(json!({ "keys": [] })));
+    let mut response = Json(&*keys).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    response
+}
