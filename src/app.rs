@@ -32,14 +32,30 @@ struct Inner {
     listener_is_tls: bool,
     auth: AuthState,
     keys: KeyRing,
+    policy: crate::policy::Engine,
+    decisions: tokio::sync::mpsc::Sender<crate::policy::LoggedDecision>,
+    decisions_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>>>,
 }
 
 impl AppState {
-    pub fn new(config: Config, db: PgPool, redis: Redis) -> Self {
+    pub fn new(config: Config, db: PgPool, redis: Redis) -> anyhow::Result<Self> {
         let listener_is_tls = config.tls.enabled();
         let auth = AuthState::new(&config.auth);
         let keys = KeyRing::new(config.kek());
-        Self(Arc::new(Inner { config, db, redis, metrics: telemetry::metrics_handle(), listener_is_tls, auth, keys }))
+        let policy = crate::policy::Engine::new()?;
+        let (decisions, rx) = tokio::sync::mpsc::channel(config.policy.log_queue_capacity);
+        Ok(Self(Arc::new(Inner {
+            config,
+            db,
+            redis,
+            metrics: telemetry::metrics_handle(),
+            listener_is_tls,
+            auth,
+            keys,
+            policy,
+            decisions,
+            decisions_rx: std::sync::Mutex::new(Some(rx)),
+        })))
     }
     pub fn config(&self) -> &Config {
         &self.0.config
@@ -59,6 +75,13 @@ impl AppState {
     pub fn keys(&self) -> &KeyRing {
         &self.0.keys
     }
+    pub fn policy(&self) -> &crate::policy::Engine {
+        &self.0.policy
+    }
+    /// Where decisions queue for the decision log.
+    pub fn decision_log(&self) -> &tokio::sync::mpsc::Sender<crate::policy::LoggedDecision> {
+        &self.0.decisions
+    }
     /// Whether our own listener speaks TLS (proxies may still tell us otherwise).
     pub fn listener_is_tls(&self) -> bool {
         self.0.listener_is_tls
@@ -71,6 +94,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(http::ops::router())
         .merge(crate::auth::router())
         .merge(crate::audit::router())
+        .merge(crate::policy::router())
 }
 
 /// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
@@ -126,11 +150,13 @@ impl Application {
                  Never run like this in production (server.environment = \"production\" refuses to)."
             );
         }
-        let state = AppState::new(config, db, redis);
+        let state = AppState::new(config, db, redis)?;
         let cfg = state.config();
         state.keys().ensure(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs).await?;
         // Revocations made before this instance started.
         state.auth().revocations.sync(state.db(), state.redis(), cfg.auth.access_token_ttl_secs as i64).await?;
+        // Every organization's active policies.
+        crate::policy::sync_all(&state).await?;
         Ok(Self { state, listener, tls })
     }
 
@@ -173,6 +199,10 @@ impl Application {
 /// Background work of one instance: cache invalidations from other instances, batched writes.
 fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
     let subscriber = tokio::spawn(crate::auth::credentials::run_subscriber(state.clone()));
+    let rx = state.0.decisions_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let writer = rx.map(|rx| {
+        tokio::spawn(crate::policy::run_decision_writer(state.db().clone(), rx, state.config().policy.log_batch_size))
+    });
     let state = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(15));
@@ -180,8 +210,8 @@ fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             ticks += 1;
-            if subscriber.is_finished() {
-                tracing::error!("change subscriber stopped");
+            if subscriber.is_finished() || writer.as_ref().is_some_and(|w| w.is_finished()) {
+                tracing::error!("a background task stopped");
             }
             state.auth().last_used.flush(state.db()).await;
             // Safety net under pub/sub: re-read revocations every 30 s.
@@ -189,6 +219,9 @@ fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
                 let ttl = state.config().auth.access_token_ttl_secs as i64;
                 if let Err(e) = state.auth().revocations.sync(state.db(), state.redis(), ttl).await {
                     tracing::warn!(error = %e, "revocation sync failed");
+                }
+                if let Err(e) = crate::policy::sync_all(&state).await {
+                    tracing::warn!(error = %e, "policy sync failed");
                 }
             }
             // Scheduled key rotation, checked every 15 minutes.

@@ -27,6 +27,15 @@ pub struct Config {
     pub redis: RedisConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub permit_sample_rate: f64,
+    pub log_batch_size: usize,
+    pub log_queue_capacity: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -319,6 +328,16 @@ impl Config {
             if !(r.starts_with("https://") || r.starts_with("http://")) {
                 return Err(invalid("auth.allowed_resources", format!("{r:?} is not an absolute http(s) URI")));
             }
+        }
+        let p = &self.policy;
+        if !(0.0..=1.0).contains(&p.permit_sample_rate) {
+            return Err(invalid("policy.permit_sample_rate", "must be between 0.0 and 1.0"));
+        }
+        if p.log_batch_size == 0 || p.log_queue_capacity < p.log_batch_size {
+            return Err(invalid(
+                "policy.log_queue_capacity",
+                "must be at least policy.log_batch_size, which must be at least 1",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "is not a valid filter such as \"info\" or \"info,sqlx=warn\""));

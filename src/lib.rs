@@ -8,6 +8,7 @@
 //! - [`http`]: the middleware stack in request order, extractors, `ApiError`, operations routes, OpenAPI.
 //! - [`auth`]: organizations, humans, memberships, sessions, API keys, bootstrap.
 //! - [`audit`]: the per-organization hash-chained audit log.
+//! - [`policy`]: the Cedar decision point, the per-route policy table and layer, the decision log.
 //! - [`crypto`]: random secrets, hashing, password hashing.
 //! - [`cli`]: the `agentidp` command line.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod http;
+pub mod policy;
 pub mod redis;
 pub mod telemetry;
 

@@ -90,6 +90,9 @@ scopes! {
     TokensIntrospect => "tokens:introspect",
     TokensRevoke => "tokens:revoke",
     KeysManage => "keys:manage",
+    PoliciesRead => "policies:read",
+    PoliciesWrite => "policies:write",
+    PdpEvaluate => "pdp:evaluate",
 }
 
 /// The authenticated caller of this request.

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use validator::{Validate, ValidationError};
 
 use super::{
-    actor::{Actor, Role, Scope},
+    actor::{Actor, Role},
     credentials,
     revocation::{self, Announced, Subject},
 };
@@ -24,6 +24,7 @@ use crate::{
         error::Problem,
         extract::{ApiPath, ApiQuery, ValidatedJson},
     },
+    policy::Resource,
 };
 
 pub const CLIENT_SECRET_PREFIX: &str = "aidp_cs_";
@@ -195,15 +196,11 @@ async fn fetch_agent(conn: &mut PgConnection, org_id: Uuid, id: Uuid, lock: bool
     row.ok_or(ApiError::NotFound)
 }
 
-/// Managing an agent: its owner, or an owner/admin of its organization.
-fn require_manage(actor: &Actor, org_id: Uuid, owner_id: Uuid) -> ApiResult<()> {
-    actor.require_scope(Scope::AgentsWrite)?;
-    actor.require_role(org_id, Role::Member)?;
-    if actor.user_id() == owner_id || actor.require_role(org_id, Role::Admin).is_ok() {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("not_agent_owner", "Only the agent's owner or an organization admin may do this."))
-    }
+/// The policy decision on a loaded agent (its owner, or an owner/admin of its organization, in the
+/// baseline).
+fn require_on(state: &AppState, actor: &Actor, action: &str, agent: &AgentRow) -> ApiResult<()> {
+    let resource = Resource::Agent { org_id: agent.organization_id, owner_id: Some(agent.owner_id) };
+    crate::policy::require(state, actor, action, resource, agent.agent_id)
 }
 
 async fn require_member(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) -> ApiResult<()> {
@@ -247,9 +244,7 @@ pub(super) async fn create_agent(
     actor: Actor,
     ValidatedJson(req): ValidatedJson<CreateAgent>,
 ) -> ApiResult<(StatusCode, Json<Agent>)> {
-    actor.require_scope(Scope::AgentsWrite)?;
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let owner_id = req.owner_id.unwrap_or(actor.user_id());
     if owner_id != actor.user_id() {
         actor.require_role(org_id, Role::Admin)?;
@@ -290,9 +285,7 @@ pub(super) async fn list_agents(
     actor: Actor,
     ApiQuery(q): ApiQuery<AgentQuery>,
 ) -> ApiResult<Json<AgentPage>> {
-    actor.require_scope(Scope::AgentsRead)?;
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
         return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 200"));
@@ -336,9 +329,7 @@ pub(super) async fn get_agent(
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Agent>> {
-    actor.require_scope(Scope::AgentsRead)?;
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let mut conn = state.db().acquire().await?;
     Ok(Json(fetch_agent(&mut conn, org_id, id, false).await?.into()))
 }
@@ -354,10 +345,9 @@ pub(super) async fn update_agent(
     ValidatedJson(req): ValidatedJson<UpdateAgent>,
 ) -> ApiResult<Json<Agent>> {
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let mut tx = state.db().begin().await?;
     let old = fetch_agent(&mut tx, org_id, id, true).await?;
-    require_manage(&actor, org_id, old.owner_id)?;
+    require_on(&state, &actor, "update", &old)?;
     if let Some(owner) = req.owner_id
         && owner != old.owner_id
     {
@@ -413,11 +403,10 @@ pub(super) async fn delete_agent(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     forget_clients(&state, id).await?;
     let mut tx = state.db().begin().await?;
     let old = fetch_agent(&mut tx, org_id, id, true).await?;
-    require_manage(&actor, org_id, old.owner_id)?;
+    require_on(&state, &actor, "delete", &old)?;
     let announced = revoke_subject(&mut tx, Subject::Agent(id)).await?;
     sqlx::query!("delete from agent where agent_id = $1", id).execute(&mut *tx).await?;
     audit::record(
@@ -465,10 +454,9 @@ pub(super) async fn create_credential(
     ApiPath(agent_id): ApiPath<Uuid>,
 ) -> ApiResult<(StatusCode, Json<CreatedCredential>)> {
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let mut tx = state.db().begin().await?;
     let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
-    require_manage(&actor, org_id, agent.owner_id)?;
+    require_on(&state, &actor, "manage", &agent)?;
     let id = Uuid::now_v7();
     let client_id =
         crypto::random_token(CLIENT_ID_PREFIX).chars().take(CLIENT_ID_PREFIX.len() + 22).collect::<String>();
@@ -507,9 +495,7 @@ pub(super) async fn list_credentials(
     actor: Actor,
     ApiPath(agent_id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Vec<CredentialInfo>>> {
-    actor.require_scope(Scope::AgentsRead)?;
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let mut conn = state.db().acquire().await?;
     fetch_agent(&mut conn, org_id, agent_id, false).await?;
     let rows = sqlx::query!(
@@ -557,10 +543,9 @@ pub(super) async fn revoke_credential(
     ApiPath((agent_id, id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<StatusCode> {
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let mut tx = state.db().begin().await?;
     let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
-    require_manage(&actor, org_id, agent.owner_id)?;
+    require_on(&state, &actor, "manage", &agent)?;
     let client_id = fetch_credential(&mut tx, org_id, agent_id, id).await?;
     sqlx::query!("update agent_credential set revoked_at = now() where credential_id = $1", id)
         .execute(&mut *tx)
@@ -585,10 +570,9 @@ pub(super) async fn rotate_credential(
     ApiPath((agent_id, id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<CreatedCredential>> {
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let mut tx = state.db().begin().await?;
     let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
-    require_manage(&actor, org_id, agent.owner_id)?;
+    require_on(&state, &actor, "manage", &agent)?;
     let client_id = fetch_credential(&mut tx, org_id, agent_id, id).await?;
     let secret = crypto::random_token(CLIENT_SECRET_PREFIX);
     let overlap = state.config().auth.client_secret_rotation_overlap_secs as f64;
@@ -647,11 +631,10 @@ pub(super) async fn revoke_agent_tokens(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<BulkRevocation>> {
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let mut conn = state.db().acquire().await?;
     let agent = fetch_agent(&mut conn, org_id, id, false).await?;
     drop(conn);
-    require_manage(&actor, org_id, agent.owner_id)?;
+    require_on(&state, &actor, "revoke_tokens", &agent)?;
     bulk(&state, &actor, org_id, Subject::Agent(id)).await
 }
 
@@ -666,10 +649,9 @@ pub(super) async fn revoke_credential_tokens(
     ApiPath((agent_id, id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<BulkRevocation>> {
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let mut tx = state.db().begin().await?;
     let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
-    require_manage(&actor, org_id, agent.owner_id)?;
+    require_on(&state, &actor, "revoke_tokens", &agent)?;
     fetch_credential(&mut tx, org_id, agent_id, id).await?;
     tx.commit().await?;
     bulk(&state, &actor, org_id, Subject::Credential(id)).await
@@ -684,8 +666,6 @@ pub(super) async fn revoke_org_tokens(
     actor: Actor,
     ApiPath(org_id): ApiPath<Uuid>,
 ) -> ApiResult<Json<BulkRevocation>> {
-    actor.require_scope(Scope::TokensRevoke)?;
-    actor.require_role(org_id, Role::Admin)?;
     bulk(&state, &actor, org_id, Subject::Org(org_id)).await
 }
 
@@ -699,11 +679,7 @@ pub struct RotatedKey {
 #[utoipa::path(post, path = "/api/v1/keys/rotate", tag = "oauth",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = RotatedKey), (status = 403, body = Problem)))]
-pub(super) async fn rotate_keys(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<RotatedKey>> {
-    actor.require_scope(Scope::KeysManage)?;
-    if !actor.is_system_admin() {
-        return Err(ApiError::forbidden("system_admin_required", "Only system admins rotate signing keys."));
-    }
+pub(super) async fn rotate_keys(State(state): State<AppState>, _actor: Actor) -> ApiResult<Json<RotatedKey>> {
     let cfg = state.config();
     let kid = state.keys().rotate(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs).await?;
     credentials::publish(state.redis(), "keys").await;

@@ -343,6 +343,7 @@ pub async fn run_subscriber(state: crate::app::AppState) {
             auth.clients.clear();
             auth.revocations.sync(state.db(), state.redis(), max_ttl).await?;
             state.keys().load(state.db()).await?;
+            crate::policy::sync_all(&state).await?;
             auth.revocations.set_live(true);
             let mut stream = pubsub.on_message();
             while let Some(msg) = stream.next().await {
@@ -350,6 +351,10 @@ pub async fn run_subscriber(state: crate::app::AppState) {
                 if text == "keys" {
                     if let Err(e) = state.keys().load(state.db()).await {
                         tracing::warn!(error = %e, "reloading signing keys failed");
+                    }
+                } else if let Some(org) = text.strip_prefix("policy:").and_then(|o| o.parse().ok()) {
+                    if let Err(e) = crate::policy::reload_org(&state, org).await {
+                        tracing::warn!(error = %e, "reloading an organization's policies failed");
                     }
                 } else if let Some(client_id) = text.strip_prefix("client:") {
                     auth.clients.remove(client_id);

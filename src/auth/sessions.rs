@@ -213,9 +213,7 @@ pub(super) async fn create_api_key(
     actor: Actor,
     ValidatedJson(req): ValidatedJson<CreateApiKey>,
 ) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
-    actor.require_scope(Scope::ApiKeysWrite)?;
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let scopes: Vec<Scope> = match &req.scopes {
         None => actor.scopes().map(|s| s.to_vec()).unwrap_or_else(|| Scope::ALL.to_vec()),
         Some(names) => {
@@ -284,9 +282,7 @@ pub(super) async fn create_api_key(
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Vec<ApiKeyInfo>), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub(super) async fn list_api_keys(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<Vec<ApiKeyInfo>>> {
-    actor.require_scope(Scope::ApiKeysRead)?;
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
     let see_all = actor.require_role(org_id, Role::Admin).is_ok();
     let rows = sqlx::query!(
         "select api_key_id, prefix, description, scopes, created_by, created_at, expires_at, last_used_at
@@ -324,23 +320,27 @@ pub(super) async fn delete_api_key(
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
-    actor.require_scope(Scope::ApiKeysWrite)?;
     let org_id = actor.current_org()?;
-    actor.require_role(org_id, Role::Member)?;
-    let admin = actor.require_role(org_id, Role::Admin).is_ok();
     let mut tx = state.db().begin().await?;
-    let row = sqlx::query!(
-        "update api_key set revoked_at = now()
-         where api_key_id = $1 and organization_id = $2 and revoked_at is null and ($3 or created_by = $4)
-         returning key_hash, prefix",
+    let created_by = sqlx::query_scalar!(
+        "select created_by from api_key where api_key_id = $1 and organization_id = $2 and revoked_at is null for update",
         id,
-        org_id,
-        admin,
-        actor.user_id()
+        org_id
     )
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound)?;
+    crate::policy::require(
+        &state,
+        &actor,
+        "delete",
+        crate::policy::Resource::ApiKey { org_id, created_by: format!("user:{created_by}") },
+        id,
+    )?;
+    let row =
+        sqlx::query!("update api_key set revoked_at = now() where api_key_id = $1 returning key_hash, prefix", id)
+            .fetch_one(&mut *tx)
+            .await?;
     audit::record(
         &mut tx,
         Event::by(&actor, org_id, "api_key.deleted").target("api_key", id).details(json!({ "prefix": row.prefix })),

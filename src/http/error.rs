@@ -49,6 +49,9 @@ pub enum ApiError {
     /// 500: anything unexpected; the cause is logged, never sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+    /// A 4xx with field-level errors (e.g. a policy that does not validate: 400 with diagnostics).
+    #[error("{detail}")]
+    Invalid { status: StatusCode, code: &'static str, detail: Cow<'static, str>, errors: Vec<FieldError> },
     /// Any other status with a code and detail (used for rejections from the framework).
     #[error("{detail}")]
     Status { status: StatusCode, code: &'static str, detail: Cow<'static, str> },
@@ -113,7 +116,7 @@ impl ApiError {
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Status { status, .. } => *status,
+            Self::Status { status, .. } | Self::Invalid { status, .. } => *status,
         }
     }
 }
@@ -190,6 +193,7 @@ impl IntoResponse for ApiError {
                 (code.into(), detail.into_owned(), None)
             }
             Self::Status { code, detail, .. } => (code.into(), detail.into_owned(), None),
+            Self::Invalid { code, detail, errors, .. } => (code.into(), detail.into_owned(), Some(errors)),
             Self::Unauthorized { detail, challenge } => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
                 ("unauthorized".into(), detail.into_owned(), None)

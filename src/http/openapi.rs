@@ -25,6 +25,7 @@ use super::error::{FieldError, Problem};
         (name = "organizations", description = "Organizations and their members"),
         (name = "audit", description = "The tamper-evident audit log"),
         (name = "agents", description = "The agent registry and agents' client credentials"),
+        (name = "policy", description = "The policy decision point, policy versions, dry runs"),
         (name = "oauth", description = "The OAuth 2.0 authorization server: tokens, introspection, revocation, metadata, keys"),
     )
 )]

@@ -6,3 +6,4 @@ mod audit;
 mod foundation;
 mod identity;
 mod oauth;
+mod policy;

@@ -99,7 +99,7 @@ async fn agent_registry_crud_filters_and_isolation() {
     app.add_member(&admin, &admin.org_id, "dev@acme.test", "member").await;
     let dev = app.sign_in("dev@acme.test", crate::helpers::PASSWORD).await;
     let resp = app.as_(&dev, Method::DELETE, &format!("/api/v1/agents/{id}")).send().await.unwrap();
-    assert_problem(resp, StatusCode::FORBIDDEN, "not_agent_owner").await;
+    assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_role").await;
 
     // Bad input.
     for body in [

@@ -45,7 +45,7 @@ pub fn stack(router: Router<AppState>, state: &AppState) -> Router<AppState> {
         .layer(from_fn(metering::layer))
         .layer(from_fn(tier::layer))
         .layer(from_fn_with_state(state.clone(), auth::layer))
-        .layer(from_fn(policy::layer))
+        .layer(from_fn_with_state(state.clone(), policy::layer))
         // Innermost, because it changes the body type the handler reads.
         .layer(DefaultBodyLimit::max(cfg.server.body_limit_bytes))
         .layer(RequestBodyLimitLayer::new(cfg.server.body_limit_bytes));

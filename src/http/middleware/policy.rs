@@ -1,10 +1,6 @@
-//! Layer 6, policy: asks the policy decision point about the route's declared action and resource.
-//!
-//! Pass-through for now: the policy issue fills it in (403 problem+json carrying the reason; every
-//! decision logged).
+//! Layer 6, policy: every protected route declares its action, resource type and scope in
+//! [`crate::policy::routes::RULES`]; this layer asks the decision point before the handler runs
+//! (handlers that must load the resource first call [`crate::policy::require`]). A deny is 403
+//! problem+json carrying the policy's reason; a resource in another organization is 404.
 
-use axum::{extract::Request, middleware::Next, response::Response};
-
-pub async fn layer(req: Request, next: Next) -> Response {
-    next.run(req).await
-}
+pub use crate::policy::routes::layer;

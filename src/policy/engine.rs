@@ -1,0 +1,398 @@
+//! The Cedar engine: the schema and baseline compiled in, each organization's active version
+//! combined with the baseline, and evaluation of one request.
+
+use std::{
+    collections::{HashMap, HashSet},
+    str::FromStr,
+    sync::{Arc, RwLock},
+};
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// The schema, in Cedar's schema syntax.
+pub const SCHEMA: &str = include_str!("../../config/policies/schema.cedarschema");
+/// The baseline policies every organization gets.
+pub const BASELINE: &str = include_str!("../../config/policies/baseline.cedar");
+
+/// What a resource is, with the attributes its policies read.
+#[derive(Debug, Clone)]
+pub enum Resource {
+    Organization { org_id: Uuid },
+    Agent { org_id: Uuid, owner_id: Option<Uuid> },
+    ApiKey { org_id: Uuid, created_by: String },
+    AuditLog { org_id: Uuid },
+    PolicySet { org_id: Uuid },
+    Channel { org_id: Uuid, members: Vec<String> },
+    Tool { org_id: Uuid, allowed_agents: Vec<String> },
+    UsageReport { org_id: Uuid, subject_id: String },
+    Platform,
+}
+
+impl Resource {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Organization { .. } => "Organization",
+            Self::Agent { .. } => "Agent",
+            Self::ApiKey { .. } => "ApiKey",
+            Self::AuditLog { .. } => "AuditLog",
+            Self::PolicySet { .. } => "PolicySet",
+            Self::Channel { .. } => "Channel",
+            Self::Tool { .. } => "Tool",
+            Self::UsageReport { .. } => "UsageReport",
+            Self::Platform => "Platform",
+        }
+    }
+
+    pub fn org_id(&self) -> Option<Uuid> {
+        match self {
+            Self::Organization { org_id }
+            | Self::Agent { org_id, .. }
+            | Self::ApiKey { org_id, .. }
+            | Self::AuditLog { org_id }
+            | Self::PolicySet { org_id }
+            | Self::Channel { org_id, .. }
+            | Self::Tool { org_id, .. }
+            | Self::UsageReport { org_id, .. } => Some(*org_id),
+            Self::Platform => None,
+        }
+    }
+
+    fn attrs(&self) -> HashMap<String, RestrictedExpression> {
+        let s = |v: String| RestrictedExpression::new_string(v);
+        let set = |v: &[String]| RestrictedExpression::new_set(v.iter().map(|x| s(x.clone())));
+        let mut attrs = HashMap::new();
+        if let Some(org) = self.org_id() {
+            attrs.insert("org_id".to_owned(), s(org.to_string()));
+        }
+        match self {
+            Self::Agent { owner_id: Some(o), .. } => {
+                attrs.insert("owner_id".into(), s(format!("user:{o}")));
+            }
+            Self::ApiKey { created_by, .. } => {
+                attrs.insert("created_by".into(), s(created_by.clone()));
+            }
+            Self::Channel { members, .. } => {
+                attrs.insert("members".into(), set(members));
+            }
+            Self::Tool { allowed_agents, .. } => {
+                attrs.insert("allowed_agents".into(), set(allowed_agents));
+            }
+            Self::UsageReport { subject_id, .. } => {
+                attrs.insert("subject_id".into(), s(subject_id.clone()));
+            }
+            _ => {}
+        }
+        attrs
+    }
+}
+
+/// Everything the engine needs to decide one request.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// `user:<uuid>`, `agent:<uuid>` or `service:<uuid>`.
+    pub actor_id: String,
+    /// `human`, `agent` or `service`.
+    pub actor_type: String,
+    pub system_admin: bool,
+    /// `owner`, `admin`, `member`, `agent` or `none`, in the resource's organization.
+    pub org_role: String,
+    /// `None`: the credential is not limited by scopes.
+    pub scopes: Option<Vec<String>>,
+    pub required_scope: String,
+    pub action: String,
+    pub resource: Resource,
+    pub resource_id: String,
+}
+
+/// A decision, as the API reports it.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Decision {
+    /// `permit` or `deny`.
+    pub effect: &'static str,
+    /// A short machine string from the determining policy's `@reason`.
+    pub reason: String,
+    pub decision_id: Uuid,
+    /// `baseline:<hash>`, plus `+org:v<N>` when the organization has an active version.
+    pub policy_version: String,
+    pub determining_policies: Vec<String>,
+}
+
+impl Decision {
+    pub fn permitted(&self) -> bool {
+        self.effect == "permit"
+    }
+}
+
+/// Why a request could not be evaluated: the caller sent something the schema does not allow.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct QueryError(pub String);
+
+/// An organization's active policies, combined with the baseline.
+struct OrgPolicies {
+    set: PolicySet,
+    version: i32,
+}
+
+/// The decision point: schema, baseline and each organization's active version.
+pub struct Engine {
+    schema: Schema,
+    baseline: PolicySet,
+    baseline_version: String,
+    orgs: RwLock<HashMap<Uuid, Arc<OrgPolicies>>>,
+    authorizer: Authorizer,
+}
+
+/// Parses policy text, giving each policy the id `<prefix><@id annotation or index>`.
+fn parse_policies(source: &str, prefix: &str) -> Result<Vec<Policy>, String> {
+    let parsed = PolicySet::from_str(source).map_err(|e| diagnostics(&e, source))?;
+    let mut out = Vec::new();
+    for (i, p) in parsed.policies().enumerate() {
+        let name = p.annotation("id").map(str::to_owned).unwrap_or_else(|| format!("policy{i}"));
+        out.push(p.new_id(PolicyId::new(format!("{prefix}{name}"))));
+    }
+    if parsed.templates().next().is_some() {
+        return Err("policy templates are not supported here".into());
+    }
+    Ok(out)
+}
+
+/// Cedar's errors with their positions (line:column), one per line.
+fn diagnostics(e: &dyn miette::Diagnostic, source: &str) -> String {
+    let mut lines = vec![e.to_string()];
+    if let Some(labels) = e.labels() {
+        for l in labels {
+            let (line, col) = position(source, l.offset());
+            lines.push(format!("at {line}:{col}: {}", l.label().unwrap_or("here")));
+        }
+    }
+    if let Some(related) = e.related() {
+        for r in related {
+            lines.push(diagnostics(r, source));
+        }
+    }
+    if let Some(help) = e.help() {
+        lines.push(format!("help: {help}"));
+    }
+    lines.join("\n")
+}
+
+fn position(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, col)
+}
+
+impl Engine {
+    /// Compiles the built-in schema and baseline; a mistake in either is a programming error
+    /// caught by the unit tests, so start-up reports it rather than panicking.
+    pub fn new() -> anyhow::Result<Self> {
+        let (schema, _) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| anyhow::anyhow!("schema: {e}"))?;
+        let mut baseline = PolicySet::new();
+        for p in parse_policies(BASELINE, "baseline.").map_err(|e| anyhow::anyhow!("baseline: {e}"))? {
+            baseline.add(p)?;
+        }
+        let result = Validator::new(schema.clone()).validate(&baseline, ValidationMode::Strict);
+        if !result.validation_passed() {
+            let errors: Vec<String> = result.validation_errors().map(|e| e.to_string()).collect();
+            anyhow::bail!("baseline does not validate: {}", errors.join("; "));
+        }
+        let hash = hex::encode(Sha256::digest(BASELINE.as_bytes()));
+        Ok(Self {
+            schema,
+            baseline,
+            baseline_version: format!("baseline:{}", &hash[..12]),
+            orgs: RwLock::new(HashMap::new()),
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    /// Parses and validates an organization's policy text against the schema; errors carry
+    /// Cedar's diagnostics with line:column positions.
+    pub fn compile(&self, source: &str) -> Result<PolicySet, Vec<String>> {
+        let policies = parse_policies(source, "org.").map_err(|e| vec![e])?;
+        let mut combined = self.baseline.clone();
+        for p in policies {
+            combined.add(p).map_err(|e| vec![format!("{e}")])?;
+        }
+        let result = Validator::new(self.schema.clone()).validate(&combined, ValidationMode::Strict);
+        if result.validation_passed() {
+            Ok(combined)
+        } else {
+            Err(result.validation_errors().map(|e| diagnostics(e, source)).collect())
+        }
+    }
+
+    /// Installs an organization's active version (or removes it with `None`).
+    pub fn install(&self, org_id: Uuid, active: Option<(i32, PolicySet)>) {
+        let mut orgs = self.orgs.write().unwrap_or_else(|e| e.into_inner());
+        match active {
+            Some((version, set)) => {
+                orgs.insert(org_id, Arc::new(OrgPolicies { set, version }));
+            }
+            None => {
+                orgs.remove(&org_id);
+            }
+        }
+    }
+
+    /// The installed version per organization, to compare with the database.
+    pub fn installed(&self) -> HashMap<Uuid, i32> {
+        self.orgs.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (*k, v.version)).collect()
+    }
+
+    /// Decides with the baseline plus the resource's organization's active version.
+    pub fn evaluate(&self, q: &Query) -> Result<Decision, QueryError> {
+        let org =
+            q.resource.org_id().and_then(|o| self.orgs.read().unwrap_or_else(|e| e.into_inner()).get(&o).cloned());
+        match &org {
+            Some(o) => self.evaluate_with(q, &o.set, format!("{}+org:v{}", self.baseline_version, o.version)),
+            None => self.evaluate_with(q, &self.baseline, self.baseline_version.clone()),
+        }
+    }
+
+    /// Decides against an explicit policy set (a draft's dry run).
+    pub fn evaluate_with(&self, q: &Query, set: &PolicySet, version: String) -> Result<Decision, QueryError> {
+        let bad = |e: &dyn std::fmt::Display| QueryError(e.to_string());
+        let uid = |ty: &str, id: &str| -> Result<EntityUid, QueryError> {
+            let name = EntityTypeName::from_str(&format!("AgentIdP::{ty}")).map_err(|e| bad(&e))?;
+            Ok(EntityUid::from_type_name_and_id(name, EntityId::new(id)))
+        };
+        let principal_type = match q.actor_type.as_str() {
+            "human" => "User",
+            "agent" => "Agent",
+            "service" => "Service",
+            other => return Err(QueryError(format!("unknown actor_type {other:?}"))),
+        };
+        let principal = uid(principal_type, &q.actor_id)?;
+        let action = EntityUid::from_str(&format!("AgentIdP::Action::{:?}", q.action)).map_err(|e| bad(&e))?;
+        let resource = uid(q.resource.type_name(), &q.resource_id)?;
+        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let context = Context::from_pairs([
+            ("actor_id".to_owned(), s(&q.actor_id)),
+            ("actor_type".to_owned(), s(&q.actor_type)),
+            ("system_admin".to_owned(), RestrictedExpression::new_bool(q.system_admin)),
+            ("org_role".to_owned(), s(&q.org_role)),
+            ("scoped".to_owned(), RestrictedExpression::new_bool(q.scopes.is_some())),
+            ("scopes".to_owned(), RestrictedExpression::new_set(q.scopes.iter().flatten().map(|v| s(v)))),
+            ("required_scope".to_owned(), s(&q.required_scope)),
+        ])
+        .map_err(|e| bad(&e))?;
+        let request = Request::new(principal.clone(), action, resource.clone(), context, Some(&self.schema))
+            .map_err(|e| QueryError(format!("the request does not fit the schema: {e}")))?;
+        let mut entities = vec![Entity::new(resource, q.resource.attrs(), HashSet::new()).map_err(|e| bad(&e))?];
+        // An agent acting on itself is one entity, described by its resource attributes.
+        if principal != entities[0].uid() {
+            entities.push(Entity::new_no_attrs(principal, HashSet::new()));
+        }
+        let entities = Entities::from_entities(entities, Some(&self.schema))
+            .map_err(|e| QueryError(format!("the resource does not fit the schema: {e}")))?;
+        let response = self.authorizer.is_authorized(&request, set, &entities);
+        let mut determining: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
+        determining.sort();
+        let permit = response.decision() == CedarDecision::Allow;
+        let reason = determining
+            .iter()
+            .find_map(|id| set.policy(&PolicyId::new(id)).and_then(|p| p.annotation("reason")).map(str::to_owned))
+            .unwrap_or_else(|| {
+                // No policy decided: default deny. Say whether a higher role would have helped.
+                if response.diagnostics().errors().next().is_some() {
+                    "evaluation_error"
+                } else if q.org_role == "none" {
+                    "not_permitted"
+                } else {
+                    "insufficient_role"
+                }
+                .to_owned()
+            });
+        Ok(Decision {
+            effect: if permit { "permit" } else { "deny" },
+            reason,
+            decision_id: Uuid::now_v7(),
+            policy_version: version,
+            determining_policies: determining,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(org_role: &str, action: &str, resource: Resource) -> Query {
+        Query {
+            actor_id: "user:u1".into(),
+            actor_type: "human".into(),
+            system_admin: false,
+            org_role: org_role.into(),
+            scopes: None,
+            required_scope: "orgs:read".into(),
+            action: action.into(),
+            resource_id: "r1".into(),
+            resource,
+        }
+    }
+
+    #[test]
+    fn the_original_examples_hold() {
+        let e = Engine::new().unwrap();
+        let org = Resource::Organization { org_id: Uuid::nil() };
+        let d = e.evaluate(&query("owner", "manage", org.clone())).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("permit", "microdao_owner"));
+        let d = e.evaluate(&query("none", "read", org.clone())).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("deny", "not_microdao_member"));
+        let channel = Resource::Channel { org_id: Uuid::nil(), members: vec!["user:u1".into()] };
+        let d = e.evaluate(&query("member", "send_message", channel)).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("permit", "channel_member"));
+        let mut q = query(
+            "agent",
+            "execute",
+            Resource::Tool { org_id: Uuid::nil(), allowed_agents: vec!["agent:other".into()] },
+        );
+        q.actor_type = "agent".into();
+        q.actor_id = "agent:a1".into();
+        let d = e.evaluate(&q).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("deny", "tool_not_allowed"));
+        assert_eq!(d.determining_policies, vec!["baseline.tool-not-allowed".to_owned()]);
+    }
+
+    #[test]
+    fn scopes_are_part_of_the_decision() {
+        let e = Engine::new().unwrap();
+        let mut q = query("owner", "read", Resource::Organization { org_id: Uuid::nil() });
+        q.scopes = Some(vec!["audit:read".into()]);
+        let d = e.evaluate(&q).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("deny", "insufficient_scope"));
+        q.scopes = Some(vec!["orgs:read".into()]);
+        assert!(e.evaluate(&q).unwrap().permitted());
+    }
+
+    #[test]
+    fn drafts_are_validated_with_positions() {
+        let e = Engine::new().unwrap();
+        let errs = e.compile("permit(principal, action, resource) when { resource.nope == 1 };").unwrap_err();
+        assert!(errs.join(" ").contains("at 1:"), "{errs:?}");
+        let errs = e.compile("permit(principal, action,").unwrap_err();
+        assert!(!errs.is_empty());
+        assert!(e.compile("@reason(\"members_manage\") permit(principal, action == AgentIdP::Action::\"manage_members\", resource is AgentIdP::Organization) when { context.org_role == \"member\" };").is_ok());
+    }
+
+    #[test]
+    fn an_org_cannot_override_a_baseline_forbid() {
+        let e = Engine::new().unwrap();
+        let set = e.compile("@reason(\"anyone\") permit(principal, action, resource);").unwrap();
+        let org = Uuid::new_v4();
+        e.install(org, Some((1, set)));
+        let d = e.evaluate(&query("none", "read", Resource::Organization { org_id: org })).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("deny", "not_microdao_member"));
+        let d = e.evaluate(&query("member", "delete", Resource::Organization { org_id: org })).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("permit", "anyone"));
+        assert!(d.policy_version.ends_with("+org:v1"));
+    }
+}

@@ -1,0 +1,200 @@
+//! What every protected route asks of the policy decision point, declared in one table.
+//!
+//! Each entry names the route (method and template), the Cedar action, what the resource is, and
+//! the scope a scoped credential must carry. The policy layer enforces `Org` entries itself (the
+//! resource is the organization of the path or of the request); `Loaded` entries are enforced by
+//! the handler with [`super::require`] once it has loaded the resource (an agent's owner, an API
+//! key's creator). A test walks the router and fails on any protected route missing here.
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use uuid::Uuid;
+
+use super::{Resource, enforce, query_for};
+use crate::{
+    app::AppState,
+    auth::{Actor, is_public},
+    http::ApiError,
+};
+
+/// The kind of resource a route acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Organization,
+    Agent,
+    ApiKey,
+    AuditLog,
+    PolicySet,
+    Platform,
+}
+
+/// How a route is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Any authenticated caller whose credential carries the scope (e.g. `/auth/me`).
+    Authenticated,
+    /// The layer decides, on the organization-level resource.
+    Org(Kind),
+    /// The handler decides with [`super::require`] after loading the resource.
+    Loaded(Kind),
+}
+
+/// One protected route's declaration.
+#[derive(Debug, Clone, Copy)]
+pub struct Rule {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub action: &'static str,
+    pub check: Check,
+    pub scope: &'static str,
+}
+
+const fn rule(
+    method: &'static str,
+    path: &'static str,
+    action: &'static str,
+    check: Check,
+    scope: &'static str,
+) -> Rule {
+    Rule { method, path, action, check, scope }
+}
+
+use Check::{Authenticated, Loaded, Org};
+use Kind::*;
+
+/// Every protected route. Public routes are listed in [`crate::auth::PUBLIC_ROUTES`].
+pub const RULES: &[Rule] = &[
+    rule("GET", "/auth/me", "read", Authenticated, ""),
+    rule("POST", "/auth/logout", "delete", Authenticated, ""),
+    rule("POST", "/auth/api-keys", "create", Org(ApiKey), "api_keys:write"),
+    rule("GET", "/auth/api-keys", "read", Org(ApiKey), "api_keys:read"),
+    rule("DELETE", "/auth/api-keys/{id}", "delete", Loaded(ApiKey), "api_keys:write"),
+    rule("POST", "/api/v1/organizations", "administer", Org(Platform), "orgs:write"),
+    rule("GET", "/api/v1/organizations", "read", Authenticated, "orgs:read"),
+    rule("GET", "/api/v1/organizations/{id}", "read", Org(Organization), "orgs:read"),
+    rule("GET", "/api/v1/organizations/{id}/members", "read", Org(Organization), "members:read"),
+    rule("POST", "/api/v1/organizations/{id}/members", "manage_members", Org(Organization), "members:write"),
+    rule("PATCH", "/api/v1/organizations/{id}/members/{user_id}", "manage_members", Org(Organization), "members:write"),
+    rule(
+        "DELETE",
+        "/api/v1/organizations/{id}/members/{user_id}",
+        "manage_members",
+        Org(Organization),
+        "members:write",
+    ),
+    rule("POST", "/api/v1/organizations/{id}/revoke-tokens", "revoke_tokens", Org(Organization), "tokens:revoke"),
+    rule("GET", "/api/v1/audit", "read", Org(AuditLog), "audit:read"),
+    rule("GET", "/api/v1/audit/verify", "read", Org(AuditLog), "audit:read"),
+    rule("GET", "/api/v1/audit/decisions", "read", Org(AuditLog), "audit:read"),
+    rule("POST", "/api/v1/agents", "create", Org(Agent), "agents:write"),
+    rule("GET", "/api/v1/agents", "read", Org(Agent), "agents:read"),
+    rule("GET", "/api/v1/agents/{id}", "read", Org(Agent), "agents:read"),
+    rule("PATCH", "/api/v1/agents/{id}", "update", Loaded(Agent), "agents:write"),
+    rule("DELETE", "/api/v1/agents/{id}", "delete", Loaded(Agent), "agents:write"),
+    rule("GET", "/api/v1/agents/{id}/credentials", "read", Org(Agent), "agents:read"),
+    rule("POST", "/api/v1/agents/{id}/credentials", "manage", Loaded(Agent), "agents:write"),
+    rule("DELETE", "/api/v1/agents/{id}/credentials/{cred_id}", "manage", Loaded(Agent), "agents:write"),
+    rule("POST", "/api/v1/agents/{id}/credentials/{cred_id}/rotate", "manage", Loaded(Agent), "agents:write"),
+    rule(
+        "POST",
+        "/api/v1/agents/{id}/credentials/{cred_id}/revoke-tokens",
+        "revoke_tokens",
+        Loaded(Agent),
+        "tokens:revoke",
+    ),
+    rule("POST", "/api/v1/agents/{id}/revoke-tokens", "revoke_tokens", Loaded(Agent), "tokens:revoke"),
+    rule("POST", "/api/v1/keys/rotate", "administer", Org(Platform), "keys:manage"),
+    rule("POST", "/internal/pdp/evaluate", "administer", Org(Platform), "pdp:evaluate"),
+    rule("POST", "/internal/pdp/evaluate/batch", "administer", Org(Platform), "pdp:evaluate"),
+    rule("POST", "/api/v1/policies/versions", "create", Org(PolicySet), "policies:write"),
+    rule("GET", "/api/v1/policies/versions", "read", Org(PolicySet), "policies:read"),
+    rule("GET", "/api/v1/policies/versions/{version}", "read", Org(PolicySet), "policies:read"),
+    rule("POST", "/api/v1/policies/versions/{version}/test", "read", Org(PolicySet), "policies:read"),
+    rule("POST", "/api/v1/policies/versions/{version}/activate", "manage", Org(PolicySet), "policies:write"),
+    rule("POST", "/api/v1/policies/rollback", "manage", Org(PolicySet), "policies:write"),
+];
+
+/// The declaration for a route, if any.
+pub fn rule_for(method: &str, path: &str) -> Option<&'static Rule> {
+    RULES.iter().find(|r| r.method == method && r.path == path)
+}
+
+tokio::task_local! {
+    static SCOPE: String;
+}
+
+/// The scope the current route asks for (for handler-level checks).
+pub fn scope_for_current_request() -> Option<String> {
+    SCOPE.try_with(|s| s.clone()).ok()
+}
+
+/// The organization a route acts in: the `{id}` of `/api/v1/organizations/{id}/...`, else the
+/// request's organization.
+fn org_of(rule: &Rule, uri_path: &str, actor: &Actor) -> Result<Option<Uuid>, ApiError> {
+    if rule.path.starts_with("/api/v1/organizations/{id}") {
+        let id = uri_path.split('/').nth(4).unwrap_or_default();
+        return id.parse().map(Some).map_err(|_| ApiError::NotFound);
+    }
+    Ok(actor.org_id)
+}
+
+/// Layer 6, policy: every protected route is declared; the declared check runs before the handler.
+pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(path) = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()) else {
+        return next.run(req).await;
+    };
+    if is_public(Some(&path)) {
+        return next.run(req).await;
+    }
+    let Some(rule) = rule_for(req.method().as_str(), &path) else {
+        // A method the route does not serve: the router answers 405.
+        return next.run(req).await;
+    };
+    let Some(actor) = req.extensions().get::<Actor>().cloned() else {
+        return ApiError::unauthorized("Authentication is required.").into_response();
+    };
+    let outcome = match rule.check {
+        Check::Authenticated => {
+            if rule.scope.is_empty() || actor.scopes().is_none_or(|s| s.iter().any(|x| x.as_str() == rule.scope)) {
+                Ok(())
+            } else {
+                Err(ApiError::forbidden(
+                    "insufficient_scope",
+                    format!("This credential lacks the `{}` scope.", rule.scope),
+                ))
+            }
+        }
+        Check::Loaded(_) => Ok(()),
+        Check::Org(kind) => match org_of(rule, req.uri().path(), &actor) {
+            Err(e) => Err(e),
+            Ok(org) => {
+                let resource = match (kind, org) {
+                    (Kind::Platform, _) => Some(Resource::Platform),
+                    (_, None) => None,
+                    (Kind::Organization, Some(org_id)) => Some(Resource::Organization { org_id }),
+                    (Kind::AuditLog, Some(org_id)) => Some(Resource::AuditLog { org_id }),
+                    (Kind::PolicySet, Some(org_id)) => Some(Resource::PolicySet { org_id }),
+                    (Kind::Agent, Some(org_id)) => Some(Resource::Agent { org_id, owner_id: None }),
+                    (Kind::ApiKey, Some(org_id)) => Some(Resource::ApiKey { org_id, created_by: actor.actor_id() }),
+                };
+                match resource {
+                    None => {
+                        Err(ApiError::bad_request("org_required", "Choose an organization with the X-Org-Id header."))
+                    }
+                    Some(resource) => {
+                        let id = resource.org_id().map(|o| o.to_string()).unwrap_or_else(|| "platform".into());
+                        let query = query_for(&actor, rule.action, resource, id, rule.scope);
+                        enforce(&state, &query).map(|_| ())
+                    }
+                }
+            }
+        },
+    };
+    match outcome {
+        Ok(()) => SCOPE.scope(rule.scope.to_owned(), next.run(req)).await,
+        Err(e) => e.into_response(),
+    }
+}
