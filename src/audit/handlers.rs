@@ -9,7 +9,7 @@ use super::{
 use crate::{
     app::AppState,
     auth::Actor,
-    http::{ApiError, ApiResult, extract::ApiQuery},
+    http::{ApiResult, extract::ApiQuery, pagination},
 };
 
 /// The current organization's audit events, newest first.
@@ -27,10 +27,7 @@ pub(super) async fn list(
 ) -> ApiResult<Json<AuditPage>> {
     // Who may read it is the policy layer's decision (routes::RULES).
     let org_id = actor.current_org()?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 200"));
-    }
+    let limit = pagination::limit(q.limit)?;
     let rows = sqlx::query!(
         "select audit_event_id, organization_id, seq, occurred_at, actor_id, actor_type, action, target_type,
                 target_id, client_ip, request_id, details, prev_hash, hash
@@ -53,10 +50,8 @@ pub(super) async fn list(
     )
     .fetch_all(state.db())
     .await?;
-    let more = rows.len() as i64 > limit;
     let items: Vec<AuditEvent> = rows
         .into_iter()
-        .take(limit as usize)
         .map(|r| AuditEvent {
             id: r.audit_event_id,
             org_id: r.organization_id,
@@ -74,7 +69,7 @@ pub(super) async fn list(
             hash: hex::encode(r.hash),
         })
         .collect();
-    let next_cursor = if more { items.last().map(|e| e.seq) } else { None };
+    let (items, next_cursor) = pagination::page(items, limit, |e| e.seq);
     Ok(Json(AuditPage { items, next_cursor }))
 }
 

@@ -23,6 +23,7 @@ use crate::{
         ApiError, ApiResult,
         error::Problem,
         extract::{ApiPath, ApiQuery, ValidatedJson},
+        pagination,
     },
     policy::Resource,
 };
@@ -229,10 +230,15 @@ async fn forget_clients(state: &AppState, agent_id: Uuid) -> ApiResult<()> {
         .fetch_all(state.db())
         .await?;
     for id in ids {
-        state.auth().clients.remove(&id);
-        credentials::publish(state.redis(), &format!("client:{id}")).await;
+        forget_client(state, &id).await;
     }
     Ok(())
+}
+
+/// Drops one client record from every instance's cache (after a rotation or revocation).
+async fn forget_client(state: &AppState, client_id: &str) {
+    state.auth().clients.remove(client_id);
+    credentials::publish(state.redis(), &format!("client:{client_id}")).await;
 }
 
 /// Registers an agent in the current organization.
@@ -286,10 +292,7 @@ pub(super) async fn list_agents(
     ApiQuery(q): ApiQuery<AgentQuery>,
 ) -> ApiResult<Json<AgentPage>> {
     let org_id = actor.current_org()?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 200"));
-    }
+    let limit = pagination::limit(q.limit)?;
     if q.q.as_ref().is_some_and(|s| s.len() > 200) || q.capability.as_ref().is_some_and(|s| s.len() > 100) {
         return Err(ApiError::bad_request("invalid_query", "filters are at most 200 characters"));
     }
@@ -314,9 +317,7 @@ pub(super) async fn list_agents(
     )
     .fetch_all(state.db())
     .await?;
-    let more = rows.len() as i64 > limit;
-    let items: Vec<Agent> = rows.into_iter().take(limit as usize).map(Agent::from).collect();
-    let next_cursor = if more { items.last().map(|a| a.id) } else { None };
+    let (items, next_cursor) = pagination::page(rows.into_iter().map(Agent::from).collect(), limit, |a: &Agent| a.id);
     Ok(Json(AgentPage { items, next_cursor }))
 }
 
@@ -554,8 +555,7 @@ pub(super) async fn revoke_credential(
     audit::record(&mut tx, Event::by(&actor, org_id, "credential.revoked").target("credential", id)).await?;
     tx.commit().await?;
     revocation::announce(&state, announced).await;
-    state.auth().clients.remove(&client_id);
-    credentials::publish(state.redis(), &format!("client:{client_id}")).await;
+    forget_client(&state, &client_id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -588,8 +588,7 @@ pub(super) async fn rotate_credential(
     .await?;
     audit::record(&mut tx, Event::by(&actor, org_id, "credential.rotated").target("credential", id)).await?;
     tx.commit().await?;
-    state.auth().clients.remove(&client_id);
-    credentials::publish(state.redis(), &format!("client:{client_id}")).await;
+    forget_client(&state, &client_id).await;
     Ok(Json(CreatedCredential {
         id,
         client_id,

@@ -219,7 +219,7 @@ async fn load(db: &PgPool, secret: &str, hash: [u8; 32]) -> Result<Option<Princi
         )
     } else {
         let Some(r) = sqlx::query!(
-            "select k.api_key_id, k.organization_id, k.scopes, k.expires_at, k.key_hash,
+            "select k.api_key_id, k.organization_id, k.scopes, k.expires_at, k.key_hash, k.service, k.description,
                     u.user_id, u.email, u.display_name, u.system_admin
              from api_key k join app_user u on u.user_id = k.created_by
              where k.key_hash = $1 and k.revoked_at is null and (k.expires_at is null or k.expires_at > now())
@@ -231,6 +231,27 @@ async fn load(db: &PgPool, secret: &str, hash: [u8; 32]) -> Result<Option<Princi
         else {
             return Ok(None);
         };
+        if r.service {
+            // A service actor: its own identity, no memberships, never a system admin.
+            if !crate::crypto::ct_eq(&r.key_hash, &hash) {
+                return Ok(None);
+            }
+            return Ok(Some(Principal {
+                user_id: r.api_key_id,
+                actor_type: ActorType::Service,
+                email: None,
+                display_name: Some(r.description),
+                system_admin: false,
+                memberships: Vec::new(),
+                credential: Credential::ApiKey {
+                    key_id: r.api_key_id,
+                    org_id: r.organization_id,
+                    scopes: r.scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
+                    expires_at: r.expires_at,
+                },
+                secret_hash: hash,
+            }));
+        }
         (
             Row {
                 user_id: r.user_id,

@@ -46,12 +46,17 @@ pub struct CreateApiKey {
     /// Scopes to grant; default: all the creating credential has. Never more.
     #[validate(length(max = 64))]
     pub scopes: Option<Vec<String>>,
+    /// A service key acts as a service actor (`service:<key id>`), e.g. a resource server calling
+    /// the PDP, rather than as its creator. Owners and admins only.
+    pub service: Option<bool>,
 }
 
 /// A new API key: the only time `key` is shown.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CreatedApiKey {
     pub id: Uuid,
+    /// Whether the key acts as a service actor.
+    pub service: bool,
     pub key: String,
     pub prefix: String,
     pub description: String,
@@ -66,6 +71,7 @@ pub struct CreatedApiKey {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ApiKeyInfo {
     pub id: Uuid,
+    pub service: bool,
     pub prefix: String,
     pub description: String,
     pub scopes: Vec<String>,

@@ -18,6 +18,7 @@ use crate::{
         ApiError, ApiResult,
         error::{Problem, ResultExt},
         extract::{ApiJson, ApiPath, ApiQuery, ValidatedJson},
+        pagination,
     },
 };
 
@@ -96,15 +97,6 @@ pub(super) async fn create_org(
     Ok((StatusCode::CREATED, Json(org)))
 }
 
-fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
-    let limit = limit.unwrap_or(50);
-    if (1..=200).contains(&limit) {
-        Ok(limit)
-    } else {
-        Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 200"))
-    }
-}
-
 /// The organizations the caller belongs to (all of them for a system admin).
 #[utoipa::path(get, path = "/api/v1/organizations", tag = "organizations", params(PageQuery),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
@@ -114,7 +106,7 @@ pub(super) async fn list_orgs(
     actor: Actor,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<OrganizationPage>> {
-    let limit = page_limit(q.limit)?;
+    let limit = pagination::limit(q.limit)?;
     // An API key sees only its own organization.
     let only: Option<Uuid> = match &actor.principal.credential {
         super::Credential::ApiKey { org_id, .. } => Some(*org_id),
@@ -137,10 +129,8 @@ pub(super) async fn list_orgs(
     )
     .fetch_all(state.db())
     .await?;
-    let more = rows.len() as i64 > limit;
     let items: Vec<Organization> = rows
         .into_iter()
-        .take(limit as usize)
         .map(|r| Organization {
             id: r.organization_id,
             slug: r.slug,
@@ -149,7 +139,7 @@ pub(super) async fn list_orgs(
             created_at: r.created_at,
         })
         .collect();
-    let next_cursor = if more { items.last().map(|o| o.id) } else { None };
+    let (items, next_cursor) = pagination::page(items, limit, |o| o.id);
     Ok(Json(OrganizationPage { items, next_cursor }))
 }
 

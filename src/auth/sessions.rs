@@ -236,14 +236,18 @@ pub(super) async fn create_api_key(
         }
     };
     let scope_names: Vec<String> = scopes.iter().map(|s| s.as_str().to_owned()).collect();
+    let service = req.service.unwrap_or(false);
+    if service && actor.require_role(org_id, Role::Admin).is_err() {
+        return Err(ApiError::forbidden("insufficient_role", "Only owners and admins create service keys."));
+    }
     let key = crypto::random_token(API_KEY_PREFIX);
     let prefix: String = key.chars().take(API_KEY_PREFIX.len() + 6).collect();
     let id = Uuid::now_v7();
     let expires_at = req.expires_days.map(|d| OffsetDateTime::now_utc() + Duration::days(d));
     let mut tx = state.db().begin().await?;
     let created_at = sqlx::query_scalar!(
-        "insert into api_key (api_key_id, organization_id, created_by, prefix, key_hash, description, scopes, expires_at)
-         values ($1, $2, $3, $4, $5, $6, $7, $8) returning created_at",
+        "insert into api_key (api_key_id, organization_id, created_by, prefix, key_hash, description, scopes, expires_at, service)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning created_at",
         id,
         org_id,
         actor.user_id(),
@@ -251,7 +255,8 @@ pub(super) async fn create_api_key(
         &crypto::sha256(&key)[..],
         req.description,
         &scope_names,
-        expires_at
+        expires_at,
+        service
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -259,7 +264,7 @@ pub(super) async fn create_api_key(
         &mut tx,
         Event::by(&actor, org_id, "api_key.created")
             .target("api_key", id)
-            .details(json!({ "prefix": prefix, "scopes": scope_names })),
+            .details(json!({ "prefix": prefix, "scopes": scope_names, "service": service })),
     )
     .await?;
     tx.commit().await?;
@@ -267,6 +272,7 @@ pub(super) async fn create_api_key(
         StatusCode::CREATED,
         Json(CreatedApiKey {
             id,
+            service,
             key,
             prefix,
             description: req.description,
@@ -285,7 +291,7 @@ pub(super) async fn list_api_keys(State(state): State<AppState>, actor: Actor) -
     let org_id = actor.current_org()?;
     let see_all = actor.require_role(org_id, Role::Admin).is_ok();
     let rows = sqlx::query!(
-        "select api_key_id, prefix, description, scopes, created_by, created_at, expires_at, last_used_at
+        "select api_key_id, prefix, description, scopes, created_by, created_at, expires_at, last_used_at, service
          from api_key
          where organization_id = $1 and revoked_at is null and ($2 or created_by = $3)
          order by created_at desc limit 1000",
@@ -299,6 +305,7 @@ pub(super) async fn list_api_keys(State(state): State<AppState>, actor: Actor) -
         rows.into_iter()
             .map(|r| ApiKeyInfo {
                 id: r.api_key_id,
+                service: r.service,
                 prefix: r.prefix,
                 description: r.description,
                 scopes: r.scopes,

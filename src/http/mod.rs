@@ -5,6 +5,7 @@ pub mod extract;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;
+pub mod pagination;
 pub mod problem;
 pub mod request_id;
 

@@ -17,6 +17,7 @@ use crate::{
         ApiError, ApiResult,
         error::{FieldError, Problem},
         extract::{ApiJson, ApiPath, ApiQuery},
+        pagination,
     },
 };
 
@@ -542,10 +543,7 @@ pub(super) async fn list_decisions(
     ApiQuery(q): ApiQuery<DecisionQuery>,
 ) -> ApiResult<Json<DecisionPage>> {
     let org_id = actor.current_org()?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 200"));
-    }
+    let limit = pagination::limit(q.limit)?;
     if let Some(e) = &q.effect
         && e != "permit"
         && e != "deny"
@@ -577,10 +575,8 @@ pub(super) async fn list_decisions(
     )
     .fetch_all(state.db())
     .await?;
-    let more = rows.len() as i64 > limit;
     let items: Vec<LoggedDecisionView> = rows
         .into_iter()
-        .take(limit as usize)
         .map(|r| LoggedDecisionView {
             decision_id: r.decision_id,
             request_id: r.request_id,
@@ -595,6 +591,6 @@ pub(super) async fn list_decisions(
             decided_at: r.decided_at,
         })
         .collect();
-    let next_cursor = if more { items.last().map(|d| d.decision_id) } else { None };
+    let (items, next_cursor) = pagination::page(items, limit, |d| d.decision_id);
     Ok(Json(DecisionPage { items, next_cursor }))
 }

@@ -377,3 +377,51 @@ fn every_protected_route_declares_its_action() {
     }
     assert!(seen.len() >= 30, "{}", seen.len());
 }
+
+#[tokio::test]
+async fn service_keys_are_service_actors_that_may_ask_the_pdp() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let owner = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    let created = json_ok(
+        app.as_(&owner, Method::POST, "/auth/api-keys")
+            .json(&json!({ "description": "gateway", "service": true, "scopes": ["pdp:evaluate"] }))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(created["service"], true);
+    let service = Caller {
+        token: created["key"].as_str().unwrap().to_owned(),
+        org_id: owner.org_id.clone(),
+        user_id: String::new(),
+    };
+    let me = json_ok(app.as_(&service, Method::GET, "/auth/me").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(me["actor_type"], "service");
+    assert_eq!(me["actor_id"], format!("service:{}", created["id"].as_str().unwrap()));
+    let body = pdp(
+        json!({ "actor_id": "user:1", "actor_type": "human", "org_ids": [owner.org_id], "roles": ["owner"] }),
+        "read",
+        json!({ "type": "organization", "id": owner.org_id }),
+    );
+    let d = evaluate(&app, &service, &body).await;
+    assert_eq!(d["reason"], "microdao_owner");
+    // It is a service, not its creator: nothing else.
+    let resp = app.as_(&service, Method::POST, "/api/v1/keys/rotate").send().await.unwrap();
+    let body = assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_scope").await;
+    assert!(body["detail"].is_string());
+    let resp = app.as_(&service, Method::GET, &format!("/api/v1/organizations/{}", owner.org_id)).send().await.unwrap();
+    assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_scope").await;
+    // Members cannot make service keys.
+    app.add_member(&owner, &owner.org_id, "dev@beta.test", "member").await;
+    let dev = app.sign_in("dev@beta.test", crate::helpers::PASSWORD).await;
+    let resp = app
+        .as_(&dev, Method::POST, "/auth/api-keys")
+        .json(&json!({ "description": "x", "service": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_role").await;
+}
