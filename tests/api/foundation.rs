@@ -363,3 +363,61 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     };
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn cors_and_compression_follow_configuration() {
+    let app = spawn_app_with(&[("cors.allowed_origins", json!(["https://console.example.com"]))]).await;
+    let resp = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/auth/me"))
+        .header("origin", "https://console.example.com")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(resp.headers()["access-control-allow-origin"], "https://console.example.com");
+    let resp = app.client.get(app.url("/health")).header("origin", "https://evil.example.com").send().await.unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+
+    // A client that accepts gzip gets it for a large body.
+    let raw = reqwest::Client::builder().no_gzip().build().unwrap();
+    let resp = raw.get(app.url("/openapi.json")).header("accept-encoding", "gzip").send().await.unwrap();
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+}
+
+#[test]
+fn bootstrap_runs_once_then_refuses() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (db_url, _) = rt.block_on(fresh_database());
+    let run = |password: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentidp"))
+            .args(["bootstrap", "--org", "Acme Labs", "--email", "root@acme.test", "--password-stdin"])
+            .env_remove("AGENTIDP_CONFIG")
+            .env("AGENTIDP_DATABASE__URL", &db_url)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let first = run("a-long-enough-password");
+    assert_eq!(first.status.code(), Some(0), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("system admin"));
+    let second = run("another-long-password");
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let users: i64 = rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&db_url).await.unwrap();
+        sqlx::query_scalar("select count(*) from app_user").fetch_one(&pool).await.unwrap()
+    });
+    assert_eq!(users, 1, "the second run changed nothing");
+}
