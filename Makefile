@@ -37,6 +37,7 @@ openapi:
 openapi-check:
 	@cargo run --quiet --bin agentidp -- openapi | diff -u openapi/openapi.json - \
 	  || { echo "openapi/openapi.json is stale: run 'make openapi' and commit it"; exit 1; }
+	@bash scripts/check-openapi.sh
 
 # Compiling with SQLX_OFFLINE=true already fails when a query is missing from .sqlx/;
 # with sqlx-cli present, also catch stale entries.
