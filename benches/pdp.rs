@@ -18,6 +18,7 @@ fn scenarios(org: Uuid) -> Vec<(&'static str, Query)> {
         action: action.into(),
         resource_id: "r".into(),
         resource,
+        validate: false,
     };
     let mut agent_tool = base(
         "agent",

@@ -383,16 +383,17 @@ async fn live_claims(state: &AppState, token: &str) -> Result<Option<Arc<Claims>
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let mut audiences = vec![cfg.audience()];
     audiences.extend(cfg.auth.allowed_resources.iter().cloned());
-    let mut result = tokens::verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
-    if result == Err(Rejection::UnknownKey) {
+    let verified = &state.auth().verified;
+    let mut result = verified.verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
+    if result.as_ref().err() == Some(&Rejection::UnknownKey) {
         state.keys().reload_for_unknown_kid(state.db()).await;
-        result = tokens::verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
+        result = verified.verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
     }
     let Ok(claims) = result else { return Ok(None) };
     if state.auth().revocations.is_revoked(state.db(), &claims).await? {
         return Ok(None);
     }
-    Ok(Some(Arc::new(claims)))
+    Ok(Some(claims))
 }
 
 /// Resolves a bearer JWT for the org-context layer.

@@ -78,7 +78,7 @@ pub fn sign(keys: &KeyRing, claims: &Claims) -> anyhow::Result<String> {
     B64.encode_string(header, &mut token);
     token.push('.');
     B64.encode_string(body, &mut token);
-    let signature = active.sign(token.as_bytes());
+    let signature = active.sign(token.as_bytes())?;
     token.push('.');
     B64.encode_string(signature, &mut token);
     Ok(token)
@@ -165,7 +165,8 @@ pub struct VerifiedCache {
 const VERIFIED_MAX: usize = 200_000;
 
 impl VerifiedCache {
-    /// Verifies through the cache: a hit skips the signature check, never the time checks.
+    /// Verifies through the cache: a hit skips the signature check, never the claim checks (so a
+    /// token cached for one audience is not accepted for another).
     pub fn verify(
         &self,
         keys: &KeyRing,
@@ -181,6 +182,7 @@ impl VerifiedCache {
                 self.entries.write().unwrap_or_else(|e| e.into_inner()).remove(&hash);
                 return Err(Rejection::Expired);
             }
+            validate_times_and_parties(&claims, issuer, audiences, now)?;
             return Ok(claims);
         }
         let claims = Arc::new(verify(keys, token, issuer, audiences, now)?);

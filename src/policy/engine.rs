@@ -107,6 +107,9 @@ pub struct Query {
     pub action: String,
     pub resource: Resource,
     pub resource_id: String,
+    /// Check the request and entities against the schema. Requests from outside (the PDP API)
+    /// need it; the PEP builds them from typed values and skips the cost.
+    pub validate: bool,
 }
 
 /// A decision, as the API reports it.
@@ -133,16 +136,58 @@ impl Decision {
 #[error("{0}")]
 pub struct QueryError(pub String);
 
+/// A policy set split by resource type: a decision only evaluates the policies that can apply to
+/// its resource's type (those scoped `resource is T` or `== T::"..."`, plus the unscoped ones).
+#[derive(Debug)]
+pub struct Partitioned {
+    by_type: HashMap<&'static str, PolicySet>,
+    all: PolicySet,
+}
+
+/// Every resource type of the schema.
+const RESOURCE_TYPES: &[&str] =
+    &["Organization", "Agent", "ApiKey", "AuditLog", "PolicySet", "Channel", "Tool", "UsageReport", "Platform"];
+
+impl Partitioned {
+    fn new(all: PolicySet) -> Result<Self, String> {
+        use cedar_policy::ResourceConstraint as R;
+        let mut by_type: HashMap<&'static str, PolicySet> = HashMap::new();
+        for ty in RESOURCE_TYPES {
+            let full = format!("AgentIdP::{ty}");
+            let mut set = PolicySet::new();
+            for p in all.policies() {
+                let applies = match p.resource_constraint() {
+                    R::Is(t) | R::IsIn(t, _) => t.to_string() == full,
+                    R::Eq(uid) => uid.type_name().to_string() == full,
+                    R::Any | R::In(_) => true,
+                };
+                if applies {
+                    set.add(p.clone()).map_err(|e| e.to_string())?;
+                }
+            }
+            by_type.insert(ty, set);
+        }
+        Ok(Self { by_type, all })
+    }
+
+    fn for_type(&self, ty: &str) -> &PolicySet {
+        self.by_type.get(ty).unwrap_or(&self.all)
+    }
+}
+
 /// An organization's active policies, combined with the baseline.
 struct OrgPolicies {
-    set: PolicySet,
+    set: Partitioned,
     version: i32,
 }
 
 /// The decision point: schema, baseline and each organization's active version.
 pub struct Engine {
     schema: Schema,
-    baseline: PolicySet,
+    baseline: Partitioned,
+    /// Parsed once: entity type names and action ids.
+    types: HashMap<&'static str, EntityTypeName>,
+    actions: HashMap<String, EntityUid>,
     baseline_version: String,
     orgs: RwLock<HashMap<Uuid, Arc<OrgPolicies>>>,
     authorizer: Authorizer,
@@ -204,9 +249,19 @@ impl Engine {
             anyhow::bail!("baseline does not validate: {}", errors.join("; "));
         }
         let hash = hex::encode(Sha256::digest(BASELINE.as_bytes()));
+        let mut types = HashMap::new();
+        for ty in RESOURCE_TYPES.iter().chain(["User", "Service"].iter()) {
+            types.insert(*ty, EntityTypeName::from_str(&format!("AgentIdP::{ty}"))?);
+        }
+        let actions = schema
+            .actions()
+            .map(|uid| (uid.id().unescaped().to_owned(), uid.clone()))
+            .collect::<HashMap<String, EntityUid>>();
         Ok(Self {
             schema,
-            baseline,
+            baseline: Partitioned::new(baseline).map_err(|e| anyhow::anyhow!("baseline: {e}"))?,
+            types,
+            actions,
             baseline_version: format!("baseline:{}", &hash[..12]),
             orgs: RwLock::new(HashMap::new()),
             authorizer: Authorizer::new(),
@@ -215,22 +270,22 @@ impl Engine {
 
     /// Parses and validates an organization's policy text against the schema; errors carry
     /// Cedar's diagnostics with line:column positions.
-    pub fn compile(&self, source: &str) -> Result<PolicySet, Vec<String>> {
+    pub fn compile(&self, source: &str) -> Result<Partitioned, Vec<String>> {
         let policies = parse_policies(source, "org.").map_err(|e| vec![e])?;
-        let mut combined = self.baseline.clone();
+        let mut combined = self.baseline.all.clone();
         for p in policies {
             combined.add(p).map_err(|e| vec![format!("{e}")])?;
         }
         let result = Validator::new(self.schema.clone()).validate(&combined, ValidationMode::Strict);
         if result.validation_passed() {
-            Ok(combined)
+            Partitioned::new(combined).map_err(|e| vec![e])
         } else {
             Err(result.validation_errors().map(|e| diagnostics(e, source)).collect())
         }
     }
 
     /// Installs an organization's active version (or removes it with `None`).
-    pub fn install(&self, org_id: Uuid, active: Option<(i32, PolicySet)>) {
+    pub fn install(&self, org_id: Uuid, active: Option<(i32, Partitioned)>) {
         let mut orgs = self.orgs.write().unwrap_or_else(|e| e.into_inner());
         match active {
             Some((version, set)) => {
@@ -258,11 +313,12 @@ impl Engine {
     }
 
     /// Decides against an explicit policy set (a draft's dry run).
-    pub fn evaluate_with(&self, q: &Query, set: &PolicySet, version: String) -> Result<Decision, QueryError> {
+    pub fn evaluate_with(&self, q: &Query, set: &Partitioned, version: String) -> Result<Decision, QueryError> {
+        let set = set.for_type(q.resource.type_name());
         let bad = |e: &dyn std::fmt::Display| QueryError(e.to_string());
         let uid = |ty: &str, id: &str| -> Result<EntityUid, QueryError> {
-            let name = EntityTypeName::from_str(&format!("AgentIdP::{ty}")).map_err(|e| bad(&e))?;
-            Ok(EntityUid::from_type_name_and_id(name, EntityId::new(id)))
+            let name = self.types.get(ty).ok_or_else(|| QueryError(format!("unknown type {ty}")))?;
+            Ok(EntityUid::from_type_name_and_id(name.clone(), EntityId::new(id)))
         };
         let principal_type = match q.actor_type.as_str() {
             "human" => "User",
@@ -271,7 +327,10 @@ impl Engine {
             other => return Err(QueryError(format!("unknown actor_type {other:?}"))),
         };
         let principal = uid(principal_type, &q.actor_id)?;
-        let action = EntityUid::from_str(&format!("AgentIdP::Action::{:?}", q.action)).map_err(|e| bad(&e))?;
+        let action =
+            self.actions.get(&q.action).cloned().ok_or_else(|| {
+                QueryError(format!("unknown action {:?}", q.action.chars().take(50).collect::<String>()))
+            })?;
         let resource = uid(q.resource.type_name(), &q.resource_id)?;
         let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
         let context = Context::from_pairs([
@@ -284,14 +343,15 @@ impl Engine {
             ("required_scope".to_owned(), s(&q.required_scope)),
         ])
         .map_err(|e| bad(&e))?;
-        let request = Request::new(principal.clone(), action, resource.clone(), context, Some(&self.schema))
+        let schema = q.validate.then_some(&self.schema);
+        let request = Request::new(principal.clone(), action, resource.clone(), context, schema)
             .map_err(|e| QueryError(format!("the request does not fit the schema: {e}")))?;
         let mut entities = vec![Entity::new(resource, q.resource.attrs(), HashSet::new()).map_err(|e| bad(&e))?];
         // An agent acting on itself is one entity, described by its resource attributes.
         if principal != entities[0].uid() {
             entities.push(Entity::new_no_attrs(principal, HashSet::new()));
         }
-        let entities = Entities::from_entities(entities, Some(&self.schema))
+        let entities = Entities::from_entities(entities, schema)
             .map_err(|e| QueryError(format!("the resource does not fit the schema: {e}")))?;
         let response = self.authorizer.is_authorized(&request, set, &entities);
         let mut determining: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
@@ -336,6 +396,7 @@ mod tests {
             action: action.into(),
             resource_id: "r1".into(),
             resource,
+            validate: true,
         }
     }
 

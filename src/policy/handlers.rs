@@ -154,6 +154,7 @@ pub fn to_query(r: &PdpRequest) -> Result<Query, QueryError> {
         action: r.action.clone(),
         resource_id: r.resource.id.clone(),
         resource,
+        validate: true,
     })
 }
 
