@@ -3,13 +3,14 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 
 # Build dependencies against stub sources first so this layer is reused until
-# Cargo.toml/Cargo.lock change. The stub test target exists only because the
-# manifest declares it.
+# Cargo.toml/Cargo.lock change. The stub test and bench targets exist only
+# because the manifest declares them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src tests/api \
+RUN mkdir -p src tests/api benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && echo 'fn main() {}' > tests/api/main.rs \
+    && echo 'fn main() {}' > benches/pdp.rs \
     && cargo build --release --locked --bin agentidp \
     && rm -rf src
 
