@@ -55,7 +55,9 @@ fn main() {
     let iterations: usize = if bench { 200_000 } else { 50 };
     let engine = Engine::new().expect("baseline compiles");
     let org = Uuid::new_v4();
-    println!("{:<40} {:>10} {:>10} {:>10} {:>14}", "pdp-inproc scenario", "p50 µs", "p99 µs", "mean µs", "decisions/s");
+    if bench {
+        println!("{:<40} {:>10} {:>10} {:>10} {:>14}", "pdp-inproc scenario", "p50 µs", "p99 µs", "mean µs", "decisions/s");
+    }
     for (name, query) in scenarios(org) {
         for _ in 0..iterations.min(10_000) {
             std::hint::black_box(engine.evaluate(&query).expect("valid query"));
@@ -68,6 +70,9 @@ fn main() {
             samples.push(t.elapsed().as_nanos() as u64);
         }
         let elapsed = total.elapsed();
+        if !bench {
+            continue;
+        }
         samples.sort_unstable();
         let mean = samples.iter().sum::<u64>() as f64 / samples.len() as f64;
         println!(
