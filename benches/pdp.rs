@@ -56,7 +56,10 @@ fn main() {
     let engine = Engine::new().expect("baseline compiles");
     let org = Uuid::new_v4();
     if bench {
-        println!("{:<40} {:>10} {:>10} {:>10} {:>14}", "pdp-inproc scenario", "p50 µs", "p99 µs", "mean µs", "decisions/s");
+        println!(
+            "{:<40} {:>10} {:>10} {:>10} {:>14}",
+            "pdp-inproc scenario", "p50 µs", "p99 µs", "mean µs", "decisions/s"
+        );
     }
     for (name, query) in scenarios(org) {
         for _ in 0..iterations.min(10_000) {

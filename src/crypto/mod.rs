@@ -34,6 +34,15 @@ pub fn random_password() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Each argon2id run holds 19 MiB: without a bound, a burst of logins (real or with unknown
+/// emails) would run hundreds at once on the blocking pool and take gigabytes. One per core is
+/// as fast as it gets anyway.
+fn argon2_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS
+        .get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)))
+}
+
 /// OWASP's argon2id recommendation: 19 MiB, 2 passes, 1 lane.
 fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(19 * 1024, 2, 1, None).expect("static params"))
@@ -41,6 +50,7 @@ fn argon2() -> Argon2<'static> {
 
 /// Hashes a password on the blocking pool.
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    let _permit = argon2_permits().acquire().await?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
         argon2().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| anyhow::anyhow!("{e}"))
@@ -51,6 +61,7 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 /// Verifies a password on the blocking pool. With no hash (unknown user, or no password yet) a
 /// dummy hash is verified instead, so that the answer takes as long either way.
 pub async fn verify_password(password: String, hash: Option<String>) -> anyhow::Result<bool> {
+    let _permit = argon2_permits().acquire().await?;
     tokio::task::spawn_blocking(move || {
         let (hash, real) = match hash {
             Some(h) => (h, true),
