@@ -533,6 +533,20 @@ async fn fetch_credential(conn: &mut PgConnection, org_id: Uuid, agent_id: Uuid,
     .ok_or(ApiError::NotFound)
 }
 
+/// The client_id of a live credential of an agent the caller may `action`, its row locked in `tx`;
+/// 404 for anything of another organization.
+async fn credential_for(
+    state: &AppState,
+    actor: &Actor,
+    tx: &mut PgConnection,
+    (org_id, agent_id, id): (Uuid, Uuid, Uuid),
+    action: &str,
+) -> ApiResult<String> {
+    let agent = fetch_agent(tx, org_id, agent_id, false).await?;
+    require_on(state, actor, action, &agent)?;
+    fetch_credential(tx, org_id, agent_id, id).await
+}
+
 /// Revokes a credential: it can no longer get tokens, and its live tokens die at once.
 #[utoipa::path(delete, path = "/api/v1/agents/{id}/credentials/{cred_id}", tag = "agents",
     params(("id" = Uuid, Path), ("cred_id" = Uuid, Path)),
@@ -545,9 +559,7 @@ pub(super) async fn revoke_credential(
 ) -> ApiResult<StatusCode> {
     let org_id = actor.current_org()?;
     let mut tx = state.db().begin().await?;
-    let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
-    require_on(&state, &actor, "manage", &agent)?;
-    let client_id = fetch_credential(&mut tx, org_id, agent_id, id).await?;
+    let client_id = credential_for(&state, &actor, &mut tx, (org_id, agent_id, id), "manage").await?;
     sqlx::query!("update agent_credential set revoked_at = now() where credential_id = $1", id)
         .execute(&mut *tx)
         .await?;
@@ -571,9 +583,7 @@ pub(super) async fn rotate_credential(
 ) -> ApiResult<Json<CreatedCredential>> {
     let org_id = actor.current_org()?;
     let mut tx = state.db().begin().await?;
-    let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
-    require_on(&state, &actor, "manage", &agent)?;
-    let client_id = fetch_credential(&mut tx, org_id, agent_id, id).await?;
+    let client_id = credential_for(&state, &actor, &mut tx, (org_id, agent_id, id), "manage").await?;
     let secret = crypto::random_token(CLIENT_SECRET_PREFIX);
     let overlap = state.config().auth.client_secret_rotation_overlap_secs as f64;
     let r = sqlx::query!(
@@ -649,9 +659,7 @@ pub(super) async fn revoke_credential_tokens(
 ) -> ApiResult<Json<BulkRevocation>> {
     let org_id = actor.current_org()?;
     let mut tx = state.db().begin().await?;
-    let agent = fetch_agent(&mut tx, org_id, agent_id, false).await?;
-    require_on(&state, &actor, "revoke_tokens", &agent)?;
-    fetch_credential(&mut tx, org_id, agent_id, id).await?;
+    credential_for(&state, &actor, &mut tx, (org_id, agent_id, id), "revoke_tokens").await?;
     tx.commit().await?;
     bulk(&state, &actor, org_id, Subject::Credential(id)).await
 }
