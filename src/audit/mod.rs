@@ -143,7 +143,7 @@ pub async fn record(conn: &mut PgConnection, event: Event) -> Result<(), sqlx::E
     // Postgres keeps microseconds; hash exactly what will be read back.
     let now = OffsetDateTime::now_utc();
     let occurred_at = now.replace_nanosecond(now.nanosecond() / 1000 * 1000).unwrap_or(now);
-    // serde_json's maps are sorted, so this text is canonical.
+    // Hashed exactly as stored: verification reads this text back, never re-serializes it.
     let details = event.details.to_string();
     let request_id = current_request_id();
     let client_ip = crate::http::middleware::tls::current_client_ip();
