@@ -404,10 +404,14 @@ pub(super) async fn delete_agent(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
     let org_id = actor.current_org()?;
-    forget_clients(&state, id).await?;
     let mut tx = state.db().begin().await?;
     let old = fetch_agent(&mut tx, org_id, id, true).await?;
     require_on(&state, &actor, "delete", &old)?;
+    // Read before the cascade removes them; dropped from caches only after the commit, so that no
+    // request can cache a record of the agent again while it still exists.
+    let client_ids = sqlx::query_scalar!("select client_id from agent_credential where agent_id = $1", id)
+        .fetch_all(&mut *tx)
+        .await?;
     let announced = revoke_subject(&mut tx, Subject::Agent(id)).await?;
     sqlx::query!("delete from agent where agent_id = $1", id).execute(&mut *tx).await?;
     audit::record(
@@ -417,6 +421,9 @@ pub(super) async fn delete_agent(
     .await?;
     tx.commit().await?;
     revocation::announce(&state, announced).await;
+    for client_id in client_ids {
+        forget_client(&state, &client_id).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
