@@ -348,6 +348,14 @@ SERVER_ENV=(
     AGENTIDP_REDIS__KEY_PREFIX="$REDIS_PREFIX"
     AGENTIDP_REDIS__POOL_SIZE=32
     AGENTIDP_LOG__LEVEL=warn
+    # Limits high enough never to refuse, but finite, so that every charged request runs the tier
+    # layer's Redis script and the metering layer's analytics record: their cost is in every figure.
+    AGENTIDP_TIERS__PLANS__FREE__MAX_AGENTS=1000000
+    AGENTIDP_TIERS__PLANS__FREE__API_CALLS_PER_DAY=1000000000000
+    AGENTIDP_TIERS__PLANS__FREE__TOKENS_PER_DAY=1000000000000
+    AGENTIDP_TIERS__PLANS__FREE__TOKENS_PER_MONTH=1000000000000
+    AGENTIDP_TIERS__PLANS__FREE__RATE_LIMIT__REQUESTS_PER_MINUTE=6000000
+    AGENTIDP_TIERS__PLANS__FREE__RATE_LIMIT__BURST=1000000
 )
 
 start_server() { # start_server ALG

@@ -35,6 +35,10 @@ struct Inner {
     policy: crate::policy::Engine,
     decisions: tokio::sync::mpsc::Sender<crate::policy::LoggedDecision>,
     decisions_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>>>,
+    tiers: crate::tiers::Tiers,
+    analytics: crate::analytics::Recorder,
+    clock: crate::clock::Clock,
+    http: reqwest::Client,
 }
 
 impl AppState {
@@ -44,6 +48,12 @@ impl AppState {
         let keys = KeyRing::new(config.kek());
         let policy = crate::policy::Engine::new()?;
         let (decisions, rx) = tokio::sync::mpsc::channel(config.policy.log_queue_capacity);
+        let tiers = crate::tiers::Tiers::new(&config.tiers);
+        let analytics = crate::analytics::Recorder::new(&config.analytics);
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("agentidp/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
         Ok(Self(Arc::new(Inner {
             config,
             db,
@@ -55,6 +65,10 @@ impl AppState {
             policy,
             decisions,
             decisions_rx: std::sync::Mutex::new(Some(rx)),
+            tiers,
+            analytics,
+            clock: crate::clock::Clock::default(),
+            http,
         })))
     }
     pub fn config(&self) -> &Config {
@@ -82,6 +96,21 @@ impl AppState {
     pub fn decision_log(&self) -> &tokio::sync::mpsc::Sender<crate::policy::LoggedDecision> {
         &self.0.decisions
     }
+    pub fn tiers(&self) -> &crate::tiers::Tiers {
+        &self.0.tiers
+    }
+    /// Where per-request and per-token records queue for `analytics_event`.
+    pub fn analytics(&self) -> &crate::analytics::Recorder {
+        &self.0.analytics
+    }
+    /// The clock quotas read (tests move it across day boundaries).
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.0.clock
+    }
+    /// The outbound HTTP client (Stripe).
+    pub fn http_client(&self) -> &reqwest::Client {
+        &self.0.http
+    }
     /// Whether our own listener speaks TLS (proxies may still tell us otherwise).
     pub fn listener_is_tls(&self) -> bool {
         self.0.listener_is_tls
@@ -95,6 +124,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::auth::router())
         .merge(crate::audit::router())
         .merge(crate::policy::router())
+        .merge(crate::tiers::router())
 }
 
 /// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
@@ -181,6 +211,7 @@ impl Application {
             signal.graceful_shutdown(Some(grace));
         });
         let background = spawn_background(&state);
+        let analytics = state.analytics().spawn_writer(state.db().clone());
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
         match tls {
@@ -190,6 +221,10 @@ impl Application {
         background.abort();
         // What was buffered in memory goes out before the pool closes.
         state.auth().last_used.flush(state.db()).await;
+        state.analytics().stop();
+        if let Some(writer) = analytics {
+            let _ = tokio::time::timeout(grace, writer).await;
+        }
         state.db().close().await;
         tracing::info!("stopped");
         Ok(())

@@ -28,6 +28,61 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub policy: PolicyConfig,
+    pub tiers: TiersConfig,
+    pub analytics: AnalyticsConfig,
+}
+
+/// Plans, their limits, and optional Stripe billing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TiersConfig {
+    /// The plan of an organization that was never given one.
+    pub default_plan: String,
+    /// How long an organization's limits are trusted from the in-process cache.
+    pub cache_secs: u64,
+    pub plans: std::collections::BTreeMap<String, crate::tiers::plans::Plan>,
+    pub stripe: StripeConfig,
+}
+
+impl TiersConfig {
+    /// The default plan (validation guarantees it exists).
+    pub fn default_limits(&self) -> &crate::tiers::plans::Plan {
+        &self.plans[&self.default_plan]
+    }
+}
+
+/// Stripe Checkout for self-service upgrades; off while `secret_key` is empty.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeConfig {
+    pub secret_key: Secret,
+    /// The endpoint's signing secret (`whsec_...`) for `Stripe-Signature`.
+    pub webhook_secret: Secret,
+    pub api_base: String,
+    /// Signed events older (or newer) than this are refused.
+    pub webhook_tolerance_secs: u64,
+    pub success_url: String,
+    pub cancel_url: String,
+    /// Plan name → Stripe price id.
+    pub prices: std::collections::BTreeMap<String, String>,
+}
+
+impl StripeConfig {
+    pub fn enabled(&self) -> bool {
+        !self.secret_key.is_empty()
+    }
+}
+
+/// The metering layer's per-request records.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyticsConfig {
+    /// Whether requests are recorded in `analytics_event`.
+    pub record_requests: bool,
+    /// Records waiting in memory; past this they are dropped (and counted).
+    pub buffer_capacity: usize,
+    pub batch_size: usize,
+    pub flush_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -339,8 +394,70 @@ impl Config {
                 "must be at least policy.log_batch_size, which must be at least 1",
             ));
         }
+        self.validate_tiers()?;
+        let an = &self.analytics;
+        if an.batch_size == 0 || an.buffer_capacity < an.batch_size {
+            return Err(invalid(
+                "analytics.buffer_capacity",
+                "must be at least analytics.batch_size, which must be at least 1",
+            ));
+        }
+        if !(10..=60_000).contains(&an.flush_interval_ms) {
+            return Err(invalid("analytics.flush_interval_ms", "must be between 10 and 60000"));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "is not a valid filter such as \"info\" or \"info,sqlx=warn\""));
+        }
+        Ok(())
+    }
+
+    fn validate_tiers(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid { key, problem: problem.into() }
+        }
+        let t = &self.tiers;
+        for (name, plan) in &t.plans {
+            if !crate::tiers::plans::valid_plan_name(name) {
+                return Err(invalid(
+                    "tiers.plans",
+                    format!("{name:?}: plan names are lowercase letters, digits, - and _"),
+                ));
+            }
+            if let Some(problem) = crate::tiers::plans::rate_problem(&plan.rate_limit) {
+                return Err(invalid("tiers.plans", format!("{name}: {problem}")));
+            }
+        }
+        if !t.plans.contains_key(&t.default_plan) {
+            return Err(invalid("tiers.default_plan", format!("{:?} is not one of tiers.plans", t.default_plan)));
+        }
+        if t.cache_secs > 300 {
+            return Err(invalid("tiers.cache_secs", "must be at most 300"));
+        }
+        let s = &t.stripe;
+        if !(s.api_base.starts_with("https://") || s.api_base.starts_with("http://")) || s.api_base.ends_with('/') {
+            return Err(invalid("tiers.stripe.api_base", "must be an http(s) URL without a trailing slash"));
+        }
+        if !(1..=3600).contains(&s.webhook_tolerance_secs) {
+            return Err(invalid("tiers.stripe.webhook_tolerance_secs", "must be between 1 and 3600"));
+        }
+        for (plan, price) in &s.prices {
+            if !t.plans.contains_key(plan) {
+                return Err(invalid("tiers.stripe.prices", format!("{plan:?} is not one of tiers.plans")));
+            }
+            if price.is_empty() {
+                return Err(invalid("tiers.stripe.prices", format!("{plan}: the price id is empty")));
+            }
+        }
+        if s.enabled() {
+            if s.webhook_secret.is_empty() {
+                return Err(invalid("tiers.stripe.webhook_secret", "is required with tiers.stripe.secret_key"));
+            }
+            for (key, url) in [("tiers.stripe.success_url", &s.success_url), ("tiers.stripe.cancel_url", &s.cancel_url)]
+            {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(invalid(key, "must be an http(s) URL when Stripe is configured"));
+                }
+            }
         }
         Ok(())
     }

@@ -9,13 +9,18 @@
 //! - [`auth`]: organizations, humans, memberships, sessions, API keys, bootstrap.
 //! - [`audit`]: the per-organization hash-chained audit log.
 //! - [`policy`]: the Cedar decision point, the per-route policy table and layer, the decision log.
+//! - [`tiers`]: plans and limits, the rate limiter and quota counters, Stripe upgrades.
+//! - [`analytics`]: per-request and per-token records, written in batches.
+//! - [`clock`]: the wall clock quotas read (tests move it).
 //! - [`crypto`]: random secrets, hashing, password hashing.
 //! - [`cli`]: the `agentidp` command line.
 
+pub mod analytics;
 pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod db;
@@ -23,6 +28,7 @@ pub mod http;
 pub mod policy;
 pub mod redis;
 pub mod telemetry;
+pub mod tiers;
 
 /// The name of the session cookie.
 pub const SESSION_COOKIE: &str = "agentidp_session";

@@ -28,6 +28,15 @@ impl ActorType {
             Self::Service => "service",
         }
     }
+
+    /// The prefix of an actor id of this type: `user`, `agent` or `service`.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Human => "user",
+            Self::Agent => "agent",
+            Self::Service => "service",
+        }
+    }
 }
 
 /// A role within an organization; `owner` > `admin` > `member`.
@@ -93,6 +102,8 @@ scopes! {
     PoliciesRead => "policies:read",
     PoliciesWrite => "policies:write",
     PdpEvaluate => "pdp:evaluate",
+    TiersRead => "tiers:read",
+    TiersWrite => "tiers:write",
 }
 
 /// The authenticated caller of this request.
@@ -107,12 +118,7 @@ pub struct Actor {
 impl Actor {
     /// `user:<uuid>`, `agent:<uuid>` or `service:<uuid>`.
     pub fn actor_id(&self) -> String {
-        let kind = match self.actor_type {
-            ActorType::Human => "user",
-            ActorType::Agent => "agent",
-            ActorType::Service => "service",
-        };
-        format!("{kind}:{}", self.principal.user_id)
+        format!("{}:{}", self.actor_type.id_prefix(), self.principal.user_id)
     }
 
     pub fn user_id(&self) -> Uuid {

@@ -244,7 +244,9 @@ async fn forget_client(state: &AppState, client_id: &str) {
 /// Registers an agent in the current organization.
 #[utoipa::path(post, path = "/api/v1/agents", tag = "agents", request_body = CreateAgent,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 201, body = Agent), (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = Agent), (status = 401, body = Problem),
+              (status = 403, description = "Not allowed, or `agent_limit_reached`: the plan's max_agents", body = Problem),
+              (status = 422, body = Problem)))]
 pub(super) async fn create_agent(
     State(state): State<AppState>,
     actor: Actor,
@@ -257,6 +259,21 @@ pub(super) async fn create_agent(
     }
     let mut tx = state.db().begin().await?;
     require_member(&mut tx, org_id, owner_id).await?;
+    // The tier row stays locked until commit, so concurrent creations cannot both take the last place.
+    let tier = crate::tiers::lock_limits(&state, &mut tx, org_id).await?;
+    if let Some(max) = tier.limits.max_agents.max() {
+        let agents = count(&mut *tx, org_id).await?;
+        if agents >= max {
+            return Err(ApiError::Forbidden {
+                code: "agent_limit_reached".into(),
+                detail: format!(
+                    "The {} plan allows {max} agents and the organization has {agents}; delete one or upgrade.",
+                    tier.plan
+                )
+                .into(),
+            });
+        }
+    }
     let id = Uuid::now_v7();
     let row = sqlx::query_as!(
         AgentRow,
@@ -280,6 +297,12 @@ pub(super) async fn create_agent(
     .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(row.into())))
+}
+
+/// How many agents an organization has (against its plan's `max_agents`).
+pub async fn count(db: impl sqlx::PgExecutor<'_>, org_id: Uuid) -> Result<u64, sqlx::Error> {
+    let n = sqlx::query_scalar!("select count(*) from agent where organization_id = $1", org_id).fetch_one(db).await?;
+    Ok(n.unwrap_or(0) as u64)
 }
 
 /// Agents of the current organization, filtered, in pages.

@@ -362,6 +362,7 @@ pub async fn run_subscriber(state: crate::app::AppState) {
             pubsub.subscribe(&channel).await?;
             auth.cache.clear();
             auth.clients.clear();
+            state.tiers().clear();
             auth.revocations.sync(state.db(), state.redis(), max_ttl).await?;
             state.keys().load(state.db()).await?;
             crate::policy::sync_all(&state).await?;
@@ -377,6 +378,8 @@ pub async fn run_subscriber(state: crate::app::AppState) {
                     if let Err(e) = crate::policy::reload_org(&state, org).await {
                         tracing::warn!(error = %e, "reloading an organization's policies failed");
                     }
+                } else if let Some(org) = text.strip_prefix("tier:").and_then(|o| o.parse().ok()) {
+                    state.tiers().forget(org);
                 } else if let Some(client_id) = text.strip_prefix("client:") {
                     auth.clients.remove(client_id);
                 } else if text.starts_with("jti:") || text.starts_with("wm:") {

@@ -94,6 +94,7 @@ pub const PUBLIC_ROUTES: &[&str] = &[
     "/.well-known/openid-configuration",
     "/.well-known/oauth-protected-resource",
     "/.well-known/jwks.json",
+    "/api/v1/billing/stripe/webhook",
 ];
 
 /// Whether a matched route template is public (Swagger UI's assets and unknown paths are).

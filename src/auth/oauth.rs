@@ -36,11 +36,13 @@ pub struct OAuthError {
     status: StatusCode,
     error: &'static str,
     description: String,
+    /// Rate-limit headers and `Retry-After` of a 429.
+    headers: Option<Box<HeaderMap>>,
 }
 
 impl OAuthError {
     fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
-        Self { status, error, description: description.into() }
+        Self { status, error, description: description.into(), headers: None }
     }
     fn invalid_request(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
@@ -71,6 +73,9 @@ impl IntoResponse for OAuthError {
             (self.status, Json(OAuthErrorBody { error: self.error.into(), error_description: self.description }))
                 .into_response();
         no_store(response.headers_mut());
+        if let Some(extra) = self.headers {
+            response.headers_mut().extend(*extra);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -284,7 +289,8 @@ pub struct TokenForm {
     responses(
         (status = 200, body = TokenResponse),
         (status = 400, description = "invalid_request, invalid_scope, invalid_target, unsupported_grant_type, unauthorized_client", body = OAuthErrorBody),
-        (status = 401, description = "invalid_client", body = OAuthErrorBody)))]
+        (status = 401, description = "invalid_client", body = OAuthErrorBody),
+        (status = 429, description = "too_many_requests (the client's rate) or quota_exceeded (the organization's daily or monthly tokens); with Retry-After", body = OAuthErrorBody)))]
 pub(super) async fn token(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -347,6 +353,15 @@ pub(super) async fn token(
             Audience::Many(form.resources.clone())
         }
     };
+    // The client's rate and the organization's token quotas, in one round trip.
+    let (tier, charged, limit_headers) = crate::tiers::charge_token(&state, client.org_id, &client.client_id).await;
+    if let Some(refusal) = charged.refused {
+        metrics::counter!(crate::tiers::limiter::REJECTED_TOTAL, "limit" => refusal.as_str()).increment(1);
+        let error = if refusal == crate::tiers::Refusal::Rate { "too_many_requests" } else { "quota_exceeded" };
+        let mut e = OAuthError::new(StatusCode::TOO_MANY_REQUESTS, error, crate::tiers::refusal_detail(refusal, &tier));
+        e.headers = Some(Box::new(limit_headers));
+        return Err(e);
+    }
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let ttl = cfg.auth.access_token_ttl_secs;
     let claims = Claims {
@@ -368,9 +383,21 @@ pub(super) async fn token(
         OAuthError::server_error()
     })?;
     metrics::counter!("tokens_issued_total", "grant_type" => "client_credentials").increment(1);
+    state.analytics().record(crate::analytics::Event {
+        org_id: client.org_id,
+        kind: crate::analytics::Kind::TokenIssued,
+        actor_id: Some(format!("agent:{}", client.agent_id)),
+        client_id: Some(client.client_id.clone()),
+        method: "POST".into(),
+        route: "/api/v1/token".into(),
+        status: 200,
+        latency_us: 0,
+        at: state.clock().now(),
+    });
     let mut response =
         Json(TokenResponse { access_token, token_type: "Bearer", expires_in: ttl, scope }).into_response();
     no_store(response.headers_mut());
+    response.headers_mut().extend(limit_headers);
     Ok(response)
 }
 

@@ -66,6 +66,7 @@ pub async fn insert_organization(
     })?;
     let event = Event { org_id: id, ..event }.target("organization", id).details(json!({ "slug": slug, "name": name }));
     audit::record(conn, event).await?;
+    crate::tiers::enroll(conn, id).await?;
     Ok(Organization { id, slug: slug.to_owned(), name: name.to_owned(), role: None, created_at })
 }
 

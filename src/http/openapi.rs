@@ -27,6 +27,9 @@ use super::error::{FieldError, Problem};
         (name = "agents", description = "The agent registry and agents' client credentials"),
         (name = "policy", description = "The policy decision point, policy versions, dry runs"),
         (name = "oauth", description = "The OAuth 2.0 authorization server: tokens, introspection, revocation, metadata, keys"),
+        (name = "tiers", description = "Plans, limits and usage; upgrades and Stripe billing. Every charged response carries \
+X-RateLimit-Limit / -Remaining / -Reset (a Unix time) for the limit closest to refusing, and RateLimit-Policy / RateLimit \
+(draft-ietf-httpapi-ratelimit-headers) for all of them; a refusal is 429 with Retry-After"),
     )
 )]
 pub struct ApiDoc;

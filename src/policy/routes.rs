@@ -115,6 +115,8 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/policies/versions/{version}/test", "read", Org(PolicySet), "policies:read"),
     rule("POST", "/api/v1/policies/versions/{version}/activate", "manage", Org(PolicySet), "policies:write"),
     rule("POST", "/api/v1/policies/rollback", "manage", Org(PolicySet), "policies:write"),
+    rule("GET", "/api/v1/tiers/status", "read", Org(Organization), "tiers:read"),
+    rule("POST", "/api/v1/tiers/upgrade", "manage", Org(Organization), "tiers:write"),
 ];
 
 /// The declaration for a route, if any.

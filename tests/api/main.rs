@@ -7,3 +7,4 @@ mod foundation;
 mod identity;
 mod oauth;
 mod policy;
+mod tiers;

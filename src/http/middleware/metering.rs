@@ -1,29 +1,65 @@
-//! Layer 3, metering: counts every request for Prometheus by method, route template and status.
+//! Layer 3, metering: counts every request for Prometheus by method, route template and status,
+//! and records each request made in an organization (org, actor, route template, status, latency)
+//! for analytics.
 //!
 //! The route is axum's matched template (`/api/v1/agents/{id}`), never the raw path, so label
-//! cardinality stays bounded whatever clients send. Recording is an atomic increment: it never
-//! blocks and never fails a request.
+//! cardinality stays bounded whatever clients send. Recording is an atomic increment and a
+//! non-blocking push onto a bounded queue (see [`crate::analytics`]): it never blocks and never
+//! fails a request. Requests the tier layer refuses are recorded too.
 
 use std::time::Instant;
 
 use axum::{
-    extract::{MatchedPath, Request},
+    extract::{MatchedPath, Request, State},
     middleware::Next,
     response::Response,
+};
+
+use super::org_context::{Identified, OrgChoice};
+use crate::{
+    analytics::{Event, Kind},
+    app::AppState,
+    auth::Credential,
 };
 
 pub const REQUESTS_TOTAL: &str = "http_requests_total";
 pub const REQUEST_DURATION: &str = "http_request_duration_seconds";
 
-pub async fn layer(req: Request, next: Next) -> Response {
+pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
-    let route =
-        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let who = match req.extensions().get::<Identified>() {
+        Some(Identified { principal: Ok(p), org: OrgChoice::Chosen(Some(org)) })
+            if route.is_some() && state.analytics().records_requests() =>
+        {
+            let client = match &p.credential {
+                Credential::AccessToken { claims, .. } => Some(claims.client_id.clone()),
+                _ => None,
+            };
+            Some((*org, format!("{}:{}", p.actor_type.id_prefix(), p.user_id), client))
+        }
+        _ => None,
+    };
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route), ("status", status)];
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    let route = route.unwrap_or_else(|| "unmatched".to_owned());
+    if let Some((org_id, actor_id, client_id)) = who {
+        state.analytics().record(Event {
+            org_id,
+            kind: Kind::Request,
+            actor_id: Some(actor_id),
+            client_id,
+            method: method.clone(),
+            route: route.clone(),
+            status,
+            latency_us: elapsed.as_micros().min(u32::MAX as u128) as u32,
+            at: state.clock().now(),
+        });
+    }
+    let labels = [("method", method), ("route", route), ("status", status.to_string())];
     metrics::counter!(REQUESTS_TOTAL, &labels).increment(1);
-    metrics::histogram!(REQUEST_DURATION, &labels).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
     response
 }

@@ -42,8 +42,8 @@ pub fn stack(router: Router<AppState>, state: &AppState) -> Router<AppState> {
         // The six product layers, in request order.
         .layer(from_fn_with_state(state.clone(), tls::layer))
         .layer(from_fn_with_state(state.clone(), org_context::layer))
-        .layer(from_fn(metering::layer))
-        .layer(from_fn(tier::layer))
+        .layer(from_fn_with_state(state.clone(), metering::layer))
+        .layer(from_fn_with_state(state.clone(), tier::layer))
         .layer(from_fn_with_state(state.clone(), auth::layer))
         .layer(from_fn_with_state(state.clone(), policy::layer))
         // Innermost, because it changes the body type the handler reads.

@@ -1,10 +1,70 @@
-//! Layer 4, tier enforcement: the org's daily call quota and the caller's rate limit.
+//! Layer 4, tier enforcement: the organization's daily call quota and the caller's rate limit,
+//! checked and counted in one Redis round trip (see [`crate::tiers::limiter`]).
 //!
-//! Pass-through for now: the tiers issue fills it in (one Redis round trip per request; 429 with
-//! `Retry-After` and the rate-limit headers when over).
+//! Every request on a protected route by an identified caller in an organization is charged: the
+//! client's bucket (per API key, OAuth client or user) and the organization's calls for the UTC
+//! day. The tier routes themselves do not count against the daily quota, so that an organization
+//! over it can still see why and upgrade. Over a limit: 429 problem+json with `Retry-After`; every
+//! charged response carries the rate-limit headers. Anonymous requests pass untouched (the login
+//! throttle and the token endpoint's own charge cover those).
 
-use axum::{extract::Request, middleware::Next, response::Response};
+use axum::{
+    extract::{MatchedPath, Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
 
-pub async fn layer(req: Request, next: Next) -> Response {
-    next.run(req).await
+use super::org_context::{Identified, OrgChoice};
+use crate::{
+    app::AppState,
+    auth::{Credential, Principal, is_public},
+    http::ApiError,
+    tiers::{self, Charge, Refusal},
+};
+
+/// Whose bucket a request draws from.
+fn client_of(p: &Principal) -> String {
+    match &p.credential {
+        Credential::ApiKey { key_id, .. } => format!("key:{key_id}"),
+        Credential::AccessToken { claims, .. } => format!("client:{}", claims.client_id),
+        Credential::Session { .. } => format!("user:{}", p.user_id),
+    }
+}
+
+pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str());
+    if is_public(route) {
+        return next.run(req).await;
+    }
+    let counted = route.is_some_and(|r| !tiers::UNCOUNTED_ROUTES.contains(&r));
+    let (org, client) = match req.extensions().get::<Identified>() {
+        Some(Identified { principal: Ok(p), org: OrgChoice::Chosen(Some(org)) }) => (*org, client_of(p)),
+        _ => return next.run(req).await,
+    };
+    let tier = tiers::org_tier(&state, org).await;
+    let charge = Charge {
+        org,
+        client: &client,
+        rate: tier.limits.rate_limit,
+        calls: counted.then_some(tier.limits.api_calls_per_day),
+        tokens: None,
+    };
+    let outcome = state.tiers().limiter.charge(state.redis(), state.clock().now(), &charge).await;
+    let headers = tiers::headers(&tier.limits, &charge, &outcome);
+    let mut response = match outcome.refused {
+        Some(refusal) => {
+            metrics::counter!(tiers::limiter::REJECTED_TOTAL, "limit" => refusal.as_str()).increment(1);
+            let code = match refusal {
+                Refusal::Rate => "rate_limited",
+                _ => "daily_quota_exceeded",
+            };
+            let retry_after =
+                headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(1);
+            ApiError::TooManyRequests { code, detail: tiers::refusal_detail(refusal, &tier).into(), retry_after }
+                .into_response()
+        }
+        None => next.run(req).await,
+    };
+    response.headers_mut().extend(headers);
+    response
 }

@@ -101,7 +101,18 @@ pub fn test_config(db_url: &str, extra: &[(&str, Value)]) -> Config {
         .merge(Serialized::default("database.connect_retry_secs", 5))
         .merge(Serialized::default("database.acquire_timeout_ms", 1500))
         .merge(Serialized::default("redis.url", redis_url()))
-        .merge(Serialized::default("server.shutdown_grace_secs", 10));
+        .merge(Serialized::default("server.shutdown_grace_secs", 10))
+        // Tests that are not about limits should never meet one; the tier tests set their own.
+        .merge(Serialized::default(
+            "tiers.plans.free",
+            serde_json::json!({
+                "max_agents": "unlimited",
+                "api_calls_per_day": "unlimited",
+                "tokens_per_day": "unlimited",
+                "tokens_per_month": "unlimited",
+                "rate_limit": { "requests_per_minute": 6_000_000, "burst": 1_000_000 },
+            }),
+        ));
     for (k, v) in extra {
         fig = fig.merge(Serialized::default(k, v.clone()));
     }

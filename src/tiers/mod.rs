@@ -1,0 +1,297 @@
+//! Tiers: each organization's plan and limits, the rate limiter and quota counters, upgrades
+//! (directly by a system admin, or through Stripe Checkout by an owner).
+//!
+//! Plans live in configuration (`tiers.plans`); `tenant_tier` holds each organization's plan and
+//! its own overrides. An organization's effective limits are cached in-process for
+//! `tiers.cache_secs` and dropped on every instance through Redis pub/sub when they change.
+
+mod handlers;
+pub mod limiter;
+pub mod plans;
+mod stripe;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use sqlx::PgConnection;
+use time::OffsetDateTime;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+pub use limiter::{Charge, Limiter, Outcome, Refusal, Usage};
+pub use plans::{Limit, Overrides, Plan, RateLimit};
+
+use crate::{app::AppState, config::TiersConfig};
+
+/// Routes that an organization over its daily quota must still reach: to see why, and to upgrade.
+pub const UNCOUNTED_ROUTES: &[&str] = &["/api/v1/tiers/status", "/api/v1/tiers/upgrade"];
+
+/// An organization's plan and effective limits.
+#[derive(Debug, Clone)]
+pub struct OrgTier {
+    pub plan: String,
+    pub limits: Plan,
+    pub overrides: Overrides,
+    pub since: OffsetDateTime,
+}
+
+/// Per-process tier state: the limits cache and the limiter.
+pub struct Tiers {
+    cache: RwLock<HashMap<Uuid, (Instant, Arc<OrgTier>)>>,
+    ttl: Duration,
+    pub limiter: Limiter,
+}
+
+const CACHE_MAX: usize = 100_000;
+
+impl Tiers {
+    pub fn new(cfg: &TiersConfig) -> Self {
+        Self { cache: RwLock::new(HashMap::new()), ttl: Duration::from_secs(cfg.cache_secs), limiter: Limiter::new() }
+    }
+
+    fn cached(&self, org: Uuid) -> Option<Arc<OrgTier>> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        cache.get(&org).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, t)| t.clone())
+    }
+
+    /// Drops one organization's cached limits (after a change here or on another instance).
+    pub fn forget(&self, org: Uuid) {
+        self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(&org);
+    }
+
+    /// Drops every cached limit (the change feed may have missed messages).
+    pub fn clear(&self) {
+        self.cache.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// The organization's plan and limits, from the cache or Postgres. With Postgres away, the default
+/// plan applies (not cached), so that a database outage does not lift every limit.
+pub async fn org_tier(state: &AppState, org: Uuid) -> Arc<OrgTier> {
+    let tiers = state.tiers();
+    if let Some(t) = tiers.cached(org) {
+        return t;
+    }
+    let cfg = &state.config().tiers;
+    let row = sqlx::query!("select plan, overrides, since from tenant_tier where organization_id = $1", org)
+        .fetch_optional(state.db())
+        .await;
+    let (plan, overrides, since) = match row {
+        Ok(Some(r)) => (r.plan, r.overrides, r.since),
+        Ok(None) => (None, serde_json::json!({}), OffsetDateTime::now_utc()),
+        Err(e) => {
+            tracing::warn!(error = %e, %org, "could not load the organization's plan; the default plan applies");
+            return Arc::new(resolve(cfg, None, Overrides::default(), OffsetDateTime::now_utc(), org));
+        }
+    };
+    let overrides = serde_json::from_value::<Overrides>(overrides).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, %org, "the organization's tier overrides do not parse; ignoring them");
+        Overrides::default()
+    });
+    let tier = Arc::new(resolve(cfg, plan, overrides, since, org));
+    let mut cache = tiers.cache.write().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(org, (Instant::now(), tier.clone()));
+    tier
+}
+
+fn resolve(cfg: &TiersConfig, plan: Option<String>, overrides: Overrides, since: OffsetDateTime, org: Uuid) -> OrgTier {
+    let name = match plan {
+        Some(p) if cfg.plans.contains_key(&p) => p,
+        Some(p) => {
+            tracing::warn!(%org, plan = %p, "the organization's plan is no longer configured; the default plan applies");
+            cfg.default_plan.clone()
+        }
+        None => cfg.default_plan.clone(),
+    };
+    let limits = overrides.apply(&cfg.plans[&name]);
+    OrgTier { plan: name, limits, overrides, since }
+}
+
+/// Gives a new organization its row (on the default plan). Part of the creating transaction.
+pub async fn enroll(conn: &mut PgConnection, org: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query!("insert into tenant_tier (organization_id) values ($1) on conflict do nothing", org)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// The organization's limits, with its tier row locked until the transaction ends: callers that
+/// check a count against a limit (agents against `max_agents`) cannot both pass at the edge.
+pub async fn lock_limits(state: &AppState, conn: &mut PgConnection, org: Uuid) -> Result<OrgTier, sqlx::Error> {
+    let row = sqlx::query!("select plan, overrides, since from tenant_tier where organization_id = $1 for update", org)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let cfg = &state.config().tiers;
+    Ok(match row {
+        Some(r) => {
+            let overrides = serde_json::from_value(r.overrides).unwrap_or_default();
+            resolve(cfg, r.plan, overrides, r.since, org)
+        }
+        None => resolve(cfg, None, Overrides::default(), OffsetDateTime::now_utc(), org),
+    })
+}
+
+/// Tells every instance (this one included) that an organization's tier changed.
+pub async fn announce(state: &AppState, org: Uuid) {
+    state.tiers().forget(org);
+    crate::auth::credentials::publish(state.redis(), &format!("tier:{org}")).await;
+}
+
+/// Charges one issued access token to the organization (and one request to the client's rate);
+/// returns the rate-limit headers for the response.
+pub async fn charge_token(state: &AppState, org: Uuid, client_id: &str) -> (Arc<OrgTier>, Outcome, http::HeaderMap) {
+    let tier = org_tier(state, org).await;
+    let client = format!("client:{client_id}");
+    let charge = Charge {
+        org,
+        client: &client,
+        rate: tier.limits.rate_limit,
+        calls: None,
+        tokens: Some((tier.limits.tokens_per_day, tier.limits.tokens_per_month)),
+    };
+    let outcome = state.tiers().limiter.charge(state.redis(), state.clock().now(), &charge).await;
+    let headers = headers(&tier.limits, &charge, &outcome);
+    (tier, outcome, headers)
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(handlers::status))
+        .routes(routes!(handlers::upgrade))
+        .routes(routes!(stripe::webhook))
+}
+
+/// One quota as the rate-limit headers describe it.
+struct Policy {
+    name: &'static str,
+    quota: u64,
+    window: u64,
+    remaining: u64,
+    /// Seconds until it is whole again.
+    reset: u64,
+    /// When that is (Unix time).
+    reset_at: i64,
+}
+
+/// The `X-RateLimit-*`, `RateLimit-Policy` and `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers)
+/// for an outcome, and on a refusal `Retry-After`. `X-RateLimit-*` describe the limit closest to
+/// refusing (or the one that refused); `X-RateLimit-Reset` is a Unix time, as most APIs send it.
+pub fn headers(limits: &Plan, charge: &Charge<'_>, o: &Outcome) -> http::HeaderMap {
+    use crate::clock::{next_midnight, next_month};
+    let until = |t: OffsetDateTime| ((t - o.now).as_seconds_f64().ceil() as u64).max(1);
+    let day_reset = until(next_midnight(o.now));
+    let month_reset = until(next_month(o.now));
+    let rate = limits.rate_limit;
+    let mut policies = vec![Policy {
+        name: "burst",
+        quota: rate.burst as u64,
+        window: rate.window_secs(),
+        remaining: o.burst_remaining,
+        reset: o.burst_reset_ms.div_ceil(1000),
+        reset_at: ((o.now + time::Duration::milliseconds(o.burst_reset_ms as i64)).unix_timestamp_nanos() as f64 / 1e9)
+            .ceil() as i64,
+    }];
+    let day_at = next_midnight(o.now).unix_timestamp();
+    let month_at = next_month(o.now).unix_timestamp();
+    if let Some(Limit::Max(q)) = charge.calls {
+        let remaining = q.saturating_sub(o.calls_today);
+        policies.push(Policy {
+            name: "daily",
+            quota: q,
+            window: 86_400,
+            remaining,
+            reset: day_reset,
+            reset_at: day_at,
+        });
+    }
+    if let Some((day, month)) = charge.tokens {
+        if let Limit::Max(q) = day {
+            let remaining = q.saturating_sub(o.tokens_today);
+            policies.push(Policy {
+                name: "tokens-daily",
+                quota: q,
+                window: 86_400,
+                remaining,
+                reset: day_reset,
+                reset_at: day_at,
+            });
+        }
+        if let Limit::Max(q) = month {
+            let start = o.now.replace_day(1).unwrap_or(o.now).replace_time(time::Time::MIDNIGHT);
+            let window = (next_month(o.now) - start).whole_seconds() as u64;
+            let remaining = q.saturating_sub(o.tokens_this_month);
+            policies.push(Policy {
+                name: "tokens-monthly",
+                quota: q,
+                window,
+                remaining,
+                reset: month_reset,
+                reset_at: month_at,
+            });
+        }
+    }
+    let refused_name = o.refused.map(|r| match r {
+        Refusal::Rate => "burst",
+        Refusal::DailyCalls => "daily",
+        Refusal::DailyTokens => "tokens-daily",
+        Refusal::MonthlyTokens => "tokens-monthly",
+    });
+    let binding = refused_name
+        .and_then(|n| policies.iter().find(|p| p.name == n))
+        .or_else(|| policies.iter().min_by_key(|p| p.remaining))
+        .expect("the burst policy is always there");
+    let mut h = http::HeaderMap::new();
+    let policy = policies.iter().map(|p| format!("\"{}\";q={};w={}", p.name, p.quota, p.window)).collect::<Vec<_>>();
+    let current =
+        policies.iter().map(|p| format!("\"{}\";r={};t={}", p.name, p.remaining, p.reset)).collect::<Vec<_>>();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = http::HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    put("x-ratelimit-limit", binding.quota.to_string());
+    put("x-ratelimit-remaining", binding.remaining.to_string());
+    put("x-ratelimit-reset", binding.reset_at.to_string());
+    put("ratelimit-policy", policy.join(", "));
+    put("ratelimit", current.join(", "));
+    if let Some(r) = o.refused {
+        let retry = match r {
+            Refusal::Rate => o.retry_after_ms.div_ceil(1000).max(1),
+            Refusal::DailyCalls | Refusal::DailyTokens => day_reset,
+            Refusal::MonthlyTokens => month_reset,
+        };
+        put("retry-after", retry.to_string());
+    }
+    h
+}
+
+/// The 429 detail for a refusal.
+pub fn refusal_detail(r: Refusal, tier: &OrgTier) -> String {
+    match r {
+        Refusal::Rate => format!(
+            "Rate limit of the {} plan reached ({} requests per minute, bursts of {}); retry after the Retry-After seconds.",
+            tier.plan, tier.limits.rate_limit.requests_per_minute, tier.limits.rate_limit.burst
+        ),
+        Refusal::DailyCalls => format!(
+            "The organization has used its {} API calls for today (plan {}); the count resets at 00:00 UTC.",
+            tier.limits.api_calls_per_day.max().unwrap_or(0),
+            tier.plan
+        ),
+        Refusal::DailyTokens => format!(
+            "The organization has been issued its {} access tokens for today (plan {}); the count resets at 00:00 UTC.",
+            tier.limits.tokens_per_day.max().unwrap_or(0),
+            tier.plan
+        ),
+        Refusal::MonthlyTokens => format!(
+            "The organization has been issued its {} access tokens for this month (plan {}).",
+            tier.limits.tokens_per_month.max().unwrap_or(0),
+            tier.plan
+        ),
+    }
+}

@@ -1,0 +1,540 @@
+//! Tiers: exact limits under concurrency, the UTC day boundary, usage in the status, the Redis
+//! fallback, agent and token quotas, upgrades and the Stripe webhook (against a local fake Stripe).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{Router, extract::State, routing::post};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use time::{OffsetDateTime, macros::datetime};
+
+use crate::helpers::{Caller, PASSWORD, TestApp, assert_problem, json_ok, proxy::Proxy, redis_url, spawn_app_with};
+
+/// An org with an owner and one API key; the key acts in the org.
+async fn org_and_key(app: &TestApp) -> (Caller, Caller) {
+    let admin = app.bootstrap().await;
+    let owner = app.org_with_owner(&admin, "Metered", "owner@metered.test").await;
+    let key = app.api_key(&owner, None).await;
+    (owner, key)
+}
+
+async fn status(app: &TestApp, caller: &Caller) -> Value {
+    json_ok(
+        app.as_(caller, Method::GET, "/api/v1/tiers/status").header("x-org-id", &caller.org_id).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+}
+
+/// Sends `n` requests at once; returns the responses.
+async fn burst(app: &TestApp, caller: &Caller, path: &str, n: usize) -> Vec<reqwest::Response> {
+    let sends = (0..n).map(|_| app.as_(caller, Method::GET, path).send());
+    futures_util::future::join_all(sends).await.into_iter().map(Result::unwrap).collect()
+}
+
+#[tokio::test]
+async fn two_hundred_parallel_requests_against_a_daily_quota_of_fifty_let_exactly_fifty_through() {
+    let app = spawn_app_with(&[("tiers.plans.free.api_calls_per_day", json!(50))]).await;
+    let (owner, key) = org_and_key(&app).await;
+    let before = status(&app, &owner).await["usage"]["api_calls_today"].as_u64().unwrap();
+    assert!(before < 50, "setup used {before} calls");
+
+    let responses = burst(&app, &key, "/api/v1/agents", 200).await;
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for r in &responses {
+        *by_status.entry(r.status().as_u16()).or_default() += 1;
+    }
+    assert_eq!(by_status.get(&200).copied(), Some(50 - before as usize), "{by_status:?}");
+    assert_eq!(by_status.get(&429).copied(), Some(150 + before as usize), "{by_status:?}");
+
+    let refused = responses.into_iter().find(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).unwrap();
+    let until_midnight =
+        (agentidp::clock::next_midnight(OffsetDateTime::now_utc()) - OffsetDateTime::now_utc()).whole_seconds() as u64;
+    let retry: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert!(retry.abs_diff(until_midnight) <= 2, "Retry-After {retry} vs {until_midnight} s to midnight");
+    assert_eq!(header(&refused, "x-ratelimit-limit"), "50");
+    assert_eq!(header(&refused, "x-ratelimit-remaining"), "0");
+    assert!(header(&refused, "ratelimit-policy").contains("\"daily\";q=50;w=86400"));
+    let body = assert_problem(refused, StatusCode::TOO_MANY_REQUESTS, "daily_quota_exceeded").await;
+    assert!(body["detail"].as_str().unwrap().contains("00:00 UTC"), "{body}");
+
+    // The status itself is not counted, and reports what was let through.
+    let s = status(&app, &owner).await;
+    assert_eq!(s["usage"]["api_calls_today"], 50, "{s}");
+    assert_eq!(s["usage"]["approximate"], false);
+    // The tier routes still answer an org over its quota.
+    assert_eq!(status(&app, &owner).await["plan"], "free");
+}
+
+#[tokio::test]
+async fn a_client_gets_exactly_its_burst_and_headers_say_so() {
+    let app =
+        spawn_app_with(&[("tiers.plans.free.rate_limit", json!({ "requests_per_minute": 1, "burst": 50 }))]).await;
+    let (_, key) = org_and_key(&app).await;
+
+    let first = app.as_(&key, Method::GET, "/auth/me").send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(header(&first, "x-ratelimit-limit"), "50");
+    assert_eq!(header(&first, "x-ratelimit-remaining"), "49");
+    let reset: i64 = header(&first, "x-ratelimit-reset").parse().unwrap();
+    let expected = OffsetDateTime::now_utc().unix_timestamp() + 60;
+    assert!((reset - expected).abs() <= 2, "X-RateLimit-Reset {reset}, expected about {expected}");
+    // One request per minute, bursts of 50: the bucket fills in 50 minutes.
+    assert_eq!(header(&first, "ratelimit-policy"), "\"burst\";q=50;w=3000");
+    assert_eq!(header(&first, "ratelimit"), "\"burst\";r=49;t=60");
+
+    let responses = burst(&app, &key, "/auth/me", 199).await;
+    let passed = responses.iter().filter(|r| r.status() == StatusCode::OK).count();
+    let refused: Vec<_> = responses.iter().filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert_eq!(passed, 49);
+    assert_eq!(refused.len(), 150, "nothing else: no 500s");
+    for r in &refused {
+        let retry: u64 = header(r, "retry-after").parse().unwrap();
+        assert!((1..=60).contains(&retry), "Retry-After {retry}");
+        assert_eq!(header(r, "x-ratelimit-remaining"), "0");
+        assert!(header(r, "ratelimit").starts_with("\"burst\";r=0;t="));
+    }
+    let last = responses.into_iter().find(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).unwrap();
+    assert_problem(last, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+
+    // Another client of the same org has a bucket of its own.
+    let admin = app.sign_in(crate::helpers::ADMIN_EMAIL, PASSWORD).await;
+    assert_eq!(app.as_(&admin, Method::GET, "/auth/me").send().await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_daily_count_starts_over_at_midnight_utc() {
+    let app = spawn_app_with(&[("tiers.plans.free.api_calls_per_day", json!(3))]).await;
+    let admin = app.bootstrap().await;
+    let owner = app.org_with_owner(&admin, "Clocked", "owner@clocked.test").await;
+    let key = app.api_key(&owner, None).await;
+    app.state.clock().set(datetime!(2031-03-04 23:59:57 UTC));
+
+    for _ in 0..3 {
+        assert_eq!(app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap().status(), StatusCode::OK);
+    }
+    let refused = app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert!((1..=3).contains(&retry), "Retry-After {retry}: seconds to midnight");
+    assert_eq!(header(&refused, "x-ratelimit-reset"), datetime!(2031-03-05 00:00 UTC).unix_timestamp().to_string());
+    let s = status(&app, &owner).await;
+    assert_eq!(s["usage"]["api_calls_today"], 3, "{s}");
+    assert_eq!(s["resets"]["daily_at"], "2031-03-05T00:00:00Z");
+    assert_eq!(s["resets"]["monthly_at"], "2031-04-01T00:00:00Z");
+
+    app.state.clock().set(datetime!(2031-03-05 00:00:01 UTC));
+    let next_day = app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap();
+    assert_eq!(next_day.status(), StatusCode::OK);
+    assert_eq!(header(&next_day, "x-ratelimit-remaining"), "2");
+    assert_eq!(status(&app, &owner).await["usage"]["api_calls_today"], 1);
+}
+
+#[tokio::test]
+async fn the_status_reports_the_requests_and_tokens_actually_made_and_analytics_records_them() {
+    let app = spawn_app_with(&[]).await;
+    let (owner, key) = org_and_key(&app).await;
+    let client = app.agent_client(&owner, &["agents:read"]).await;
+    let before = status(&app, &owner).await;
+    assert_eq!(before["usage"]["tokens_today"], 0);
+    assert_eq!(before["usage"]["agents"], 1);
+    assert_eq!(before["plan"], "free");
+    assert_eq!(before["limits"]["max_agents"], "unlimited");
+    let calls_before = before["usage"]["api_calls_today"].as_u64().unwrap();
+
+    for _ in 0..7 {
+        assert_eq!(app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap().status(), StatusCode::OK);
+    }
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(app.access_token(&client).await);
+    }
+    // Calls made with an agent's token count for its organization too.
+    assert_eq!(app.me_status(&tokens[0]).await, StatusCode::OK);
+
+    let after = status(&app, &owner).await;
+    assert_eq!(after["usage"]["api_calls_today"].as_u64().unwrap(), calls_before + 8, "{after}");
+    assert_eq!(after["usage"]["tokens_today"], 3);
+    assert_eq!(after["usage"]["tokens_this_month"], 3);
+
+    // The metering layer's records reach analytics_event in batches.
+    let org: uuid::Uuid = owner.org_id.parse().unwrap();
+    let mut rows = (0, 0, 0);
+    for _ in 0..100 {
+        rows = sqlx::query_as::<_, (i64, i64, i64)>(
+            "select count(*) filter (where kind = 'request' and route = '/api/v1/agents' and method = 'GET' and status = 200
+                                      and actor_id like 'user:%'),
+                    count(*) filter (where kind = 'token_issued' and client_id = $2),
+                    count(*) filter (where kind = 'request' and route = '/auth/me' and actor_id = $3 and client_id = $2)
+             from analytics_event where organization_id = $1",
+        )
+        .bind(org)
+        .bind(&client.client_id)
+        .bind(format!("agent:{}", client.agent_id))
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        if rows == (7, 3, 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows, (7, 3, 1));
+    let latency: i32 = sqlx::query_scalar("select max(latency_us) from analytics_event where organization_id = $1")
+        .bind(org)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert!(latency > 0);
+}
+
+#[tokio::test]
+async fn token_quotas_refuse_with_an_oauth_error_and_retry_after() {
+    let app = spawn_app_with(&[("tiers.plans.free.tokens_per_day", json!(2))]).await;
+    let (owner, _) = org_and_key(&app).await;
+    let client = app.agent_client(&owner, &["agents:read"]).await;
+    let ok = app.token_request(&client, &[("grant_type", "client_credentials")]).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(header(&ok, "x-ratelimit-limit"), "2");
+    assert_eq!(header(&ok, "x-ratelimit-remaining"), "1");
+    assert!(header(&ok, "ratelimit-policy").contains("\"tokens-daily\";q=2;w=86400"));
+    app.access_token(&client).await;
+    let refused = app.token_request(&client, &[("grant_type", "client_credentials")]).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&refused, "cache-control"), "no-store");
+    assert!(header(&refused, "retry-after").parse::<u64>().unwrap() >= 1);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "quota_exceeded", "{body}");
+    assert!(body["error_description"].as_str().unwrap().contains("2 access tokens"), "{body}");
+    assert_eq!(status(&app, &owner).await["usage"]["tokens_today"], 2);
+}
+
+#[tokio::test]
+async fn agents_beyond_max_agents_are_refused_even_when_created_at_once() {
+    let app = spawn_app_with(&[("tiers.plans.free.max_agents", json!(3))]).await;
+    let (owner, _) = org_and_key(&app).await;
+    let creates = (0..10)
+        .map(|i| app.as_(&owner, Method::POST, "/api/v1/agents").json(&json!({ "name": format!("agent-{i}") })).send());
+    let responses: Vec<_> = futures_util::future::join_all(creates).await.into_iter().map(Result::unwrap).collect();
+    assert_eq!(responses.iter().filter(|r| r.status() == StatusCode::CREATED).count(), 3);
+    let refused = responses.into_iter().find(|r| r.status() == StatusCode::FORBIDDEN).expect("a refusal");
+    let body = assert_problem(refused, StatusCode::FORBIDDEN, "agent_limit_reached").await;
+    assert!(body["detail"].as_str().unwrap().contains("allows 3 agents"), "{body}");
+    assert_eq!(status(&app, &owner).await["usage"]["agents"], 3);
+}
+
+#[tokio::test]
+async fn without_redis_limits_hold_per_process_and_the_counts_reconcile() {
+    let proxy = Proxy::start(redis_url().trim_start_matches("redis://").to_owned()).await;
+    let app = spawn_app_with(&[
+        ("redis.url", json!(format!("redis://{}", proxy.addr))),
+        ("tiers.plans.free.api_calls_per_day", json!(10)),
+    ])
+    .await;
+    let (owner, key) = org_and_key(&app).await;
+    let used = status(&app, &owner).await["usage"]["api_calls_today"].as_u64().unwrap();
+    for _ in 0..4 {
+        assert_eq!(app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap().status(), StatusCode::OK);
+    }
+    let used = used + 4;
+
+    proxy.down().await;
+    let mut passed = 0;
+    for _ in 0..12 {
+        let r = app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap();
+        match r.status() {
+            StatusCode::OK => passed += 1,
+            StatusCode::TOO_MANY_REQUESTS => assert!(!header(&r, "retry-after").is_empty()),
+            other => panic!("{other} without Redis"),
+        }
+    }
+    assert_eq!(passed, 10 - used, "the fallback starts from the last count Redis reported");
+    let s = status(&app, &owner).await;
+    assert_eq!(s["usage"]["approximate"], true, "{s}");
+    assert_eq!(s["usage"]["api_calls_today"], 10);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("tier_limiter_fallback_total"), "the fallback shows in /metrics");
+    assert!(metrics.contains("tier_limiter_degraded 1"));
+
+    proxy.up();
+    // The circuit stays open a second; then a request probes Redis and the outage's counts follow.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let probe = app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap();
+    assert!([StatusCode::OK, StatusCode::TOO_MANY_REQUESTS].contains(&probe.status()));
+    let mut s = Value::Null;
+    for _ in 0..50 {
+        s = status(&app, &owner).await;
+        if s["usage"]["approximate"] == false && s["usage"]["api_calls_today"].as_u64() >= Some(10) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s["usage"]["approximate"], false, "{s}");
+    // Redis had `used`; the outage added its passes (and the probe may have added one).
+    let total = s["usage"]["api_calls_today"].as_u64().unwrap();
+    assert!((10..=11).contains(&total), "{s}");
+    let after = app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap();
+    assert_problem(after, StatusCode::TOO_MANY_REQUESTS, "daily_quota_exceeded").await;
+}
+
+#[tokio::test]
+async fn a_system_admin_sets_plans_and_overrides_and_owners_cannot() {
+    let app = spawn_app_with(&[]).await;
+    let admin = app.bootstrap().await;
+    let owner = app.org_with_owner(&admin, "Growing", "owner@growing.test").await;
+    let upgrade = |who: &Caller, body: Value| {
+        app.as_(who, Method::POST, "/api/v1/tiers/upgrade").header("x-org-id", &owner.org_id).json(&body).send()
+    };
+
+    let r = upgrade(&owner, json!({ "plan": "pro" })).await.unwrap();
+    assert_problem(r, StatusCode::FORBIDDEN, "billing_not_configured").await;
+    let r = upgrade(&owner, json!({ "plan": "pro", "overrides": { "max_agents": 5 } })).await.unwrap();
+    assert_problem(r, StatusCode::FORBIDDEN, "overrides_require_admin").await;
+    let member = {
+        app.add_member(&admin, &owner.org_id, "member@growing.test", "member").await;
+        let mut m = app.sign_in("member@growing.test", PASSWORD).await;
+        m.org_id = owner.org_id.clone();
+        m
+    };
+    assert_eq!(upgrade(&member, json!({ "plan": "pro" })).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(status(&app, &member).await["plan"], "free", "members read the status");
+
+    let r = upgrade(&admin, json!({ "plan": "platinum" })).await.unwrap();
+    let body = assert_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    assert_eq!(body["errors"][0]["field"], "plan", "{body}");
+    for bad in [json!({ "plan": 5 }), json!({}), json!({ "plan": "pro", "overrides": { "max_agent": 1 } })] {
+        let r = upgrade(&admin, bad.clone()).await.unwrap();
+        assert!(r.status().is_client_error(), "{bad}: {}", r.status());
+        assert_eq!(header(&r, "content-type"), "application/problem+json");
+    }
+    let r = upgrade(&admin, json!({ "plan": "enterprise", "overrides": { "api_calls_per_day": 1000, "rate_limit": { "requests_per_minute": 0, "burst": 1 } } }))
+        .await
+        .unwrap();
+    assert_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+
+    let done = json_ok(
+        upgrade(&admin, json!({ "plan": "enterprise", "overrides": { "api_calls_per_day": 1000 } })).await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(done["applied"], true);
+    let s = status(&app, &owner).await;
+    assert_eq!(s["plan"], "enterprise", "{s}");
+    assert_eq!(s["limits"]["api_calls_per_day"], 1000);
+    assert_eq!(s["limits"]["tokens_per_day"], "unlimited");
+    assert_eq!(s["overrides"], json!({ "api_calls_per_day": 1000 }));
+    // The limits apply at once: the daily policy now shows on this org's responses.
+    let r = app.as_(&owner, Method::GET, "/api/v1/agents").header("x-org-id", &owner.org_id).send().await.unwrap();
+    assert!(header(&r, "ratelimit-policy").contains("\"daily\";q=1000"), "{}", header(&r, "ratelimit-policy"));
+
+    // The change is in the org's audit chain, which still verifies.
+    let audit = json_ok(
+        app.as_(&owner, Method::GET, "/api/v1/audit?action=tier.plan_changed")
+            .header("x-org-id", &owner.org_id)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(audit["items"][0]["details"]["to"], "enterprise", "{audit}");
+    let verify = json_ok(
+        app.as_(&owner, Method::GET, "/api/v1/audit/verify").header("x-org-id", &owner.org_id).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(verify["valid"], true);
+}
+
+/// What the fake Stripe saw.
+#[derive(Default)]
+struct Seen {
+    requests: Vec<(String, HashMap<String, String>)>,
+}
+
+async fn fake_checkout(
+    State(seen): State<Arc<Mutex<Seen>>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::Json<Value> {
+    let form: HashMap<String, String> = serde_urlencoded::from_str(&body).unwrap();
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    seen.lock().unwrap().requests.push((auth, form));
+    axum::Json(
+        json!({ "id": "cs_test_123", "object": "checkout.session", "url": "https://checkout.test/c/cs_test_123" }),
+    )
+}
+
+/// A local stand-in for the Stripe API: records Checkout Session requests.
+async fn fake_stripe() -> (String, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let router = Router::new().route("/v1/checkout/sessions", post(fake_checkout)).with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (format!("http://{addr}"), seen)
+}
+
+const WHSEC: &str = "whsec_test_0123456789";
+
+fn stripe_signature(secret: &str, t: i64, body: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    format!("t={t},v1={}", hex::encode(ring::hmac::sign(&key, format!("{t}.{body}").as_bytes())))
+}
+
+async fn deliver(app: &TestApp, body: &str, signature: Option<String>) -> reqwest::Response {
+    let mut req = app
+        .client
+        .post(app.url("/api/v1/billing/stripe/webhook"))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(s) = signature {
+        req = req.header("stripe-signature", s);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_owner_upgrades_through_stripe_checkout_and_the_webhook_applies_it_once() {
+    let (stripe_url, seen) = fake_stripe().await;
+    let app = spawn_app_with(&[(
+        "tiers.stripe",
+        json!({
+            "secret_key": "sk_test_abc",
+            "webhook_secret": WHSEC,
+            "api_base": stripe_url,
+            "success_url": "https://app.test/billing/done",
+            "cancel_url": "https://app.test/billing",
+            "prices": { "pro": "price_pro_1" },
+        }),
+    )])
+    .await;
+    let admin = app.bootstrap().await;
+    let owner = app.org_with_owner(&admin, "Paying", "owner@paying.test").await;
+
+    let r = app
+        .as_(&owner, Method::POST, "/api/v1/tiers/upgrade")
+        .header("x-org-id", &owner.org_id)
+        .json(&json!({ "plan": "pro" }))
+        .send()
+        .await
+        .unwrap();
+    let body = json_ok(r, StatusCode::ACCEPTED).await;
+    assert_eq!(body["applied"], false);
+    assert_eq!(body["checkout_url"], "https://checkout.test/c/cs_test_123");
+    {
+        let seen = seen.lock().unwrap();
+        let (auth, form) = &seen.requests[0];
+        assert_eq!(auth, "Bearer sk_test_abc");
+        assert_eq!(form["mode"], "subscription");
+        assert_eq!(form["line_items[0][price]"], "price_pro_1");
+        assert_eq!(form["client_reference_id"], owner.org_id);
+        assert_eq!(form["metadata[plan]"], "pro");
+        assert_eq!(form["success_url"], "https://app.test/billing/done");
+    }
+    assert_eq!(status(&app, &owner).await["plan"], "free", "nothing changes before payment");
+    let r = app
+        .as_(&owner, Method::POST, "/api/v1/tiers/upgrade")
+        .header("x-org-id", &owner.org_id)
+        .json(&json!({ "plan": "enterprise" }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, StatusCode::CONFLICT, "plan_not_purchasable").await;
+
+    let event = json!({
+        "id": "evt_test_1",
+        "object": "event",
+        "type": "checkout.session.completed",
+        "data": { "object": {
+            "id": "cs_test_123", "object": "checkout.session", "client_reference_id": owner.org_id,
+            "payment_status": "paid", "customer": "cus_1", "subscription": "sub_1",
+            "metadata": { "org_id": owner.org_id, "plan": "pro" },
+        } },
+    })
+    .to_string();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+
+    // Refused: no header, a bad signature, a signature with another secret, a stale timestamp.
+    assert_problem(deliver(&app, &event, None).await, StatusCode::BAD_REQUEST, "invalid_signature_header").await;
+    let forged = format!("t={now},v1={}", "ab".repeat(32));
+    assert_problem(deliver(&app, &event, Some(forged)).await, StatusCode::BAD_REQUEST, "invalid_signature").await;
+    let other = stripe_signature("whsec_other", now, &event);
+    assert_problem(deliver(&app, &event, Some(other)).await, StatusCode::BAD_REQUEST, "invalid_signature").await;
+    let tampered = event.replace("\"pro\"", "\"enterprise\"");
+    let sig = stripe_signature(WHSEC, now, &event);
+    assert_problem(deliver(&app, &tampered, Some(sig)).await, StatusCode::BAD_REQUEST, "invalid_signature").await;
+    let stale = stripe_signature(WHSEC, now - 301, &event);
+    assert_problem(deliver(&app, &event, Some(stale)).await, StatusCode::BAD_REQUEST, "timestamp_outside_tolerance")
+        .await;
+    assert_eq!(status(&app, &owner).await["plan"], "free");
+
+    // Accepted once.
+    let ack = json_ok(deliver(&app, &event, Some(stripe_signature(WHSEC, now, &event))).await, StatusCode::OK).await;
+    assert_eq!(ack, json!({ "received": true, "duplicate": false, "outcome": "applied" }));
+    let s = status(&app, &owner).await;
+    assert_eq!(s["plan"], "pro", "{s}");
+    assert_eq!(s["limits"]["api_calls_per_day"], 1_000_000);
+
+    // A system admin moves the org back; a replay of the event, freshly signed, changes nothing.
+    let r = app
+        .as_(&admin, Method::POST, "/api/v1/tiers/upgrade")
+        .header("x-org-id", &owner.org_id)
+        .json(&json!({ "plan": "free" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let replay =
+        json_ok(deliver(&app, &event, Some(stripe_signature(WHSEC, now + 1, &event))).await, StatusCode::OK).await;
+    assert_eq!(replay["duplicate"], true, "{replay}");
+    assert_eq!(status(&app, &owner).await["plan"], "free", "a replayed event id is not applied again");
+
+    // Concurrent deliveries of one new event apply it once.
+    let again = event.replace("evt_test_1", "evt_test_2");
+    let sig = stripe_signature(WHSEC, now, &again);
+    let results = futures_util::future::join_all((0..5).map(|_| deliver(&app, &again, Some(sig.clone())))).await;
+    let mut fresh = 0;
+    for r in results {
+        let b = json_ok(r, StatusCode::OK).await;
+        fresh += usize::from(b["duplicate"] == false);
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(status(&app, &owner).await["plan"], "pro");
+
+    // Cancelling the subscription returns the org to the default plan.
+    let cancel = json!({ "id": "evt_test_3", "type": "customer.subscription.deleted",
+                         "data": { "object": { "id": "sub_1", "object": "subscription" } } })
+    .to_string();
+    let ack = json_ok(deliver(&app, &cancel, Some(stripe_signature(WHSEC, now, &cancel))).await, StatusCode::OK).await;
+    assert_eq!(ack["outcome"], "downgraded");
+    assert_eq!(status(&app, &owner).await["plan"], "free");
+
+    // Other events are acknowledged; a signed non-event is a 400.
+    let other = json!({ "id": "evt_test_4", "type": "invoice.paid", "data": { "object": {} } }).to_string();
+    let ack = json_ok(deliver(&app, &other, Some(stripe_signature(WHSEC, now, &other))).await, StatusCode::OK).await;
+    assert_eq!(ack["outcome"], "ignored: event type");
+    let junk = "[1, 2, 3]";
+    assert_problem(
+        deliver(&app, junk, Some(stripe_signature(WHSEC, now, junk))).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_event",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_webhook_is_absent_until_configured() {
+    let app = spawn_app_with(&[]).await;
+    let body = "{}";
+    let sig = stripe_signature(WHSEC, OffsetDateTime::now_utc().unix_timestamp(), body);
+    assert_problem(deliver(&app, body, Some(sig)).await, StatusCode::NOT_FOUND, "not_found").await;
+}
