@@ -222,8 +222,11 @@ impl Application {
         // What was buffered in memory goes out before the pool closes.
         state.auth().last_used.flush(state.db()).await;
         state.analytics().stop();
-        if let Some(writer) = analytics {
-            let _ = tokio::time::timeout(grace, writer).await;
+        if let Some(mut writer) = analytics
+            && tokio::time::timeout(grace, &mut writer).await.is_err()
+        {
+            tracing::warn!("analytics records still unwritten after the grace period; dropping them");
+            writer.abort();
         }
         state.db().close().await;
         tracing::info!("stopped");

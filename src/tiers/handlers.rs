@@ -237,11 +237,24 @@ pub(super) async fn upgrade(
             detail: format!("The organization is on the {} plan already.", req.plan).into(),
         });
     }
-    let customer = sqlx::query_scalar!("select stripe_customer_id from tenant_tier where organization_id = $1", org_id)
-        .fetch_optional(state.db())
-        .await?
-        .flatten();
-    let session = stripe::create_checkout(&state, org_id, &req.plan, price, customer.as_deref()).await?;
+    let billing = sqlx::query!(
+        "select stripe_customer_id, stripe_subscription_id from tenant_tier where organization_id = $1",
+        org_id
+    )
+    .fetch_optional(state.db())
+    .await?
+    .ok_or(ApiError::NotFound)?;
+    if billing.stripe_subscription_id.is_some() {
+        // A second checkout would start a second subscription beside the first.
+        return Err(ApiError::Conflict {
+            code: "subscription_exists",
+            detail: "The organization already pays through a Stripe subscription; change it there, or ask a system \
+                     admin."
+                .into(),
+        });
+    }
+    let session =
+        stripe::create_checkout(&state, org_id, &req.plan, price, billing.stripe_customer_id.as_deref()).await?;
     let mut tx = state.db().begin().await?;
     let event = Event::by(&actor, org_id, "tier.checkout_created")
         .target("organization", org_id)

@@ -45,18 +45,22 @@ const KEY_GRACE_SECS: i64 = 7200;
 /// Entries the fallback keeps before it starts over.
 const LOCAL_MAX: usize = 200_000;
 
-/// The script. KEYS: rate, calls today, tokens today, tokens this month. ARGV: now (ms), emission
-/// interval (ms), burst, call limit, token day limit, token month limit (-1 unlimited, -2 not
-/// charged), day TTL, month TTL (s). Returns: refused (0 none, 1 rate, 2 calls, 3 tokens/day,
-/// 4 tokens/month), remaining burst, ms until the bucket is full, ms until a retry can pass,
-/// calls today, tokens today, tokens this month.
+/// The script. KEYS: rate, calls today, tokens today, tokens this month. ARGV: emission interval
+/// (µs), burst, call limit, token day limit, token month limit (-1 unlimited, -2 not charged), day
+/// TTL, month TTL (s). Returns: refused (0 none, 1 rate, 2 calls, 3 tokens/day, 4 tokens/month),
+/// remaining burst, µs until the bucket is full, µs until a retry can pass, calls today, tokens
+/// today, tokens this month.
+///
+/// Time is Redis's own (`TIME`), so instances with skewed clocks share one bucket exactly; all
+/// arithmetic is on whole microseconds, exact in Lua's doubles for the next few centuries.
 const SCRIPT: &str = r#"
-local now = tonumber(ARGV[1])
-local interval = tonumber(ARGV[2])
-local tau = interval * tonumber(ARGV[3])
-local calls_limit = tonumber(ARGV[4])
-local day_limit = tonumber(ARGV[5])
-local month_limit = tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tau = interval * tonumber(ARGV[2])
+local calls_limit = tonumber(ARGV[3])
+local day_limit = tonumber(ARGV[4])
+local month_limit = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local new_tat = tat + interval
@@ -77,20 +81,20 @@ elseif month_limit >= 0 and tmonth >= month_limit then
 end
 if refused == 0 then
   tat = new_tat
-  redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
   if calls_limit ~= -2 then
     calls = redis.call('INCR', KEYS[2])
-    if calls == 1 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
+    if calls == 1 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
   end
   if day_limit ~= -2 then
     tday = redis.call('INCR', KEYS[3])
-    if tday == 1 then redis.call('EXPIRE', KEYS[3], ARGV[7]) end
+    if tday == 1 then redis.call('EXPIRE', KEYS[3], ARGV[6]) end
     tmonth = redis.call('INCR', KEYS[4])
-    if tmonth == 1 then redis.call('EXPIRE', KEYS[4], ARGV[8]) end
+    if tmonth == 1 then redis.call('EXPIRE', KEYS[4], ARGV[7]) end
   end
 end
 local remaining = math.floor((now + tau - tat) / interval)
-return {refused, remaining, math.ceil(tat - now), math.ceil(retry), calls, tday, tmonth}
+return {refused, remaining, tat - now, retry, calls, tday, tmonth}
 "#;
 
 /// What one request asks of the limiter.
@@ -141,10 +145,10 @@ pub struct Outcome {
     pub refused: Option<Refusal>,
     /// Requests the client may still send at once.
     pub burst_remaining: u64,
-    /// Milliseconds until the client's bucket is full again.
-    pub burst_reset_ms: u64,
-    /// Milliseconds until a refused request could pass.
-    pub retry_after_ms: u64,
+    /// Microseconds until the client's bucket is full again.
+    pub burst_reset_us: u64,
+    /// Microseconds until a refused request could pass.
+    pub retry_after_us: u64,
     pub calls_today: u64,
     pub tokens_today: u64,
     pub tokens_this_month: u64,
@@ -192,8 +196,8 @@ impl Keys {
 /// Counts this process learnt from Redis (to start a fallback from) or made alone (to reconcile).
 #[derive(Default)]
 struct Local {
-    /// Rate key → theoretical arrival time (ms).
-    tat: HashMap<String, f64>,
+    /// Rate key → theoretical arrival time (µs).
+    tat: HashMap<String, i64>,
     /// Counter key → value as far as this process knows.
     counts: HashMap<String, u64>,
     /// Counter key → (increments Redis has not seen, TTL to set).
@@ -205,10 +209,12 @@ pub struct Limiter {
     script: Script,
     local: Mutex<Local>,
     started: Instant,
-    /// Milliseconds since `started` until which Redis is not asked (0: closed circuit).
+    /// Milliseconds since `started` until which Redis is not asked while degraded. The request
+    /// that moves it forward is the one probe; an abandoned probe simply lets it expire.
     open_until: AtomicI64,
     degraded: AtomicBool,
-    probing: AtomicBool,
+    /// Whether `local.pending` holds increments Redis has not seen.
+    has_pending: AtomicBool,
     /// Last counts Redis reported, by counter key hash, to seed the fallback without a lock on
     /// every request.
     seen: Mutex<HashMap<String, u64>>,
@@ -229,7 +235,7 @@ impl Limiter {
             started: Instant::now(),
             open_until: AtomicI64::new(0),
             degraded: AtomicBool::new(false),
-            probing: AtomicBool::new(false),
+            has_pending: AtomicBool::new(false),
             seen: Mutex::new(HashMap::new()),
             seen_writes: AtomicU64::new(0),
         }
@@ -239,44 +245,48 @@ impl Limiter {
         self.started.elapsed().as_millis() as i64
     }
 
-    /// Whether this request should ask Redis (false while the circuit is open; one probe at a time).
+    /// Whether this request should ask Redis: always while healthy; while degraded, one request
+    /// per `OPEN_FOR` (whoever moves `open_until` forward).
     fn try_redis(&self) -> bool {
         if !self.degraded.load(Ordering::Acquire) {
             return true;
         }
-        self.elapsed_ms() >= self.open_until.load(Ordering::Acquire)
-            && self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        let now = self.elapsed_ms();
+        let until = self.open_until.load(Ordering::Acquire);
+        now >= until
+            && self
+                .open_until
+                .compare_exchange(until, now + OPEN_FOR.as_millis() as i64, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     fn redis_failed(&self, e: &anyhow::Error) {
         self.open_until.store(self.elapsed_ms() + OPEN_FOR.as_millis() as i64, Ordering::Release);
-        self.probing.store(false, Ordering::Release);
         if !self.degraded.swap(true, Ordering::AcqRel) {
             metrics::gauge!(DEGRADED).set(1.0);
             tracing::warn!(error = %e, "rate limiter: Redis unavailable, enforcing limits per instance");
         }
     }
 
-    /// Redis answered: close the circuit; after an outage, hand over what was counted alone.
-    fn redis_ok(&self, redis: &Redis) {
-        self.probing.store(false, Ordering::Release);
+    /// Redis answered: close the circuit, and hand over whatever was counted alone.
+    async fn redis_ok(&self, redis: &Redis) {
         if self.degraded.swap(false, Ordering::AcqRel) {
             metrics::gauge!(DEGRADED).set(0.0);
             tracing::info!("rate limiter: Redis is back, limits are shared again");
-            // What this process counted alone goes to Redis; the next outage starts from fresh counts.
-            let pending = {
+            // The next outage starts from what Redis reports by then, not from these.
+            let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            local.tat.clear();
+            local.counts.clear();
+        }
+        if self.has_pending.swap(false, Ordering::AcqRel) {
+            let pending = std::mem::take(&mut self.local.lock().unwrap_or_else(|e| e.into_inner()).pending);
+            if let Err(e) = reconcile(redis, &pending).await {
+                tracing::warn!(error = %e, counters = pending.len(), "could not reconcile counters; will retry");
                 let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-                local.counts.clear();
-                local.tat.clear();
-                std::mem::take(&mut local.pending)
-            };
-            if !pending.is_empty() {
-                let redis = redis.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = reconcile(&redis, &pending).await {
-                        tracing::warn!(error = %e, counters = pending.len(), "could not reconcile counters");
-                    }
-                });
+                for (key, (delta, ttl)) in pending {
+                    local.pending.entry(key).or_insert((0, ttl)).0 += delta;
+                }
+                self.has_pending.store(true, Ordering::Release);
             }
         }
     }
@@ -284,11 +294,10 @@ impl Limiter {
     /// Checks and (if allowed) counts one request.
     pub async fn charge(&self, redis: &Redis, now: OffsetDateTime, c: &Charge<'_>) -> Outcome {
         let keys = Keys::new(redis, c.org, c.client, now);
-        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
         if self.try_redis() {
-            match self.charge_redis(redis, &keys, now_ms, c).await {
+            match self.charge_redis(redis, &keys, c).await {
                 Ok(mut outcome) => {
-                    self.redis_ok(redis);
+                    self.redis_ok(redis).await;
                     outcome.now = now;
                     self.remember(&keys, &outcome);
                     return outcome;
@@ -297,20 +306,20 @@ impl Limiter {
             }
         }
         metrics::counter!(FALLBACK_TOTAL).increment(1);
-        let mut outcome = self.charge_local(&keys, now_ms, c);
+        let now_us = (now.unix_timestamp_nanos() / 1_000) as i64;
+        let mut outcome = self.charge_local(&keys, now_us, c);
         outcome.now = now;
         outcome
     }
 
-    async fn charge_redis(&self, redis: &Redis, keys: &Keys, now_ms: i64, c: &Charge<'_>) -> anyhow::Result<Outcome> {
+    async fn charge_redis(&self, redis: &Redis, keys: &Keys, c: &Charge<'_>) -> anyhow::Result<Outcome> {
         let mut conn = redis.conn().await?;
         let (calls_limit, day_limit, month_limit) = args(c);
         let mut inv = self.script.key(&keys.rate);
         inv.key(&keys.calls)
             .key(&keys.tokens_day)
             .key(&keys.tokens_month)
-            .arg(now_ms)
-            .arg(format!("{:.6}", c.rate.interval_ms()))
+            .arg(c.rate.interval_us())
             .arg(c.rate.burst)
             .arg(calls_limit)
             .arg(day_limit)
@@ -322,8 +331,8 @@ impl Limiter {
         Ok(Outcome {
             refused: Refusal::from_code(r[0]),
             burst_remaining: r[1].max(0) as u64,
-            burst_reset_ms: r[2].max(0) as u64,
-            retry_after_ms: r[3].max(0) as u64,
+            burst_reset_us: r[2].max(0) as u64,
+            retry_after_us: r[3].max(0) as u64,
             calls_today: r[4].max(0) as u64,
             tokens_today: r[5].max(0) as u64,
             tokens_this_month: r[6].max(0) as u64,
@@ -355,17 +364,21 @@ impl Limiter {
     }
 
     /// The same decision as the script, made by this process alone.
-    fn charge_local(&self, keys: &Keys, now_ms: i64, c: &Charge<'_>) -> Outcome {
+    fn charge_local(&self, keys: &Keys, now_us: i64, c: &Charge<'_>) -> Outcome {
         let seen = |k: &String| self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(k).copied().unwrap_or(0);
         let (seen_calls, seen_day, seen_month) = (seen(&keys.calls), seen(&keys.tokens_day), seen(&keys.tokens_month));
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        if local.tat.len() > LOCAL_MAX || local.counts.len() > LOCAL_MAX {
+        if local.tat.len() > LOCAL_MAX {
             local.tat.clear();
-            local.counts.clear();
         }
-        let now = now_ms as f64;
-        let interval = c.rate.interval_ms();
-        let tau = interval * c.rate.burst as f64;
+        if local.counts.len() > LOCAL_MAX {
+            // Counts with increments not yet in Redis are the outage's record: keep them.
+            let Local { counts, pending, .. } = &mut *local;
+            counts.retain(|k, _| pending.contains_key(k));
+        }
+        let now = now_us;
+        let interval = c.rate.interval_us();
+        let tau = interval * c.rate.burst as i64;
         let tat = local.tat.get(&keys.rate).copied().unwrap_or(now).max(now);
         let new_tat = tat + interval;
         let calls = *local.counts.entry(keys.calls.clone()).or_insert(seen_calls);
@@ -385,8 +398,8 @@ impl Limiter {
         let mut out = Outcome {
             refused,
             burst_remaining: 0,
-            burst_reset_ms: 0,
-            retry_after_ms: if refused == Some(Refusal::Rate) { (new_tat - tau - now).ceil() as u64 } else { 0 },
+            burst_reset_us: 0,
+            retry_after_us: if refused == Some(Refusal::Rate) { (new_tat - tau - now) as u64 } else { 0 },
             calls_today: calls,
             tokens_today: tday,
             tokens_this_month: tmonth,
@@ -412,9 +425,12 @@ impl Limiter {
                 out.tokens_today = bump(&keys.tokens_day, keys.day_ttl);
                 out.tokens_this_month = bump(&keys.tokens_month, keys.month_ttl);
             }
+            if c.calls.is_some() || c.tokens.is_some() {
+                self.has_pending.store(true, Ordering::Release);
+            }
         }
-        out.burst_remaining = ((now + tau - effective_tat) / interval).floor().max(0.0) as u64;
-        out.burst_reset_ms = (effective_tat - now).ceil().max(0.0) as u64;
+        out.burst_remaining = ((now + tau - effective_tat) / interval).max(0) as u64;
+        out.burst_reset_us = (effective_tat - now).max(0) as u64;
         out
     }
 
@@ -507,15 +523,29 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let keys = Keys::new(&redis, Uuid::nil(), "key:1", now);
         let c = charge(RateLimit { requests_per_minute: 60, burst: 3 }, Limit::Unlimited);
-        let t0 = 1_000_000_i64;
+        let t0 = 1_000_000_000_i64;
         let passed: Vec<bool> = (0..5).map(|_| l.charge_local(&keys, t0, &c).refused.is_none()).collect();
         assert_eq!(passed, [true, true, true, false, false]);
         let refused = l.charge_local(&keys, t0, &c);
-        assert_eq!(refused.retry_after_ms, 1000);
+        assert_eq!(refused.retry_after_us, 1_000_000);
         assert_eq!(refused.burst_remaining, 0);
         // One interval later, one more.
-        assert!(l.charge_local(&keys, t0 + 1000, &c).refused.is_none());
-        assert_eq!(l.charge_local(&keys, t0 + 1000, &c).refused, Some(Refusal::Rate));
+        assert!(l.charge_local(&keys, t0 + 1_000_000, &c).refused.is_none());
+        assert_eq!(l.charge_local(&keys, t0 + 1_000_000, &c).refused, Some(Refusal::Rate));
+    }
+
+    #[test]
+    fn a_burst_is_exact_whatever_the_rate() {
+        let l = Limiter::new();
+        let redis = unreachable_redis();
+        let now = OffsetDateTime::now_utc();
+        for (rpm, burst) in [(7, 13), (6_000_000, 1000), (1, 1), (59, 60)] {
+            let keys = Keys::new(&redis, Uuid::new_v4(), "key:1", now);
+            let c = charge(RateLimit { requests_per_minute: rpm, burst }, Limit::Unlimited);
+            let t0 = 1_763_800_000_000_000_i64;
+            let passed = (0..burst + 5).filter(|_| l.charge_local(&keys, t0, &c).refused.is_none()).count();
+            assert_eq!(passed, burst as usize, "rpm {rpm}, burst {burst}");
+        }
     }
 
     #[test]
@@ -542,7 +572,10 @@ mod tests {
         let first = l.charge(&redis, now, &c).await;
         assert!(first.local && first.refused.is_none());
         assert!(l.degraded.load(Ordering::Acquire));
-        // While open, no request waits for Redis.
+        // While open, no request waits for Redis; once it expires, exactly one request probes.
+        assert!(!l.try_redis());
+        l.open_until.store(0, Ordering::Release);
+        assert!(l.try_redis());
         assert!(!l.try_redis());
         let second = l.charge(&redis, now, &c).await;
         let third = l.charge(&redis, now, &c).await;

@@ -193,8 +193,8 @@ pub fn headers(limits: &Plan, charge: &Charge<'_>, o: &Outcome) -> http::HeaderM
         quota: rate.burst as u64,
         window: rate.window_secs(),
         remaining: o.burst_remaining,
-        reset: o.burst_reset_ms.div_ceil(1000),
-        reset_at: ((o.now + time::Duration::milliseconds(o.burst_reset_ms as i64)).unix_timestamp_nanos() as f64 / 1e9)
+        reset: o.burst_reset_us.div_ceil(1_000_000),
+        reset_at: ((o.now + time::Duration::microseconds(o.burst_reset_us as i64)).unix_timestamp_nanos() as f64 / 1e9)
             .ceil() as i64,
     }];
     let day_at = next_midnight(o.now).unix_timestamp();
@@ -247,9 +247,12 @@ pub fn headers(limits: &Plan, charge: &Charge<'_>, o: &Outcome) -> http::HeaderM
         .or_else(|| policies.iter().min_by_key(|p| p.remaining))
         .expect("the burst policy is always there");
     let mut h = http::HeaderMap::new();
-    let policy = policies.iter().map(|p| format!("\"{}\";q={};w={}", p.name, p.quota, p.window)).collect::<Vec<_>>();
+    // Structured-field integers have at most 15 digits.
+    let sf = |n: u64| n.min(999_999_999_999_999);
+    let policy =
+        policies.iter().map(|p| format!("\"{}\";q={};w={}", p.name, sf(p.quota), sf(p.window))).collect::<Vec<_>>();
     let current =
-        policies.iter().map(|p| format!("\"{}\";r={};t={}", p.name, p.remaining, p.reset)).collect::<Vec<_>>();
+        policies.iter().map(|p| format!("\"{}\";r={};t={}", p.name, sf(p.remaining), sf(p.reset))).collect::<Vec<_>>();
     let mut put = |name: &'static str, value: String| {
         if let Ok(v) = http::HeaderValue::from_str(&value) {
             h.insert(name, v);
@@ -262,7 +265,7 @@ pub fn headers(limits: &Plan, charge: &Charge<'_>, o: &Outcome) -> http::HeaderM
     put("ratelimit", current.join(", "));
     if let Some(r) = o.refused {
         let retry = match r {
-            Refusal::Rate => o.retry_after_ms.div_ceil(1000).max(1),
+            Refusal::Rate => o.retry_after_us.div_ceil(1_000_000).max(1),
             Refusal::DailyCalls | Refusal::DailyTokens => day_reset,
             Refusal::MonthlyTokens => month_reset,
         };

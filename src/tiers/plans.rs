@@ -80,13 +80,14 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// Milliseconds between two requests at the steady rate.
-    pub fn interval_ms(&self) -> f64 {
-        60_000.0 / self.requests_per_minute.max(1) as f64
+    /// Whole microseconds between two requests at the steady rate (the limiter works in integers,
+    /// so that a burst of N is exactly N).
+    pub fn interval_us(&self) -> i64 {
+        (60_000_000 + self.requests_per_minute.max(1) as i64 / 2) / self.requests_per_minute.max(1) as i64
     }
     /// Seconds an empty bucket takes to fill: the window of the `RateLimit-Policy`.
     pub fn window_secs(&self) -> u64 {
-        (self.interval_ms() * self.burst as f64 / 1000.0).ceil().max(1.0) as u64
+        ((self.interval_us() * self.burst as i64) as u64).div_ceil(1_000_000).max(1)
     }
 }
 
@@ -191,7 +192,8 @@ mod tests {
     #[test]
     fn a_bucket_fills_in_its_window() {
         let r = RateLimit { requests_per_minute: 60, burst: 10 };
-        assert_eq!(r.interval_ms(), 1000.0);
+        assert_eq!(r.interval_us(), 1_000_000);
+        assert_eq!(RateLimit { requests_per_minute: 7, burst: 1 }.interval_us(), 8_571_429);
         assert_eq!(r.window_secs(), 10);
         assert!(valid_plan_name("pro") && valid_plan_name("team-2") && !valid_plan_name("Pro") && !valid_plan_name(""));
     }

@@ -483,6 +483,15 @@ async fn an_owner_upgrades_through_stripe_checkout_and_the_webhook_applies_it_on
     let s = status(&app, &owner).await;
     assert_eq!(s["plan"], "pro", "{s}");
     assert_eq!(s["limits"]["api_calls_per_day"], 1_000_000);
+    // A second checkout would start a second subscription.
+    let r = app
+        .as_(&owner, Method::POST, "/api/v1/tiers/upgrade")
+        .header("x-org-id", &owner.org_id)
+        .json(&json!({ "plan": "free" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
 
     // A system admin moves the org back; a replay of the event, freshly signed, changes nothing.
     let r = app
@@ -537,4 +546,82 @@ async fn the_webhook_is_absent_until_configured() {
     let body = "{}";
     let sig = stripe_signature(WHSEC, OffsetDateTime::now_utc().unix_timestamp(), body);
     assert_problem(deliver(&app, body, Some(sig)).await, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test]
+async fn instances_share_one_count_and_learn_plan_changes_at_once() {
+    let app1 = spawn_app_with(&[("tiers.plans.free.api_calls_per_day", json!(10))]).await;
+    let app2 = crate::helpers::spawn_on(app1.config.clone(), Some(app1.redis.prefix().to_owned())).await;
+    let admin = app1.bootstrap().await;
+    let owner = app1.org_with_owner(&admin, "Spread", "owner@spread.test").await;
+    let key = app1.api_key(&owner, None).await;
+    let used = status(&app1, &owner).await["usage"]["api_calls_today"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // both subscribers attached
+
+    let mut passed = 0;
+    for i in 0..12 {
+        let app = if i % 2 == 0 { &app1 } else { &app2 };
+        let r = app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap();
+        passed += usize::from(r.status() == StatusCode::OK);
+    }
+    assert_eq!(passed as u64, 10 - used, "one count for every instance");
+
+    // app2 has the org's limits cached; a change made through app1 reaches it without waiting.
+    let r = app1
+        .as_(&admin, Method::POST, "/api/v1/tiers/upgrade")
+        .header("x-org-id", &owner.org_id)
+        .json(&json!({ "plan": "free", "overrides": { "api_calls_per_day": 12 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut allowed = false;
+    for _ in 0..40 {
+        let r = app2.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            allowed = true;
+            assert_eq!(header(&r, "x-ratelimit-limit"), "12");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(allowed, "the second instance applies the new limit");
+}
+
+#[tokio::test]
+async fn hostile_upgrade_bodies_get_a_clear_4xx() {
+    let app = spawn_app_with(&[]).await;
+    let admin = app.bootstrap().await;
+    let cases = [
+        json!({ "plan": "x".repeat(10_000) }),
+        json!({ "plan": "прo" }),
+        json!({ "plan": "pro\u{0000}" }),
+        json!({ "plan": "pro", "overrides": { "rate_limit": { "requests_per_minute": -1, "burst": 1 } } }),
+        json!({ "plan": "pro", "overrides": { "api_calls_per_day": "lots" } }),
+        json!({ "plan": "pro", "overrides": { "tokens_per_day": 1e30 } }),
+        json!({ "plan": "pro", "overrides": [] }),
+        json!({ "plan": "pro", "extra": true }),
+        json!([]),
+    ];
+    for body in cases {
+        let r = app
+            .as_(&admin, Method::POST, "/api/v1/tiers/upgrade")
+            .header("x-org-id", &admin.org_id)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{body}: {}", r.status());
+        assert_eq!(header(&r, "content-type"), "application/problem+json", "{body}");
+    }
+    let r = app
+        .as_(&admin, Method::POST, "/api/v1/tiers/upgrade")
+        .header("x-org-id", &admin.org_id)
+        .header("content-type", "application/json")
+        .body("{\"plan\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(status(&app, &admin).await["plan"], "free", "nothing changed");
 }
