@@ -34,6 +34,11 @@ fn header(resp: &reqwest::Response, name: &str) -> String {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
 }
 
+/// POST /api/v1/tiers/upgrade as `who`, in `org_id`.
+async fn upgrade(app: &TestApp, who: &Caller, org_id: &str, body: Value) -> reqwest::Response {
+    app.as_(who, Method::POST, "/api/v1/tiers/upgrade").header("x-org-id", org_id).json(&body).send().await.unwrap()
+}
+
 /// Sends `n` requests at once; returns the responses.
 async fn burst(app: &TestApp, caller: &Caller, path: &str, n: usize) -> Vec<reqwest::Response> {
     let sends = (0..n).map(|_| app.as_(caller, Method::GET, path).send());
@@ -290,13 +295,10 @@ async fn a_system_admin_sets_plans_and_overrides_and_owners_cannot() {
     let app = spawn_app_with(&[]).await;
     let admin = app.bootstrap().await;
     let owner = app.org_with_owner(&admin, "Growing", "owner@growing.test").await;
-    let upgrade = |who: &Caller, body: Value| {
-        app.as_(who, Method::POST, "/api/v1/tiers/upgrade").header("x-org-id", &owner.org_id).json(&body).send()
-    };
 
-    let r = upgrade(&owner, json!({ "plan": "pro" })).await.unwrap();
+    let r = upgrade(&app, &owner, &owner.org_id, json!({ "plan": "pro" })).await;
     assert_problem(r, StatusCode::FORBIDDEN, "billing_not_configured").await;
-    let r = upgrade(&owner, json!({ "plan": "pro", "overrides": { "max_agents": 5 } })).await.unwrap();
+    let r = upgrade(&app, &owner, &owner.org_id, json!({ "plan": "pro", "overrides": { "max_agents": 5 } })).await;
     assert_problem(r, StatusCode::FORBIDDEN, "overrides_require_admin").await;
     let member = {
         app.add_member(&admin, &owner.org_id, "member@growing.test", "member").await;
@@ -304,24 +306,29 @@ async fn a_system_admin_sets_plans_and_overrides_and_owners_cannot() {
         m.org_id = owner.org_id.clone();
         m
     };
-    assert_eq!(upgrade(&member, json!({ "plan": "pro" })).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(upgrade(&app, &member, &owner.org_id, json!({ "plan": "pro" })).await.status(), StatusCode::FORBIDDEN);
     assert_eq!(status(&app, &member).await["plan"], "free", "members read the status");
 
-    let r = upgrade(&admin, json!({ "plan": "platinum" })).await.unwrap();
+    let r = upgrade(&app, &admin, &owner.org_id, json!({ "plan": "platinum" })).await;
     let body = assert_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
     assert_eq!(body["errors"][0]["field"], "plan", "{body}");
     for bad in [json!({ "plan": 5 }), json!({}), json!({ "plan": "pro", "overrides": { "max_agent": 1 } })] {
-        let r = upgrade(&admin, bad.clone()).await.unwrap();
+        let r = upgrade(&app, &admin, &owner.org_id, bad.clone()).await;
         assert!(r.status().is_client_error(), "{bad}: {}", r.status());
         assert_eq!(header(&r, "content-type"), "application/problem+json");
     }
-    let r = upgrade(&admin, json!({ "plan": "enterprise", "overrides": { "api_calls_per_day": 1000, "rate_limit": { "requests_per_minute": 0, "burst": 1 } } }))
-        .await
-        .unwrap();
+    let r = upgrade(&app, &admin, &owner.org_id, json!({ "plan": "enterprise", "overrides": { "api_calls_per_day": 1000, "rate_limit": { "requests_per_minute": 0, "burst": 1 } } }))
+        .await;
     assert_problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
 
     let done = json_ok(
-        upgrade(&admin, json!({ "plan": "enterprise", "overrides": { "api_calls_per_day": 1000 } })).await.unwrap(),
+        upgrade(
+            &app,
+            &admin,
+            &owner.org_id,
+            json!({ "plan": "enterprise", "overrides": { "api_calls_per_day": 1000 } }),
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
@@ -420,13 +427,7 @@ async fn an_owner_upgrades_through_stripe_checkout_and_the_webhook_applies_it_on
     let admin = app.bootstrap().await;
     let owner = app.org_with_owner(&admin, "Paying", "owner@paying.test").await;
 
-    let r = app
-        .as_(&owner, Method::POST, "/api/v1/tiers/upgrade")
-        .header("x-org-id", &owner.org_id)
-        .json(&json!({ "plan": "pro" }))
-        .send()
-        .await
-        .unwrap();
+    let r = upgrade(&app, &owner, &owner.org_id, json!({ "plan": "pro" })).await;
     let body = json_ok(r, StatusCode::ACCEPTED).await;
     assert_eq!(body["applied"], false);
     assert_eq!(body["checkout_url"], "https://checkout.test/c/cs_test_123");
@@ -441,13 +442,7 @@ async fn an_owner_upgrades_through_stripe_checkout_and_the_webhook_applies_it_on
         assert_eq!(form["success_url"], "https://app.test/billing/done");
     }
     assert_eq!(status(&app, &owner).await["plan"], "free", "nothing changes before payment");
-    let r = app
-        .as_(&owner, Method::POST, "/api/v1/tiers/upgrade")
-        .header("x-org-id", &owner.org_id)
-        .json(&json!({ "plan": "enterprise" }))
-        .send()
-        .await
-        .unwrap();
+    let r = upgrade(&app, &owner, &owner.org_id, json!({ "plan": "enterprise" })).await;
     assert_problem(r, StatusCode::CONFLICT, "plan_not_purchasable").await;
 
     let event = json!({
@@ -484,23 +479,11 @@ async fn an_owner_upgrades_through_stripe_checkout_and_the_webhook_applies_it_on
     assert_eq!(s["plan"], "pro", "{s}");
     assert_eq!(s["limits"]["api_calls_per_day"], 1_000_000);
     // A second checkout would start a second subscription.
-    let r = app
-        .as_(&owner, Method::POST, "/api/v1/tiers/upgrade")
-        .header("x-org-id", &owner.org_id)
-        .json(&json!({ "plan": "free" }))
-        .send()
-        .await
-        .unwrap();
+    let r = upgrade(&app, &owner, &owner.org_id, json!({ "plan": "free" })).await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
 
     // A system admin moves the org back; a replay of the event, freshly signed, changes nothing.
-    let r = app
-        .as_(&admin, Method::POST, "/api/v1/tiers/upgrade")
-        .header("x-org-id", &owner.org_id)
-        .json(&json!({ "plan": "free" }))
-        .send()
-        .await
-        .unwrap();
+    let r = upgrade(&app, &admin, &owner.org_id, json!({ "plan": "free" })).await;
     assert_eq!(r.status(), StatusCode::OK);
     let replay =
         json_ok(deliver(&app, &event, Some(stripe_signature(WHSEC, now + 1, &event))).await, StatusCode::OK).await;
@@ -567,13 +550,8 @@ async fn instances_share_one_count_and_learn_plan_changes_at_once() {
     assert_eq!(passed as u64, 10 - used, "one count for every instance");
 
     // app2 has the org's limits cached; a change made through app1 reaches it without waiting.
-    let r = app1
-        .as_(&admin, Method::POST, "/api/v1/tiers/upgrade")
-        .header("x-org-id", &owner.org_id)
-        .json(&json!({ "plan": "free", "overrides": { "api_calls_per_day": 12 } }))
-        .send()
-        .await
-        .unwrap();
+    let r = upgrade(&app1, &admin, &owner.org_id, json!({ "plan": "free", "overrides": { "api_calls_per_day": 12 } }))
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let mut allowed = false;
     for _ in 0..40 {
@@ -604,13 +582,7 @@ async fn hostile_upgrade_bodies_get_a_clear_4xx() {
         json!([]),
     ];
     for body in cases {
-        let r = app
-            .as_(&admin, Method::POST, "/api/v1/tiers/upgrade")
-            .header("x-org-id", &admin.org_id)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = upgrade(&app, &admin, &admin.org_id, body.clone()).await;
         assert!(r.status().is_client_error(), "{body}: {}", r.status());
         assert_eq!(header(&r, "content-type"), "application/problem+json", "{body}");
     }
