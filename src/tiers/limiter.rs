@@ -48,7 +48,7 @@ const LOCAL_MAX: usize = 200_000;
 /// The script. KEYS: rate, calls today, tokens today, tokens this month. ARGV: emission interval
 /// (µs), burst, call limit, token day limit, token month limit (-1 unlimited, -2 not charged), day
 /// TTL, month TTL (s). Returns: refused (0 none, 1 rate, 2 calls, 3 tokens/day, 4 tokens/month),
-/// remaining burst, µs until the bucket is full, µs until a retry can pass, calls today, tokens
+/// remaining burst, µs until the bucket is full, µs until a retry can pass, and (0 when not charged) calls today, tokens
 /// today, tokens this month.
 ///
 /// Time is Redis's own (`TIME`), so instances with skewed clocks share one bucket exactly; all
@@ -64,9 +64,14 @@ local month_limit = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local new_tat = tat + interval
-local calls = tonumber(redis.call('GET', KEYS[2])) or 0
-local tday = tonumber(redis.call('GET', KEYS[3])) or 0
-local tmonth = tonumber(redis.call('GET', KEYS[4])) or 0
+local calls = 0
+if calls_limit ~= -2 then calls = tonumber(redis.call('GET', KEYS[2])) or 0 end
+local tday = 0
+local tmonth = 0
+if day_limit ~= -2 then
+  tday = tonumber(redis.call('GET', KEYS[3])) or 0
+  tmonth = tonumber(redis.call('GET', KEYS[4])) or 0
+end
 local refused = 0
 local retry = 0
 if new_tat - tau > now then
@@ -313,20 +318,11 @@ impl Limiter {
     }
 
     async fn charge_redis(&self, redis: &Redis, keys: &Keys, c: &Charge<'_>) -> anyhow::Result<Outcome> {
-        let mut conn = redis.conn().await?;
-        let (calls_limit, day_limit, month_limit) = args(c);
-        let mut inv = self.script.key(&keys.rate);
-        inv.key(&keys.calls)
-            .key(&keys.tokens_day)
-            .key(&keys.tokens_month)
-            .arg(c.rate.interval_us())
-            .arg(c.rate.burst)
-            .arg(calls_limit)
-            .arg(day_limit)
-            .arg(month_limit)
-            .arg(keys.day_ttl)
-            .arg(keys.month_ttl);
-        let r: Vec<i64> = tokio::time::timeout(redis.timeout(), inv.invoke_async(&mut *conn)).await??;
+        let reply = self.run_script(redis, keys, c).await;
+        if reply.is_err() {
+            redis.drop_multiplexed();
+        }
+        let r = reply?;
         anyhow::ensure!(r.len() == 7, "unexpected rate limiter reply");
         Ok(Outcome {
             refused: Refusal::from_code(r[0]),
@@ -339,6 +335,24 @@ impl Limiter {
             local: false,
             now: OffsetDateTime::UNIX_EPOCH,
         })
+    }
+
+    /// One EVALSHA (EVAL only the first time a Redis sees the script) on the shared connection.
+    async fn run_script(&self, redis: &Redis, keys: &Keys, c: &Charge<'_>) -> anyhow::Result<Vec<i64>> {
+        let mut conn = redis.multiplexed().await?;
+        let (calls_limit, day_limit, month_limit) = args(c);
+        let mut inv = self.script.key(&keys.rate);
+        inv.key(&keys.calls)
+            .key(&keys.tokens_day)
+            .key(&keys.tokens_month)
+            .arg(c.rate.interval_us())
+            .arg(c.rate.burst)
+            .arg(calls_limit)
+            .arg(day_limit)
+            .arg(month_limit)
+            .arg(keys.day_ttl)
+            .arg(keys.month_ttl);
+        Ok(tokio::time::timeout(redis.timeout(), inv.invoke_async(&mut conn)).await??)
     }
 
     /// Notes what Redis counted, so that a fallback starts from there. Sampled: the counts only
