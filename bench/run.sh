@@ -415,6 +415,12 @@ scenario agentidp introspect "$SERVER_PID" "$BASE/api/v1/token/introspect"
 api POST "$BASE/api/v1/token/introspect" -H "Authorization: $BASIC" -H "Content-Type: $FORM" \
     --data-raw "token=$ACCESS_TOKEN" | grep -q '"active":true' || die "introspection did not report the token active"
 
+# What the tier and metering layers did under that load: every charged request ran the limiter's
+# script (none decided locally), and analytics records were written, not dropped.
+sleep 2 # one analytics flush interval
+curl -s "$BASE/metrics" | grep -E '^(tier_|analytics_events_)' | sed 's/^/    /' >"$OUT/tier-metrics.txt" || true
+note "tier and analytics counters after the scenarios above: $(tr -s ' ' <"$OUT/tier-metrics.txt" | tr '\n' ';')"
+
 # ---- pdp-http -------------------------------------------------------------------
 # POST /internal/pdp/evaluate, the policy decision point over HTTP, asked by the system admin's
 # session (the route needs `administer` on the platform): may our agent execute a tool on its
