@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     sync::{
         Mutex,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -223,7 +223,6 @@ pub struct Limiter {
     /// Last counts Redis reported, by counter key hash, to seed the fallback without a lock on
     /// every request.
     seen: Mutex<HashMap<String, u64>>,
-    seen_writes: AtomicU64,
 }
 
 impl Default for Limiter {
@@ -242,7 +241,6 @@ impl Limiter {
             degraded: AtomicBool::new(false),
             has_pending: AtomicBool::new(false),
             seen: Mutex::new(HashMap::new()),
-            seen_writes: AtomicU64::new(0),
         }
     }
 
@@ -275,7 +273,8 @@ impl Limiter {
 
     /// Redis answered: close the circuit, and hand over whatever was counted alone.
     async fn redis_ok(&self, redis: &Redis) {
-        if self.degraded.swap(false, Ordering::AcqRel) {
+        // Loads first: a swap on every request would bounce the cache line between cores.
+        if self.degraded.load(Ordering::Acquire) && self.degraded.swap(false, Ordering::AcqRel) {
             metrics::gauge!(DEGRADED).set(0.0);
             tracing::info!("rate limiter: Redis is back, limits are shared again");
             // The next outage starts from what Redis reports by then, not from these.
@@ -283,7 +282,7 @@ impl Limiter {
             local.tat.clear();
             local.counts.clear();
         }
-        if self.has_pending.swap(false, Ordering::AcqRel) {
+        if self.has_pending.load(Ordering::Acquire) && self.has_pending.swap(false, Ordering::AcqRel) {
             let pending = std::mem::take(&mut self.local.lock().unwrap_or_else(|e| e.into_inner()).pending);
             if let Err(e) = reconcile(redis, &pending).await {
                 tracing::warn!(error = %e, counters = pending.len(), "could not reconcile counters; will retry");
@@ -358,8 +357,9 @@ impl Limiter {
     /// Notes what Redis counted, so that a fallback starts from there. Sampled: the counts only
     /// need to be roughly current, and the lock should not be taken on every request.
     fn remember(&self, keys: &Keys, o: &Outcome) {
-        let n = self.seen_writes.fetch_add(1, Ordering::Relaxed);
-        if !n.is_multiple_of(16) && o.calls_today > 16 {
+        // Every 16th count (each request moves its counter by one), without a shared counter.
+        let n = o.calls_today.max(o.tokens_today);
+        if n > 16 && !n.is_multiple_of(16) {
             return;
         }
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
