@@ -597,3 +597,24 @@ async fn hostile_upgrade_bodies_get_a_clear_4xx() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(status(&app, &admin).await["plan"], "free", "nothing changed");
 }
+
+#[tokio::test]
+async fn records_still_queued_at_shutdown_are_written_before_exit() {
+    // A long flush interval: only the shutdown drain can write the second batch in time.
+    let mut app = spawn_app_with(&[("analytics.flush_interval_ms", json!(60_000))]).await;
+    let (owner, key) = org_and_key(&app).await;
+    for _ in 0..5 {
+        assert_eq!(app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap().status(), StatusCode::OK);
+    }
+    let server = app.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(15), server).await.expect("stops in time").unwrap().unwrap();
+    let written: i64 = sqlx::query_scalar(
+        "select count(*) from analytics_event where organization_id = $1 and route = '/api/v1/agents' and method = 'GET'",
+    )
+    .bind(owner.org_id.parse::<uuid::Uuid>().unwrap())
+    // The app's pool closed with it.
+    .fetch_one(&mut <sqlx::PgConnection as sqlx::Connection>::connect(&app.db_url).await.unwrap())
+    .await
+    .unwrap();
+    assert_eq!(written, 5);
+}
