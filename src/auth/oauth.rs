@@ -356,7 +356,6 @@ pub(super) async fn token(
     // The client's rate and the organization's token quotas, in one round trip.
     let (tier, charged, limit_headers) = crate::tiers::charge_token(&state, client.org_id, &client.client_id).await;
     if let Some(refusal) = charged.refused {
-        metrics::counter!(crate::tiers::limiter::REJECTED_TOTAL, "limit" => refusal.as_str()).increment(1);
         let error = if refusal == crate::tiers::Refusal::Rate { "too_many_requests" } else { "quota_exceeded" };
         let mut e = OAuthError::new(StatusCode::TOO_MANY_REQUESTS, error, crate::tiers::refusal_detail(refusal, &tier));
         e.headers = Some(Box::new(limit_headers));

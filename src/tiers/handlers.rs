@@ -14,11 +14,7 @@ use crate::{
     audit::{self, Event},
     auth::Actor,
     clock::{next_midnight, next_month},
-    http::{
-        ApiError, ApiResult,
-        error::{FieldError, Problem},
-        extract::ValidatedJson,
-    },
+    http::{ApiError, ApiResult, error::Problem, extract::ValidatedJson},
 };
 
 /// What the organization has used in the current periods.
@@ -156,22 +152,14 @@ pub(super) async fn upgrade(
     let cfg = &state.config().tiers;
     if !cfg.plans.contains_key(&req.plan) {
         let known = cfg.plans.keys().cloned().collect::<Vec<_>>().join(", ");
-        return Err(ApiError::Validation {
-            errors: vec![FieldError {
-                field: "plan".into(),
-                code: "unknown_plan".into(),
-                message: format!("Not a plan of this deployment; one of: {known}."),
-            }],
-        });
+        return Err(ApiError::field(
+            "plan",
+            "unknown_plan",
+            format!("Not a plan of this deployment; one of: {known}."),
+        ));
     }
     if let Some(problem) = req.overrides.as_ref().and_then(Overrides::problem) {
-        return Err(ApiError::Validation {
-            errors: vec![FieldError {
-                field: "overrides.rate_limit".into(),
-                code: "range".into(),
-                message: problem.into(),
-            }],
-        });
+        return Err(ApiError::field("overrides.rate_limit", "range", problem));
     }
     if actor.is_system_admin() {
         let mut tx = state.db().begin().await?;

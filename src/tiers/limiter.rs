@@ -296,13 +296,23 @@ impl Limiter {
     }
 
     /// Checks and (if allowed) counts one request.
+    /// Refusals are counted in `tier_rejections_total` by limit.
     pub async fn charge(&self, redis: &Redis, now: OffsetDateTime, c: &Charge<'_>) -> Outcome {
+        let mut outcome = self.decide(redis, now, c).await;
+        outcome.now = now;
+        if let Some(refusal) = outcome.refused {
+            metrics::counter!(REJECTED_TOTAL, "limit" => refusal.as_str()).increment(1);
+        }
+        outcome
+    }
+
+    /// By Redis while it answers, else by this process alone.
+    async fn decide(&self, redis: &Redis, now: OffsetDateTime, c: &Charge<'_>) -> Outcome {
         let keys = Keys::new(redis, c.org, c.client, now);
         if self.try_redis() {
             match self.charge_redis(redis, &keys, c).await {
-                Ok(mut outcome) => {
+                Ok(outcome) => {
                     self.redis_ok(redis).await;
-                    outcome.now = now;
                     self.remember(&keys, &outcome);
                     return outcome;
                 }
@@ -310,10 +320,7 @@ impl Limiter {
             }
         }
         metrics::counter!(FALLBACK_TOTAL).increment(1);
-        let now_us = (now.unix_timestamp_nanos() / 1_000) as i64;
-        let mut outcome = self.charge_local(&keys, now_us, c);
-        outcome.now = now;
-        outcome
+        self.charge_local(&keys, (now.unix_timestamp_nanos() / 1_000) as i64, c)
     }
 
     async fn charge_redis(&self, redis: &Redis, keys: &Keys, c: &Charge<'_>) -> anyhow::Result<Outcome> {

@@ -79,25 +79,31 @@ pub async fn org_tier(state: &AppState, org: Uuid) -> Arc<OrgTier> {
     let row = sqlx::query!("select plan, overrides, since from tenant_tier where organization_id = $1", org)
         .fetch_optional(state.db())
         .await;
-    let (plan, overrides, since) = match row {
-        Ok(Some(r)) => (r.plan, r.overrides, r.since),
-        Ok(None) => (None, serde_json::json!({}), OffsetDateTime::now_utc()),
+    let tier = match row {
+        Ok(r) => Arc::new(from_row(cfg, org, r.map(|r| (r.plan, r.overrides, r.since)))),
         Err(e) => {
             tracing::warn!(error = %e, %org, "could not load the organization's plan; the default plan applies");
-            return Arc::new(resolve(cfg, None, Overrides::default(), OffsetDateTime::now_utc(), org));
+            return Arc::new(from_row(cfg, org, None));
         }
     };
-    let overrides = serde_json::from_value::<Overrides>(overrides).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, %org, "the organization's tier overrides do not parse; ignoring them");
-        Overrides::default()
-    });
-    let tier = Arc::new(resolve(cfg, plan, overrides, since, org));
     let mut cache = tiers.cache.write().unwrap_or_else(|e| e.into_inner());
     if cache.len() >= CACHE_MAX {
         cache.clear();
     }
     cache.insert(org, (Instant::now(), tier.clone()));
     tier
+}
+
+/// An organization's tier from its `tenant_tier` row (plan, overrides, since); no row: the default.
+fn from_row(cfg: &TiersConfig, org: Uuid, row: Option<(Option<String>, serde_json::Value, OffsetDateTime)>) -> OrgTier {
+    let Some((plan, overrides, since)) = row else {
+        return resolve(cfg, None, Overrides::default(), OffsetDateTime::now_utc(), org);
+    };
+    let overrides = serde_json::from_value::<Overrides>(overrides).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, %org, "the organization's tier overrides do not parse; ignoring them");
+        Overrides::default()
+    });
+    resolve(cfg, plan, overrides, since, org)
 }
 
 fn resolve(cfg: &TiersConfig, plan: Option<String>, overrides: Overrides, since: OffsetDateTime, org: Uuid) -> OrgTier {
@@ -127,14 +133,7 @@ pub async fn lock_limits(state: &AppState, conn: &mut PgConnection, org: Uuid) -
     let row = sqlx::query!("select plan, overrides, since from tenant_tier where organization_id = $1 for update", org)
         .fetch_optional(&mut *conn)
         .await?;
-    let cfg = &state.config().tiers;
-    Ok(match row {
-        Some(r) => {
-            let overrides = serde_json::from_value(r.overrides).unwrap_or_default();
-            resolve(cfg, r.plan, overrides, r.since, org)
-        }
-        None => resolve(cfg, None, Overrides::default(), OffsetDateTime::now_utc(), org),
-    })
+    Ok(from_row(&state.config().tiers, org, row.map(|r| (r.plan, r.overrides, r.since))))
 }
 
 /// Tells every instance (this one included) that an organization's tier changed.

@@ -130,10 +130,6 @@ impl Overrides {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
     /// What is wrong with these values, if anything.
     pub fn problem(&self) -> Option<&'static str> {
         self.rate_limit.and_then(|r| rate_problem(&r))

@@ -53,7 +53,6 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     let headers = tiers::headers(&tier.limits, &charge, &outcome);
     let mut response = match outcome.refused {
         Some(refusal) => {
-            metrics::counter!(tiers::limiter::REJECTED_TOTAL, "limit" => refusal.as_str()).increment(1);
             let code = match refusal {
                 Refusal::Rate => "rate_limited",
                 _ => "daily_quota_exceeded",
