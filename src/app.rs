@@ -1,121 +1,22 @@
-//! The application: shared state, the router, and serving with graceful shutdown. Used by `main`
-//! and by the integration tests alike.
+//! The application: the router, and serving with graceful shutdown. Used by `main` and by the
+//! integration tests alike. The shared state it serves lives in [`crate::state`].
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use axum::{Router, response::IntoResponse};
 use axum_server::{Handle, tls_rustls::RustlsConfig};
-use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
+pub use crate::state::AppState;
 use crate::{
-    auth::{AuthState, keys::KeyRing},
     config::Config,
     db,
     http::{self, error::problem_for_status, openapi::ApiDoc},
     redis::Redis,
-    telemetry,
 };
-
-/// Everything a handler may need: cheap to clone, one allocation behind it.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-struct Inner {
-    config: Config,
-    db: PgPool,
-    redis: Redis,
-    metrics: PrometheusHandle,
-    listener_is_tls: bool,
-    auth: AuthState,
-    keys: KeyRing,
-    policy: crate::policy::Engine,
-    decisions: tokio::sync::mpsc::Sender<crate::policy::LoggedDecision>,
-    decisions_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>>>,
-    tiers: crate::tiers::Tiers,
-    analytics: crate::analytics::Recorder,
-    clock: crate::clock::Clock,
-    http: reqwest::Client,
-}
-
-impl AppState {
-    pub fn new(config: Config, db: PgPool, redis: Redis) -> anyhow::Result<Self> {
-        let listener_is_tls = config.tls.enabled();
-        let auth = AuthState::new(&config.auth);
-        let keys = KeyRing::new(config.kek());
-        let policy = crate::policy::Engine::new()?;
-        let (decisions, rx) = tokio::sync::mpsc::channel(config.policy.log_queue_capacity);
-        let tiers = crate::tiers::Tiers::new(&config.tiers);
-        let analytics = crate::analytics::Recorder::new(&config.analytics);
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("agentidp/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(5))
-            .build()?;
-        Ok(Self(Arc::new(Inner {
-            config,
-            db,
-            redis,
-            metrics: telemetry::metrics_handle(),
-            listener_is_tls,
-            auth,
-            keys,
-            policy,
-            decisions,
-            decisions_rx: std::sync::Mutex::new(Some(rx)),
-            tiers,
-            analytics,
-            clock: crate::clock::Clock::default(),
-            http,
-        })))
-    }
-    pub fn config(&self) -> &Config {
-        &self.0.config
-    }
-    pub fn db(&self) -> &PgPool {
-        &self.0.db
-    }
-    pub fn redis(&self) -> &Redis {
-        &self.0.redis
-    }
-    pub fn metrics(&self) -> &PrometheusHandle {
-        &self.0.metrics
-    }
-    pub fn auth(&self) -> &AuthState {
-        &self.0.auth
-    }
-    pub fn keys(&self) -> &KeyRing {
-        &self.0.keys
-    }
-    pub fn policy(&self) -> &crate::policy::Engine {
-        &self.0.policy
-    }
-    /// Where decisions queue for the decision log.
-    pub fn decision_log(&self) -> &tokio::sync::mpsc::Sender<crate::policy::LoggedDecision> {
-        &self.0.decisions
-    }
-    pub fn tiers(&self) -> &crate::tiers::Tiers {
-        &self.0.tiers
-    }
-    /// Where per-request and per-token records queue for `analytics_event`.
-    pub fn analytics(&self) -> &crate::analytics::Recorder {
-        &self.0.analytics
-    }
-    /// The clock quotas read (tests move it across day boundaries).
-    pub fn clock(&self) -> &crate::clock::Clock {
-        &self.0.clock
-    }
-    /// The outbound HTTP client (Stripe).
-    pub fn http_client(&self) -> &reqwest::Client {
-        &self.0.http
-    }
-    /// Whether our own listener speaks TLS (proxies may still tell us otherwise).
-    pub fn listener_is_tls(&self) -> bool {
-        self.0.listener_is_tls
-    }
-}
 
 /// Every documented route of every module. The OpenAPI document is derived from this.
 pub fn api_router() -> OpenApiRouter<AppState> {
@@ -237,7 +138,7 @@ impl Application {
 /// Background work of one instance: cache invalidations from other instances, batched writes.
 fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
     let subscriber = tokio::spawn(crate::auth::credentials::run_subscriber(state.clone()));
-    let rx = state.0.decisions_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let rx = state.take_decision_receiver();
     let writer = rx.map(|rx| {
         tokio::spawn(crate::policy::run_decision_writer(state.db().clone(), rx, state.config().policy.log_batch_size))
     });

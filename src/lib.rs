@@ -2,7 +2,8 @@
 //! agents and for the humans and services that run them.
 //!
 //! # Layout
-//! - [`app`]: shared state, the router, serving and graceful shutdown.
+//! - [`state`]: [`state::AppState`], the shared state every module takes (low in the house).
+//! - [`app`]: the router composing the modules, serving and graceful shutdown.
 //! - [`config`]: layered configuration (defaults, file, `AGENTIDP_` environment), validated at boot.
 //! - [`db`], [`redis`]: the one Postgres pool and the one Redis pool.
 //! - [`http`]: the middleware stack in request order, extractors, `ApiError`, operations routes, OpenAPI.
@@ -27,6 +28,7 @@ pub mod db;
 pub mod http;
 pub mod policy;
 pub mod redis;
+pub mod state;
 pub mod telemetry;
 pub mod tiers;
 

@@ -7,7 +7,7 @@ use super::{
     model::{AuditEvent, AuditPage, AuditQuery},
 };
 use crate::{
-    app::AppState,
+    state::AppState,
     auth::Actor,
     http::{ApiResult, extract::ApiQuery, pagination},
 };

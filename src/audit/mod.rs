@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use crate::{app::AppState, auth::Actor, http::request_id::current_request_id};
+use crate::{state::AppState, auth::Actor, http::request_id::current_request_id};
 
 /// The chain of events that belong to no organization.
 pub const SYSTEM_CHAIN: Uuid = Uuid::nil();

@@ -16,7 +16,7 @@ use super::{
     revocation::{self, Announced, Subject},
 };
 use crate::{
-    app::AppState,
+    state::AppState,
     audit::{self, Event},
     crypto,
     http::{

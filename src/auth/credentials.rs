@@ -350,7 +350,7 @@ fn apply(cache: &CredentialCache, message: &str) {
 
 /// Listens for changes made by other instances until the process ends, reconnecting as needed.
 /// Each (re)connection starts from Postgres, since messages sent while away are lost.
-pub async fn run_subscriber(state: crate::app::AppState) {
+pub async fn run_subscriber(state: crate::state::AppState) {
     let channel = channel(state.redis());
     let url = state.config().redis.url.clone();
     let auth = state.auth();

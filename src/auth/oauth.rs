@@ -28,7 +28,7 @@ use super::{
     revocation::{self, Announced},
     tokens::{self, Audience, Claims, Rejection},
 };
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// An RFC 6749 §5.2 error.
 #[derive(Debug)]

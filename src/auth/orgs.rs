@@ -11,7 +11,7 @@ use super::{
     model::*,
 };
 use crate::{
-    app::AppState,
+    state::AppState,
     audit::{self, Event},
     crypto,
     http::{

@@ -203,7 +203,7 @@ pub async fn revoke_subject(conn: &mut PgConnection, subject: &Subject) -> Resul
 }
 
 /// After commit: applies the revocation here and tells every other instance.
-pub async fn announce(state: &crate::app::AppState, what: Announced) {
+pub async fn announce(state: &crate::state::AppState, what: Announced) {
     let rev = &state.auth().revocations;
     let (message, mirror_jtis, mirror_wms) = match what {
         Announced::Jti { jti, exp } => {

@@ -16,7 +16,7 @@ use super::{
     model::*,
 };
 use crate::{
-    app::AppState,
+    state::AppState,
     audit::{self, Event},
     crypto,
     http::{

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{Decision, Query, Resource, engine::QueryError, log_decision};
 use crate::{
-    app::AppState,
+    state::AppState,
     audit::{self, Event},
     auth::{Actor, credentials},
     http::{

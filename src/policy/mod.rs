@@ -21,7 +21,7 @@ use uuid::Uuid;
 pub use engine::{Decision, Engine, Query, Resource};
 
 use crate::{
-    app::AppState,
+    state::AppState,
     auth::{Actor, ActorType, Credential, Role},
     http::{ApiError, ApiResult},
 };

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{Resource, enforce, query_for};
 use crate::{
-    app::AppState,
+    state::AppState,
     auth::{Actor, is_public},
     http::ApiError,
 };

@@ -10,7 +10,7 @@ use validator::Validate;
 
 use super::{Overrides, Plan, org_tier, stripe};
 use crate::{
-    app::AppState,
+    state::AppState,
     audit::{self, Event},
     auth::Actor,
     clock::{next_midnight, next_month},

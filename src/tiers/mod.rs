@@ -24,7 +24,7 @@ use uuid::Uuid;
 pub use limiter::{Charge, Limiter, Outcome, Refusal, Usage};
 pub use plans::{Limit, Overrides, Plan, RateLimit};
 
-use crate::{app::AppState, config::TiersConfig};
+use crate::{state::AppState, config::TiersConfig};
 
 /// Routes that an organization over its daily quota must still reach: to see why, and to upgrade.
 pub const UNCOUNTED_ROUTES: &[&str] = &["/api/v1/tiers/status", "/api/v1/tiers/upgrade"];

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    app::AppState,
+    state::AppState,
     audit::{self, Event},
     http::{ApiError, ApiResult, error::Problem},
 };

@@ -12,7 +12,7 @@ use axum::{
 
 use super::org_context::{Identified, OrgChoice};
 use crate::{
-    app::AppState,
+    state::AppState,
     auth::{Actor, Credential, credentials::Failure, is_public},
     http::ApiError,
 };

@@ -18,7 +18,7 @@ use axum::{
 use super::org_context::{Identified, OrgChoice};
 use crate::{
     analytics::{Event, Kind},
-    app::AppState,
+    state::AppState,
     auth::Credential,
 };
 

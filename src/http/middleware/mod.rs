@@ -24,7 +24,7 @@ use tower_http::{
     timeout::TimeoutLayer,
 };
 
-use crate::{app::AppState, config::CorsConfig, http::problem, http::request_id};
+use crate::{state::AppState, config::CorsConfig, http::problem, http::request_id};
 
 /// Wraps every route of `router` (and its fallbacks) in the stack. Listed outermost first.
 pub fn stack(router: Router<AppState>, state: &AppState) -> Router<AppState> {

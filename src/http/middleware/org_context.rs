@@ -16,7 +16,7 @@ use axum::{
 use uuid::Uuid;
 
 use crate::{
-    app::AppState,
+    state::AppState,
     auth::{
         Principal,
         credentials::{self, Failure},

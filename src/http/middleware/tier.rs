@@ -16,7 +16,7 @@ use axum::{
 
 use super::org_context::{Identified, OrgChoice};
 use crate::{
-    app::AppState,
+    state::AppState,
     auth::{Credential, Principal, is_public},
     http::ApiError,
     tiers::{self, Charge, Refusal},

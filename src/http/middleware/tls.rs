@@ -14,7 +14,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 tokio::task_local! {
     static CLIENT_IP: Option<String>;

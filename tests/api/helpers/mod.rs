@@ -128,7 +128,7 @@ pub struct TestApp {
     pub db_url: String,
     pub redis: Redis,
     pub config: Config,
-    pub state: agentidp::app::AppState,
+    pub state: agentidp::state::AppState,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }

@@ -1,0 +1,117 @@
+//! The shared application state: one Postgres pool, one Redis, the in-process engines and caches.
+//!
+//! It sits low in the house, below every module that uses it, so that modules import it without
+//! importing [`crate::app`], which composes them.
+
+use std::{sync::Arc, time::Duration};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+
+use crate::{
+    auth::{AuthState, keys::KeyRing},
+    config::Config,
+    redis::Redis,
+    telemetry,
+};
+
+/// Everything a handler may need: cheap to clone, one allocation behind it.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    config: Config,
+    db: PgPool,
+    redis: Redis,
+    metrics: PrometheusHandle,
+    listener_is_tls: bool,
+    auth: AuthState,
+    keys: KeyRing,
+    policy: crate::policy::Engine,
+    decisions: tokio::sync::mpsc::Sender<crate::policy::LoggedDecision>,
+    decisions_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>>>,
+    tiers: crate::tiers::Tiers,
+    analytics: crate::analytics::Recorder,
+    clock: crate::clock::Clock,
+    http: reqwest::Client,
+}
+
+impl AppState {
+    pub fn new(config: Config, db: PgPool, redis: Redis) -> anyhow::Result<Self> {
+        let listener_is_tls = config.tls.enabled();
+        let auth = AuthState::new(&config.auth);
+        let keys = KeyRing::new(config.kek());
+        let policy = crate::policy::Engine::new()?;
+        let (decisions, rx) = tokio::sync::mpsc::channel(config.policy.log_queue_capacity);
+        let tiers = crate::tiers::Tiers::new(&config.tiers);
+        let analytics = crate::analytics::Recorder::new(&config.analytics);
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("agentidp/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self(Arc::new(Inner {
+            config,
+            db,
+            redis,
+            metrics: telemetry::metrics_handle(),
+            listener_is_tls,
+            auth,
+            keys,
+            policy,
+            decisions,
+            decisions_rx: std::sync::Mutex::new(Some(rx)),
+            tiers,
+            analytics,
+            clock: crate::clock::Clock::default(),
+            http,
+        })))
+    }
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+    pub fn db(&self) -> &PgPool {
+        &self.0.db
+    }
+    pub fn redis(&self) -> &Redis {
+        &self.0.redis
+    }
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.0.metrics
+    }
+    pub fn auth(&self) -> &AuthState {
+        &self.0.auth
+    }
+    pub fn keys(&self) -> &KeyRing {
+        &self.0.keys
+    }
+    pub fn policy(&self) -> &crate::policy::Engine {
+        &self.0.policy
+    }
+    /// Where decisions queue for the decision log.
+    pub fn decision_log(&self) -> &tokio::sync::mpsc::Sender<crate::policy::LoggedDecision> {
+        &self.0.decisions
+    }
+    pub fn tiers(&self) -> &crate::tiers::Tiers {
+        &self.0.tiers
+    }
+    /// Where per-request and per-token records queue for `analytics_event`.
+    pub fn analytics(&self) -> &crate::analytics::Recorder {
+        &self.0.analytics
+    }
+    /// The clock quotas read (tests move it across day boundaries).
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.0.clock
+    }
+    /// The outbound HTTP client (Stripe).
+    pub fn http_client(&self) -> &reqwest::Client {
+        &self.0.http
+    }
+    /// The decision-log receiver, taken once by the instance that runs the writer.
+    pub fn take_decision_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>> {
+        self.0.decisions_rx.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+    /// Whether our own listener speaks TLS (proxies may still tell us otherwise).
+    pub fn listener_is_tls(&self) -> bool {
+        self.0.listener_is_tls
+    }
+}
