@@ -75,7 +75,8 @@ pub async fn fresh_database() -> (String, String) {
         let pool = PgPoolOptions::new().max_connections(1).connect(&with_db(&admin, &template)).await.unwrap();
         agentidp::db::MIGRATOR.run(&pool).await.expect("migrations apply to an empty database");
         pool.close().await;
-        // Old templates and databases of earlier runs are only clutter now.
+        // Old templates and databases of earlier runs are only clutter now. Without `force`, so
+        // that a database another test run (of another schema) is still using stays.
         let stale: Vec<String> = sqlx::query_scalar(
             "select datname from pg_database where (datname like 'agentidp\\_tmpl\\_%' and datname <> $1) or datname like 'agentidp\\_t\\_%'",
         )
@@ -84,7 +85,7 @@ pub async fn fresh_database() -> (String, String) {
         .await
         .unwrap();
         for db in stale {
-            let _ = sqlx::query(&format!("drop database if exists {db} with (force)")).execute(&mut conn).await;
+            let _ = sqlx::query(&format!("drop database if exists {db}")).execute(&mut conn).await;
         }
     }
     let name = format!("agentidp_t_{}", uuid::Uuid::new_v4().simple());
