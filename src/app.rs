@@ -112,6 +112,7 @@ impl Application {
             signal.graceful_shutdown(Some(grace));
         });
         let background = spawn_background(&state);
+        let settler = spawn_settler(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
@@ -120,6 +121,10 @@ impl Application {
             None => axum_server::from_tcp(listener)?.handle(handle).serve(service).await?,
         }
         background.abort();
+        settler.abort();
+        // Leases go back and counts made in memory reach Redis, for the instances that stay.
+        let _ =
+            tokio::time::timeout(grace, state.tiers().limiter.settle(state.redis(), crate::tiers::Giveback::All)).await;
         // What was buffered in memory goes out before the pool closes.
         state.auth().last_used.flush(state.db()).await;
         state.analytics().stop();
@@ -167,6 +172,19 @@ fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
             if ticks % 60 == 1 {
                 crate::auth::agents::rotate_if_due(&state).await;
             }
+        }
+    })
+}
+
+/// Gives back the rate limiter's expired leases and adds its in-memory counts to Redis, often.
+fn spawn_settler(state: &AppState) -> tokio::task::JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(state.config().tiers.limiter.settle_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            state.tiers().limiter.settle(state.redis(), crate::tiers::Giveback::Expired).await;
         }
     })
 }

@@ -42,6 +42,27 @@ pub struct TiersConfig {
     pub cache_secs: u64,
     pub plans: std::collections::BTreeMap<String, crate::tiers::plans::Plan>,
     pub stripe: StripeConfig,
+    pub limiter: LimiterConfig,
+}
+
+/// How the rate limiter leases from Redis (see [`crate::tiers::limiter`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimiterConfig {
+    /// The most units one lease takes (1: every request is decided by Redis).
+    pub lease_max: u64,
+    /// A lease takes at most what is left divided by this times the instances serving the org.
+    pub lease_share: u64,
+    /// Unspent leased units are given back after this long.
+    pub lease_ttl_ms: u64,
+    /// How often expired leases are given back and in-memory counts added to Redis.
+    pub settle_ms: u64,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        Self { lease_max: 256, lease_share: 4, lease_ttl_ms: 1000, settle_ms: 250 }
+    }
 }
 
 impl TiersConfig {
@@ -432,6 +453,19 @@ impl Config {
         }
         if t.cache_secs > 300 {
             return Err(invalid("tiers.cache_secs", "must be at most 300"));
+        }
+        let l = &t.limiter;
+        if !(1..=100_000).contains(&l.lease_max) {
+            return Err(invalid("tiers.limiter.lease_max", "must be between 1 and 100000"));
+        }
+        if !(1..=1000).contains(&l.lease_share) {
+            return Err(invalid("tiers.limiter.lease_share", "must be between 1 and 1000"));
+        }
+        if !(10..=60_000).contains(&l.lease_ttl_ms) {
+            return Err(invalid("tiers.limiter.lease_ttl_ms", "must be between 10 and 60000"));
+        }
+        if !(10..=60_000).contains(&l.settle_ms) {
+            return Err(invalid("tiers.limiter.settle_ms", "must be between 10 and 60000"));
         }
         let s = &t.stripe;
         if !(s.api_base.starts_with("https://") || s.api_base.starts_with("http://")) || s.api_base.ends_with('/') {

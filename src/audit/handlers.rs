@@ -7,9 +7,9 @@ use super::{
     model::{AuditEvent, AuditPage, AuditQuery},
 };
 use crate::{
-    state::AppState,
     auth::Actor,
     http::{ApiResult, extract::ApiQuery, pagination},
+    state::AppState,
 };
 
 /// The current organization's audit events, newest first.

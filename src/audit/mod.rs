@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use crate::{state::AppState, auth::Actor, http::request_id::current_request_id};
+use crate::{auth::Actor, http::request_id::current_request_id, state::AppState};
 
 /// The chain of events that belong to no organization.
 pub const SYSTEM_CHAIN: Uuid = Uuid::nil();

@@ -16,7 +16,6 @@ use super::{
     revocation::{self, Announced, Subject},
 };
 use crate::{
-    state::AppState,
     audit::{self, Event},
     crypto,
     http::{
@@ -26,6 +25,7 @@ use crate::{
         pagination,
     },
     policy::Resource,
+    state::AppState,
 };
 
 pub const CLIENT_SECRET_PREFIX: &str = "aidp_cs_";

@@ -23,7 +23,7 @@ pub use credentials::{Credential, CredentialCache, LastUsed, Principal};
 pub use orgs::{slugify, valid_slug};
 pub use throttle::LoginThrottle;
 
-use crate::{state::AppState, config::AuthConfig};
+use crate::{config::AuthConfig, state::AppState};
 
 /// Per-process identity state: the credential cache, the login throttle, pending `last_used` times.
 pub struct AuthState {

@@ -11,7 +11,6 @@ use super::{
     model::*,
 };
 use crate::{
-    state::AppState,
     audit::{self, Event},
     crypto,
     http::{
@@ -20,6 +19,7 @@ use crate::{
         extract::{ApiJson, ApiPath, ApiQuery, ValidatedJson},
         pagination,
     },
+    state::AppState,
 };
 
 /// `My Org!` becomes `my-org`.

@@ -16,7 +16,6 @@ use super::{
     model::*,
 };
 use crate::{
-    state::AppState,
     audit::{self, Event},
     crypto,
     http::{
@@ -25,6 +24,7 @@ use crate::{
         extract::{ApiPath, ValidatedJson},
         middleware::tls::{Secure, current_client_ip},
     },
+    state::AppState,
 };
 
 fn session_cookie(token: &str, max_age: i64, secure: bool) -> HeaderValue {

@@ -10,7 +10,6 @@ use uuid::Uuid;
 
 use super::{Decision, Query, Resource, engine::QueryError, log_decision};
 use crate::{
-    state::AppState,
     audit::{self, Event},
     auth::{Actor, credentials},
     http::{
@@ -19,6 +18,7 @@ use crate::{
         extract::{ApiJson, ApiPath, ApiQuery},
         pagination,
     },
+    state::AppState,
 };
 
 /// The actor of a PDP request.

@@ -21,9 +21,9 @@ use uuid::Uuid;
 pub use engine::{Decision, Engine, Query, Resource};
 
 use crate::{
-    state::AppState,
     auth::{Actor, ActorType, Credential, Role},
     http::{ApiError, ApiResult},
+    state::AppState,
 };
 
 pub fn router() -> OpenApiRouter<AppState> {

@@ -15,9 +15,9 @@ use uuid::Uuid;
 
 use super::{Resource, enforce, query_for};
 use crate::{
-    state::AppState,
     auth::{Actor, is_public},
     http::ApiError,
+    state::AppState,
 };
 
 /// The kind of resource a route acts on.

@@ -10,11 +10,11 @@ use validator::Validate;
 
 use super::{Overrides, Plan, org_tier, stripe};
 use crate::{
-    state::AppState,
     audit::{self, Event},
     auth::Actor,
     clock::{next_midnight, next_month},
     http::{ApiError, ApiResult, error::Problem, extract::ValidatedJson},
+    state::AppState,
 };
 
 /// What the organization has used in the current periods.

@@ -1,10 +1,25 @@
-//! The rate limiter and quota counters: one Redis script per request, a per-process fallback.
+//! The rate limiter and quota counters: leases from Redis spent in-process, exact at the limit,
+//! and a per-process fallback.
 //!
-//! A charge checks, in one atomic script and one round trip, the client's rate limit (GCRA: a
-//! theoretical arrival time per client), then the organization's daily call quota, then its daily
-//! and monthly token quotas, and commits all of them only if every check passes — a refused
-//! request consumes nothing. Concurrent requests are serialized by Redis, so a limit of 50 lets
-//! exactly 50 through.
+//! A charge covers the client's rate limit (GCRA: a theoretical arrival time per client), then the
+//! organization's daily call quota, then its daily and monthly token quotas. Refused requests
+//! consume nothing.
+//!
+//! **Leases.** Asking Redis on every request would cost more than the identity check, so each
+//! instance takes a *lease* in one atomic script: `k` units of every limited counter a request
+//! charges (and `k` emission intervals of the client's bucket), which it then spends locally without
+//! a round trip. The script sizes `k` from what is left, shared between the instances serving the
+//! organization (they register in a short-lived set in the same script): `k = min(lease_max,
+//! left / (lease_share × instances))`, and `k = 1` once that is below two — near a limit every
+//! request is decided by Redis, so a limit of 50 lets exactly 50 through. A lease is taken inside
+//! the counter it draws from, so the sum over instances never exceeds the limit: the overshoot is
+//! zero. What an instance leased and did not spend within `lease_ttl_ms` is given back; until then
+//! the others may see a count higher than what was spent (they under-admit, never over-admit).
+//! A request that Redis refuses while this instance still has a grant in flight waits for it, so
+//! a unit leased here is never stranded while a request of this instance is refused.
+//!
+//! Counters of unlimited quotas need no decision: they are counted in memory and added to Redis
+//! in batches (every `settle_ms`, and before a status read), like the counts of an outage.
 //!
 //! Keys carry the organization as a hash tag (`tier:{<org>}:...`), so one script's keys share a
 //! cluster slot. Counter keys are named by UTC day or month (from [`crate::clock::Clock`]) and
@@ -18,18 +33,20 @@ use std::{
     collections::HashMap,
     sync::{
         Mutex,
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use redis::Script;
 use time::OffsetDateTime;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::plans::{Limit, RateLimit};
 use crate::{
     clock::{next_midnight, next_month},
+    config::LimiterConfig,
     redis::Redis,
 };
 
@@ -37,6 +54,10 @@ pub const FALLBACK_TOTAL: &str = "tier_limiter_fallback_total";
 pub const DEGRADED: &str = "tier_limiter_degraded";
 pub const REJECTED_TOTAL: &str = "tier_rejections_total";
 pub const RECONCILED_TOTAL: &str = "tier_counters_reconciled_total";
+/// Requests decided from a lease, without Redis.
+pub const LEASED_TOTAL: &str = "tier_limiter_leased_total";
+/// Round trips to Redis for a decision (each one may take a lease).
+pub const REDIS_DECISIONS_TOTAL: &str = "tier_limiter_redis_decisions_total";
 
 /// How long the circuit stays open after a Redis failure before one request probes again.
 const OPEN_FOR: Duration = Duration::from_secs(1);
@@ -44,12 +65,17 @@ const OPEN_FOR: Duration = Duration::from_secs(1);
 const KEY_GRACE_SECS: i64 = 7200;
 /// Entries the fallback keeps before it starts over.
 const LOCAL_MAX: usize = 200_000;
+/// How many times a request re-decides after a refusal that a grant in flight may lift.
+const MAX_ATTEMPTS: usize = 4;
 
-/// The script. KEYS: rate, calls today, tokens today, tokens this month. ARGV: emission interval
-/// (µs), burst, call limit, token day limit, token month limit (-1 unlimited, -2 not charged), day
-/// TTL, month TTL (s). Returns: refused (0 none, 1 rate, 2 calls, 3 tokens/day, 4 tokens/month),
-/// remaining burst, µs until the bucket is full, µs until a retry can pass, and (0 when not charged) calls today, tokens
-/// today, tokens this month.
+/// The script. KEYS: rate, calls today, tokens today, tokens this month, the organization's
+/// instances. ARGV: 1 emission interval (µs; -2 when the rate is not charged here), 2 burst, 3 call
+/// limit, 4 token day limit, 5 token month limit (-1 unlimited, -2 not charged here), 6 day TTL,
+/// 7 month TTL (s), 8 most units to grant, 9 this instance's id, 10 the lease share. An instance
+/// counts as serving the organization for 10 s after its last lease.
+/// Returns: refused (0 none, 1 rate, 2 calls, 3 tokens/day, 4 tokens/month), units granted,
+/// remaining burst, µs until the bucket is full, µs until a retry can pass, calls today, tokens
+/// today, tokens this month (0 when not charged).
 ///
 /// Time is Redis's own (`TIME`), so instances with skewed clocks share one bucket exactly; all
 /// arithmetic is on whole microseconds, exact in Lua's doubles for the next few centuries.
@@ -57,49 +83,79 @@ const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
-local tau = interval * tonumber(ARGV[2])
-local calls_limit = tonumber(ARGV[3])
-local day_limit = tonumber(ARGV[4])
-local month_limit = tonumber(ARGV[5])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new_tat = tat + interval
-local calls = 0
-if calls_limit ~= -2 then calls = tonumber(redis.call('GET', KEYS[2])) or 0 end
-local tday = 0
-local tmonth = 0
-if day_limit ~= -2 then
-  tday = tonumber(redis.call('GET', KEYS[3])) or 0
-  tmonth = tonumber(redis.call('GET', KEYS[4])) or 0
+local limits = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
+local ttls = {ARGV[6], ARGV[6], ARGV[7]}
+local want = tonumber(ARGV[8])
+local share = tonumber(ARGV[10])
+if want > 1 then
+  redis.call('ZADD', KEYS[5], t[1], ARGV[9])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(t[1]) - 10)
+  redis.call('EXPIRE', KEYS[5], 60)
+  share = share * redis.call('ZCARD', KEYS[5])
 end
+local k = want
 local refused = 0
 local retry = 0
-if new_tat - tau > now then
-  refused = 1
-  retry = new_tat - tau - now
-elseif calls_limit >= 0 and calls >= calls_limit then
-  refused = 2
-elseif day_limit >= 0 and tday >= day_limit then
-  refused = 3
-elseif month_limit >= 0 and tmonth >= month_limit then
-  refused = 4
-end
-if refused == 0 then
-  tat = new_tat
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
-  if calls_limit ~= -2 then
-    calls = redis.call('INCR', KEYS[2])
-    if calls == 1 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
-  end
-  if day_limit ~= -2 then
-    tday = redis.call('INCR', KEYS[3])
-    if tday == 1 then redis.call('EXPIRE', KEYS[3], ARGV[6]) end
-    tmonth = redis.call('INCR', KEYS[4])
-    if tmonth == 1 then redis.call('EXPIRE', KEYS[4], ARGV[7]) end
+local tat = now
+local tau = 0
+if interval > 0 then
+  tau = interval * tonumber(ARGV[2])
+  tat = tonumber(redis.call('GET', KEYS[1])) or now
+  if tat < now then tat = now end
+  local left = math.floor((now + tau - tat) / interval)
+  if left < 1 then
+    refused = 1
+    retry = tat + interval - tau - now
+  else
+    k = math.min(k, math.floor(left / share))
   end
 end
-local remaining = math.floor((now + tau - tat) / interval)
-return {refused, remaining, tat - now, retry, calls, tday, tmonth}
+local counts = {0, 0, 0}
+for i = 1, 3 do
+  if limits[i] ~= -2 then
+    counts[i] = tonumber(redis.call('GET', KEYS[i + 1])) or 0
+    if limits[i] >= 0 and refused == 0 then
+      if counts[i] >= limits[i] then
+        refused = i + 1
+      else
+        k = math.min(k, math.floor((limits[i] - counts[i]) / share))
+      end
+    end
+  end
+end
+if k < 1 then k = 1 end
+if refused ~= 0 then
+  k = 0
+else
+  if interval > 0 then
+    tat = tat + k * interval
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+  end
+  for i = 1, 3 do
+    if limits[i] ~= -2 then
+      counts[i] = redis.call('INCRBY', KEYS[i + 1], k)
+      if counts[i] == k then redis.call('EXPIRE', KEYS[i + 1], ttls[i]) end
+    end
+  end
+end
+local remaining = 0
+if interval > 0 then remaining = math.floor((now + tau - tat) / interval) end
+return {refused, k, remaining, tat - now, retry, counts[1], counts[2], counts[3]}
+"#;
+
+/// Gives back emission intervals leased from a bucket and not spent. KEYS: rate. ARGV: µs.
+const REFUND: &str = r#"
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+tat = tat - tonumber(ARGV[1])
+if tat <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+end
+return 1
 "#;
 
 /// What one request asks of the limiter.
@@ -179,6 +235,7 @@ struct Keys {
     calls: String,
     tokens_day: String,
     tokens_month: String,
+    instances: String,
     day_ttl: i64,
     month_ttl: i64,
 }
@@ -192,13 +249,99 @@ impl Keys {
             calls: redis.key(&format!("tier:{{{org}}}:calls:{day}")),
             tokens_day: redis.key(&format!("tier:{{{org}}}:tok:d:{day}")),
             tokens_month: redis.key(&format!("tier:{{{org}}}:tok:m:{month}")),
+            instances: redis.key(&format!("tier:{{{org}}}:inst")),
             day_ttl: (next_midnight(now) - now).whole_seconds() + KEY_GRACE_SECS,
             month_ttl: (next_month(now) - now).whole_seconds() + KEY_GRACE_SECS,
         }
     }
+
+    /// The key of a slot: 0 rate, 1 calls, 2 tokens today, 3 tokens this month.
+    fn slot(&self, i: usize) -> &String {
+        [&self.rate, &self.calls, &self.tokens_day, &self.tokens_month][i]
+    }
+
+    fn ttl(&self, i: usize) -> i64 {
+        if i == 3 { self.month_ttl } else { self.day_ttl }
+    }
 }
 
-/// Counts this process learnt from Redis (to start a fallback from) or made alone (to reconcile).
+/// How a charge treats each slot (rate, calls, tokens today, tokens this month).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Not charged.
+    Skip,
+    /// A limit: decided by Redis or from a lease.
+    Leased,
+    /// No limit: counted in memory, added to Redis in batches.
+    Counted,
+}
+
+fn modes(c: &Charge<'_>) -> [Mode; 4] {
+    let of = |l: Option<Limit>| match l {
+        None => Mode::Skip,
+        Some(Limit::Max(_)) => Mode::Leased,
+        Some(Limit::Unlimited) => Mode::Counted,
+    };
+    [Mode::Leased, of(c.calls), of(c.tokens.map(|t| t.0)), of(c.tokens.map(|t| t.1))]
+}
+
+/// Units of one key leased from Redis and not yet spent by this process.
+struct Lease {
+    org: Uuid,
+    left: u64,
+    expires: Instant,
+    /// Decisions for this key now in flight to Redis from this process; a refusal waits for them.
+    in_flight: u32,
+    /// What Redis reported with the last grant: the burst remaining (rate) or the count (counters).
+    reported: u64,
+    /// Rate leases: µs until the bucket was full when granted, and its emission interval and burst.
+    reset_us: i64,
+    interval_us: i64,
+    burst: u64,
+    granted: Instant,
+    /// The size of the last grant: above one, the limit is far and renewals are shared.
+    last_granted: u64,
+}
+
+impl Lease {
+    fn new(org: Uuid) -> Self {
+        let now = Instant::now();
+        Self {
+            org,
+            left: 0,
+            expires: now,
+            in_flight: 0,
+            reported: 0,
+            reset_us: 0,
+            interval_us: 1,
+            burst: 0,
+            granted: now,
+            last_granted: 0,
+        }
+    }
+
+    fn usable(&self, now: Instant) -> bool {
+        self.left > 0 && self.expires > now
+    }
+
+    /// The burst remaining and µs until full, counting what is leased and not spent as available.
+    fn burst_now(&self, now: Instant) -> (u64, u64) {
+        let elapsed = now.saturating_duration_since(self.granted).as_micros() as i64;
+        let interval = self.interval_us.max(1);
+        let refilled = (elapsed / interval).max(0) as u64;
+        let remaining = (self.reported + self.left + refilled).min(self.burst);
+        let reset = (self.reset_us - self.left as i64 * interval - elapsed).max(0) as u64;
+        (remaining, reset)
+    }
+
+    /// The counter as this process sees it: what Redis reported, less what is leased and not spent.
+    fn count(&self) -> u64 {
+        self.reported.saturating_sub(self.left)
+    }
+}
+
+/// Counts this process learnt from Redis (to start a fallback from) or made alone (to reconcile),
+/// and the leases it holds.
 #[derive(Default)]
 struct Local {
     /// Rate key → theoretical arrival time (µs).
@@ -207,12 +350,67 @@ struct Local {
     counts: HashMap<String, u64>,
     /// Counter key → (increments Redis has not seen, TTL to set).
     pending: HashMap<String, (u64, i64)>,
+    /// Key → units leased from Redis.
+    leases: HashMap<String, Lease>,
+}
+
+impl Local {
+    fn lease(&mut self, key: &str, org: Uuid) -> &mut Lease {
+        if !self.leases.contains_key(key) {
+            self.leases.insert(key.to_owned(), Lease::new(org));
+        }
+        self.leases.get_mut(key).expect("just inserted")
+    }
+
+    fn count_pending(&mut self, key: &str, ttl: i64) {
+        match self.pending.get_mut(key) {
+            Some(p) => p.0 += 1,
+            None => {
+                self.pending.insert(key.to_owned(), (1, ttl));
+            }
+        }
+    }
+}
+
+/// What [`Limiter::reserve`] found.
+enum Reserved {
+    /// Units taken from leases (by slot), and the slots Redis must decide.
+    Ask([bool; 4], [bool; 4]),
+    /// A lease for this slot is on its way.
+    Wait(usize),
+}
+
+/// The script's answer.
+struct Reply {
+    refused: Option<Refusal>,
+    granted: u64,
+    burst_remaining: u64,
+    burst_reset_us: i64,
+    retry_after_us: u64,
+    counts: [u64; 3],
+}
+
+/// Which leases [`Limiter::settle`] gives back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Giveback {
+    /// Those past `lease_ttl_ms` (the periodic settle).
+    Expired,
+    /// All of one organization's (before its status is read).
+    Org(Uuid),
+    /// Every one (shutdown).
+    All,
 }
 
 /// The limiter of one process.
 pub struct Limiter {
     script: Script,
+    refund: Script,
+    cfg: LimiterConfig,
+    /// This process in the organizations' instance sets.
+    instance: String,
     local: Mutex<Local>,
+    /// Woken whenever a decision in flight to Redis comes back.
+    landed: Notify,
     started: Instant,
     /// Milliseconds since `started` until which Redis is not asked while degraded. The request
     /// that moves it forward is the one probe; an abandoned probe simply lets it expire.
@@ -223,25 +421,41 @@ pub struct Limiter {
     /// Last counts Redis reported, by counter key hash, to seed the fallback without a lock on
     /// every request.
     seen: Mutex<HashMap<String, u64>>,
+    /// Decisions this process asked of Redis (each may take a lease).
+    redis_decisions: AtomicU64,
 }
 
 impl Default for Limiter {
     fn default() -> Self {
-        Self::new()
+        Self::new(&LimiterConfig::default())
     }
 }
 
 impl Limiter {
-    pub fn new() -> Self {
+    pub fn new(cfg: &LimiterConfig) -> Self {
         Self {
             script: Script::new(SCRIPT),
+            refund: Script::new(REFUND),
+            cfg: cfg.clone(),
+            instance: Uuid::new_v4().simple().to_string(),
             local: Mutex::new(Local::default()),
+            landed: Notify::new(),
             started: Instant::now(),
             open_until: AtomicI64::new(0),
             degraded: AtomicBool::new(false),
             has_pending: AtomicBool::new(false),
             seen: Mutex::new(HashMap::new()),
+            redis_decisions: AtomicU64::new(0),
         }
+    }
+
+    /// How many decisions this process has asked of Redis: with leases, far fewer than requests.
+    pub fn redis_decisions(&self) -> u64 {
+        self.redis_decisions.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn elapsed_ms(&self) -> i64 {
@@ -271,27 +485,16 @@ impl Limiter {
         }
     }
 
-    /// Redis answered: close the circuit, and hand over whatever was counted alone.
-    async fn redis_ok(&self, redis: &Redis) {
+    /// Redis answered: close the circuit. What was counted alone follows with the next settle.
+    fn redis_ok(&self) {
         // Loads first: a swap on every request would bounce the cache line between cores.
         if self.degraded.load(Ordering::Acquire) && self.degraded.swap(false, Ordering::AcqRel) {
             metrics::gauge!(DEGRADED).set(0.0);
             tracing::info!("rate limiter: Redis is back, limits are shared again");
             // The next outage starts from what Redis reports by then, not from these.
-            let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            let mut local = self.lock();
             local.tat.clear();
             local.counts.clear();
-        }
-        if self.has_pending.load(Ordering::Acquire) && self.has_pending.swap(false, Ordering::AcqRel) {
-            let pending = std::mem::take(&mut self.local.lock().unwrap_or_else(|e| e.into_inner()).pending);
-            if let Err(e) = reconcile(redis, &pending).await {
-                tracing::warn!(error = %e, counters = pending.len(), "could not reconcile counters; will retry");
-                let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-                for (key, (delta, ttl)) in pending {
-                    local.pending.entry(key).or_insert((0, ttl)).0 += delta;
-                }
-                self.has_pending.store(true, Ordering::Release);
-            }
         }
     }
 
@@ -306,59 +509,343 @@ impl Limiter {
         outcome
     }
 
-    /// By Redis while it answers, else by this process alone.
+    /// From leases where they cover the request; else by Redis while it answers (taking a lease);
+    /// else by this process alone.
     async fn decide(&self, redis: &Redis, now: OffsetDateTime, c: &Charge<'_>) -> Outcome {
         let keys = Keys::new(redis, c.org, c.client, now);
-        if self.try_redis() {
-            match self.charge_redis(redis, &keys, c).await {
-                Ok(outcome) => {
-                    self.redis_ok(redis).await;
-                    self.remember(&keys, &outcome);
-                    return outcome;
+        let modes = modes(c);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let (covered, need) = match self.reserve(&keys, c.org, &modes, attempt < MAX_ATTEMPTS) {
+                Reserved::Ask(covered, need) => (covered, need),
+                Reserved::Wait(slot) => {
+                    self.wait_for_grants(keys.slot(slot), redis.timeout()).await;
+                    continue;
                 }
-                Err(e) => self.redis_failed(&e),
+            };
+            if !need.contains(&true) {
+                metrics::counter!(LEASED_TOTAL).increment(1);
+                return self.spent(&keys, &modes, None);
+            }
+            if !self.try_redis() {
+                self.release(&keys, covered, need);
+                break;
+            }
+            metrics::counter!(REDIS_DECISIONS_TOTAL).increment(1);
+            self.redis_decisions.fetch_add(1, Ordering::Relaxed);
+            let reply = match self.charge_redis(redis, &keys, c, &need).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.release(&keys, covered, need);
+                    self.redis_failed(&e);
+                    break;
+                }
+            };
+            self.redis_ok();
+            let Some(refusal) = reply.refused else {
+                self.grant(&keys, c, covered, need, &reply);
+                let outcome = self.spent(&keys, &modes, Some(&reply));
+                self.remember(&keys, &outcome);
+                return outcome;
+            };
+            self.release(&keys, covered, need);
+            // A grant of this process still in flight may hold what Redis just refused: wait for
+            // it and decide again, so that a leased unit is never stranded while we refuse.
+            let slot = match refusal {
+                Refusal::Rate => 0,
+                Refusal::DailyCalls => 1,
+                Refusal::DailyTokens => 2,
+                Refusal::MonthlyTokens => 3,
+            };
+            if attempt == MAX_ATTEMPTS || !self.wait_for_grants(keys.slot(slot), redis.timeout()).await {
+                return self.refused(&keys, &need, &reply);
             }
         }
         metrics::counter!(FALLBACK_TOTAL).increment(1);
         self.charge_local(&keys, (now.unix_timestamp_nanos() / 1_000) as i64, c)
     }
 
-    async fn charge_redis(&self, redis: &Redis, keys: &Keys, c: &Charge<'_>) -> anyhow::Result<Outcome> {
-        let reply = self.run_script(redis, keys, c).await;
+    /// Takes one unit from each lease that covers the request; marks the rest as in flight.
+    /// Returns (covered by a lease, must be asked of Redis) by slot, or, when `may_wait` and a
+    /// lease of this process is already on its way for a slot, that slot to wait for.
+    fn reserve(&self, keys: &Keys, org: Uuid, modes: &[Mode; 4], may_wait: bool) -> Reserved {
+        let now = Instant::now();
+        let mut local = self.lock();
+        let mut covered = [false; 4];
+        let mut need = [false; 4];
+        for i in (0..4).filter(|i| modes[*i] == Mode::Leased) {
+            let lease = local.leases.get(keys.slot(i));
+            covered[i] = lease.is_some_and(|l| l.usable(now));
+            // Far from the limit one request renews a lease and the others wait for it, rather
+            // than all asking Redis at once; near it (grants of one) each asks for itself.
+            if may_wait && !covered[i] && lease.is_some_and(|l| l.in_flight > 0 && l.last_granted > 1) {
+                return Reserved::Wait(i);
+            }
+        }
+        if covered.iter().zip(modes).all(|(c, m)| *c || *m != Mode::Leased) {
+            for i in (0..4).filter(|i| covered[*i]) {
+                local.lease(keys.slot(i), org).left -= 1;
+            }
+            for i in (1..4).filter(|i| modes[*i] == Mode::Counted) {
+                local.count_pending(keys.slot(i), keys.ttl(i));
+            }
+            drop(local);
+            self.note_pending();
+            return Reserved::Ask(covered, need);
+        }
+        // Something must come from Redis. The units taken from the others go back if Redis
+        // refuses; meanwhile every lease involved is marked in flight, so no settle gives it back.
+        for i in (0..4).filter(|i| modes[*i] == Mode::Leased) {
+            need[i] = !covered[i];
+            let lease = local.lease(keys.slot(i), org);
+            lease.in_flight += 1;
+            if covered[i] {
+                lease.left -= 1;
+            }
+        }
+        Reserved::Ask(covered, need)
+    }
+
+    /// Undoes a reservation: gives back units taken from leases, and ends the in-flight marks.
+    fn release(&self, keys: &Keys, covered: [bool; 4], need: [bool; 4]) {
+        let mut local = self.lock();
+        for i in (0..4).filter(|i| covered[*i] || need[*i]) {
+            if let Some(l) = local.leases.get_mut(keys.slot(i)) {
+                if covered[i] {
+                    l.left += 1;
+                }
+                l.in_flight = l.in_flight.saturating_sub(1);
+            }
+        }
+        drop(local);
+        self.landed.notify_waiters();
+    }
+
+    /// Stores what Redis granted beyond this request's own unit, counts the unlimited slots.
+    fn grant(&self, keys: &Keys, c: &Charge<'_>, covered: [bool; 4], need: [bool; 4], r: &Reply) {
+        let now = Instant::now();
+        let ttl = Duration::from_millis(self.cfg.lease_ttl_ms);
+        let modes = modes(c);
+        let mut local = self.lock();
+        for i in (0..4).filter(|i| covered[*i]) {
+            let l = local.lease(keys.slot(i), c.org);
+            l.in_flight = l.in_flight.saturating_sub(1);
+        }
+        for i in (0..4).filter(|i| need[*i]) {
+            let l = local.lease(keys.slot(i), c.org);
+            l.in_flight = l.in_flight.saturating_sub(1);
+            l.left += r.granted.saturating_sub(1);
+            l.last_granted = r.granted;
+            l.expires = now + ttl;
+            l.granted = now;
+            if i == 0 {
+                l.reported = r.burst_remaining;
+                l.reset_us = r.burst_reset_us;
+                l.interval_us = c.rate.interval_us();
+                l.burst = c.rate.burst as u64;
+            } else {
+                l.reported = r.counts[i - 1];
+            }
+        }
+        for i in (1..4).filter(|i| modes[*i] == Mode::Counted) {
+            local.count_pending(keys.slot(i), keys.ttl(i));
+        }
+        drop(local);
+        self.note_pending();
+        self.landed.notify_waiters();
+    }
+
+    /// The outcome of an admitted request, from the leases (which now hold what Redis reported).
+    fn spent(&self, keys: &Keys, modes: &[Mode; 4], reply: Option<&Reply>) -> Outcome {
+        let now = Instant::now();
+        let local = self.lock();
+        let (burst_remaining, burst_reset_us) =
+            local.leases.get(&keys.rate).map(|l| l.burst_now(now)).unwrap_or((0, 0));
+        let count = |i: usize| match modes[i] {
+            Mode::Leased => local.leases.get(keys.slot(i)).map(Lease::count).unwrap_or(0),
+            _ => reply.map(|r| r.counts[i - 1]).unwrap_or(0),
+        };
+        Outcome {
+            refused: None,
+            burst_remaining,
+            burst_reset_us,
+            retry_after_us: 0,
+            calls_today: count(1),
+            tokens_today: count(2),
+            tokens_this_month: count(3),
+            local: false,
+            now: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    /// A refusal as Redis reported it; what Redis was not asked about comes from the leases.
+    fn refused(&self, keys: &Keys, need: &[bool; 4], r: &Reply) -> Outcome {
+        let local = self.lock();
+        let count = |i: usize| match local.leases.get(keys.slot(i)) {
+            Some(l) if !need[i] => l.count(),
+            _ => r.counts[i - 1],
+        };
+        Outcome {
+            refused: r.refused,
+            burst_remaining: r.burst_remaining,
+            burst_reset_us: r.burst_reset_us as u64,
+            retry_after_us: r.retry_after_us,
+            calls_today: count(1),
+            tokens_today: count(2),
+            tokens_this_month: count(3),
+            local: false,
+            now: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    /// Waits (at most `limit`) until no decision of this process for `key` is in flight. Returns
+    /// whether there was one to wait for.
+    async fn wait_for_grants(&self, key: &str, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut waited = false;
+        loop {
+            let landed = self.landed.notified();
+            if self.lock().leases.get(key).is_none_or(|l| l.in_flight == 0) {
+                return waited;
+            }
+            waited = true;
+            if tokio::time::timeout_at(deadline, landed).await.is_err() {
+                return true;
+            }
+        }
+    }
+
+    fn note_pending(&self) {
+        if !self.has_pending.load(Ordering::Acquire) {
+            self.has_pending.store(true, Ordering::Release);
+        }
+    }
+
+    async fn charge_redis(
+        &self,
+        redis: &Redis,
+        keys: &Keys,
+        c: &Charge<'_>,
+        need: &[bool; 4],
+    ) -> anyhow::Result<Reply> {
+        let reply = self.run_script(redis, keys, c, need).await;
         if reply.is_err() {
             redis.drop_multiplexed();
         }
         let r = reply?;
-        anyhow::ensure!(r.len() == 7, "unexpected rate limiter reply");
-        Ok(Outcome {
+        anyhow::ensure!(r.len() == 8, "unexpected rate limiter reply");
+        let n = |v: i64| v.max(0) as u64;
+        Ok(Reply {
             refused: Refusal::from_code(r[0]),
-            burst_remaining: r[1].max(0) as u64,
-            burst_reset_us: r[2].max(0) as u64,
-            retry_after_us: r[3].max(0) as u64,
-            calls_today: r[4].max(0) as u64,
-            tokens_today: r[5].max(0) as u64,
-            tokens_this_month: r[6].max(0) as u64,
-            local: false,
-            now: OffsetDateTime::UNIX_EPOCH,
+            granted: n(r[1]),
+            burst_remaining: n(r[2]),
+            burst_reset_us: r[3].max(0),
+            retry_after_us: n(r[4]),
+            counts: [n(r[5]), n(r[6]), n(r[7])],
         })
     }
 
     /// One EVALSHA (EVAL only the first time a Redis sees the script) on the shared connection.
-    async fn run_script(&self, redis: &Redis, keys: &Keys, c: &Charge<'_>) -> anyhow::Result<Vec<i64>> {
+    async fn run_script(
+        &self,
+        redis: &Redis,
+        keys: &Keys,
+        c: &Charge<'_>,
+        need: &[bool; 4],
+    ) -> anyhow::Result<Vec<i64>> {
         let mut conn = redis.multiplexed().await?;
-        let (calls_limit, day_limit, month_limit) = args(c);
+        let (calls, day, month) = args(c);
+        let only = |i: usize, v: i64| if need[i] { v } else { -2 };
         let mut inv = self.script.key(&keys.rate);
         inv.key(&keys.calls)
             .key(&keys.tokens_day)
             .key(&keys.tokens_month)
-            .arg(c.rate.interval_us())
+            .key(&keys.instances)
+            .arg(only(0, c.rate.interval_us()))
             .arg(c.rate.burst)
-            .arg(calls_limit)
-            .arg(day_limit)
-            .arg(month_limit)
+            .arg(only(1, calls))
+            .arg(only(2, day))
+            .arg(only(3, month))
             .arg(keys.day_ttl)
-            .arg(keys.month_ttl);
+            .arg(keys.month_ttl)
+            .arg(self.cfg.lease_max.max(1))
+            .arg(&self.instance)
+            .arg(self.cfg.lease_share.max(1));
         Ok(tokio::time::timeout(redis.timeout(), inv.invoke_async(&mut conn)).await??)
+    }
+
+    /// Gives back what leases hold unspent (all of an organization's, or only the expired ones)
+    /// and adds the counts made in memory to Redis. Runs every `settle_ms`, before a status read
+    /// and at shutdown.
+    pub async fn settle(&self, redis: &Redis, which: Giveback) {
+        let now = Instant::now();
+        let mut rate = Vec::new();
+        let mut counters = Vec::new();
+        {
+            let mut local = self.lock();
+            local.leases.retain(|key, l| {
+                let due = match which {
+                    Giveback::Expired => l.expires <= now,
+                    Giveback::Org(org) => l.expires <= now || l.org == org,
+                    Giveback::All => true,
+                };
+                if l.in_flight == 0 && l.left > 0 && due {
+                    if l.burst > 0 {
+                        rate.push((key.clone(), l.left as i64 * l.interval_us));
+                    } else {
+                        counters.push((key.clone(), l.left));
+                    }
+                    l.left = 0;
+                }
+                l.left > 0 || l.in_flight > 0 || l.expires > now
+            });
+        }
+        // Given back, a unit can be admitted again; if that fails it only lowers this period's
+        // room by what was leased here. Never the other way round.
+        if !(rate.is_empty() && counters.is_empty())
+            && let Err(e) = self.give_back(redis, &rate, &counters).await
+        {
+            tracing::warn!(error = %e, leases = rate.len() + counters.len(), "could not give leases back");
+        }
+        if !self.degraded.load(Ordering::Acquire) {
+            self.flush_pending(redis).await;
+        }
+    }
+
+    async fn give_back(&self, redis: &Redis, rate: &[(String, i64)], counters: &[(String, u64)]) -> anyhow::Result<()> {
+        let mut conn = redis.multiplexed().await?;
+        for (key, us) in rate {
+            let mut inv = self.refund.key(key);
+            inv.arg(*us);
+            let _: i64 = tokio::time::timeout(redis.timeout(), inv.invoke_async(&mut conn)).await??;
+        }
+        if !counters.is_empty() {
+            let mut pipe = deadpool_redis::redis::pipe();
+            for (key, n) in counters {
+                pipe.cmd("DECRBY").arg(key).arg(*n).ignore();
+            }
+            let () = tokio::time::timeout(redis.timeout(), pipe.query_async(&mut conn)).await??;
+        }
+        Ok(())
+    }
+
+    /// Adds what was counted in memory (unlimited counters, an outage's decisions) to Redis.
+    async fn flush_pending(&self, redis: &Redis) {
+        if !(self.has_pending.load(Ordering::Acquire) && self.has_pending.swap(false, Ordering::AcqRel)) {
+            return;
+        }
+        let pending = std::mem::take(&mut self.lock().pending);
+        if pending.is_empty() {
+            return;
+        }
+        if let Err(e) = reconcile(redis, &pending).await {
+            tracing::warn!(error = %e, counters = pending.len(), "could not add counters to Redis; will retry");
+            let mut local = self.lock();
+            for (key, (delta, ttl)) in pending {
+                local.pending.entry(key).or_insert((0, ttl)).0 += delta;
+            }
+            drop(local);
+            self.has_pending.store(true, Ordering::Release);
+        }
     }
 
     /// Notes what Redis counted, so that a fallback starts from there. Sampled: the counts only
@@ -459,6 +946,9 @@ impl Limiter {
     pub async fn usage(&self, redis: &Redis, org: Uuid, now: OffsetDateTime) -> Usage {
         let keys = Keys::new(redis, org, "-", now);
         if !self.degraded.load(Ordering::Acquire) {
+            // What this process leased and counted in memory goes back first, so that a single
+            // instance reads exactly what it let through.
+            self.settle(redis, Giveback::Org(org)).await;
             let read = async {
                 let mut conn = redis.conn().await?;
                 let values: Vec<Option<u64>> = tokio::time::timeout(
@@ -503,7 +993,7 @@ fn args(c: &Charge<'_>) -> (i64, i64, i64) {
     (calls, day, month)
 }
 
-/// Adds increments counted during an outage to the shared counters.
+/// Adds increments counted in memory (unlimited counters, an outage) to the shared counters.
 async fn reconcile(redis: &Redis, pending: &HashMap<String, (u64, i64)>) -> anyhow::Result<()> {
     let mut conn = redis.conn().await?;
     let mut pipe = deadpool_redis::redis::pipe();
@@ -539,7 +1029,7 @@ mod tests {
 
     #[test]
     fn the_local_bucket_allows_the_burst_then_the_rate() {
-        let l = Limiter::new();
+        let l = Limiter::default();
         let redis = unreachable_redis();
         let now = OffsetDateTime::now_utc();
         let keys = Keys::new(&redis, Uuid::nil(), "key:1", now);
@@ -557,7 +1047,7 @@ mod tests {
 
     #[test]
     fn a_burst_is_exact_whatever_the_rate() {
-        let l = Limiter::new();
+        let l = Limiter::default();
         let redis = unreachable_redis();
         let now = OffsetDateTime::now_utc();
         for (rpm, burst) in [(7, 13), (6_000_000, 1000), (1, 1), (59, 60)] {
@@ -571,7 +1061,7 @@ mod tests {
 
     #[test]
     fn the_local_quota_counts_what_passed_and_keeps_it_for_redis() {
-        let l = Limiter::new();
+        let l = Limiter::default();
         let redis = unreachable_redis();
         let now = OffsetDateTime::now_utc();
         let keys = Keys::new(&redis, Uuid::nil(), "key:1", now);
@@ -586,7 +1076,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_redis_opens_the_circuit() {
-        let l = Limiter::new();
+        let l = Limiter::default();
         let redis = unreachable_redis();
         let c = charge(RateLimit { requests_per_minute: 60, burst: 2 }, Limit::Max(10));
         let now = OffsetDateTime::now_utc();

@@ -21,10 +21,10 @@ use time::OffsetDateTime;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-pub use limiter::{Charge, Limiter, Outcome, Refusal, Usage};
+pub use limiter::{Charge, Giveback, Limiter, Outcome, Refusal, Usage};
 pub use plans::{Limit, Overrides, Plan, RateLimit};
 
-use crate::{state::AppState, config::TiersConfig};
+use crate::{config::TiersConfig, state::AppState};
 
 /// Routes that an organization over its daily quota must still reach: to see why, and to upgrade.
 pub const UNCOUNTED_ROUTES: &[&str] = &["/api/v1/tiers/status", "/api/v1/tiers/upgrade"];
@@ -49,7 +49,11 @@ const CACHE_MAX: usize = 100_000;
 
 impl Tiers {
     pub fn new(cfg: &TiersConfig) -> Self {
-        Self { cache: RwLock::new(HashMap::new()), ttl: Duration::from_secs(cfg.cache_secs), limiter: Limiter::new() }
+        Self {
+            cache: RwLock::new(HashMap::new()),
+            ttl: Duration::from_secs(cfg.cache_secs),
+            limiter: Limiter::new(&cfg.limiter),
+        }
     }
 
     fn cached(&self, org: Uuid) -> Option<Arc<OrgTier>> {

@@ -15,9 +15,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    state::AppState,
     audit::{self, Event},
     http::{ApiError, ApiResult, error::Problem},
+    state::AppState,
 };
 
 /// A created Checkout Session.

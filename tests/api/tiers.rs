@@ -567,6 +567,69 @@ async fn instances_share_one_count_and_learn_plan_changes_at_once() {
 }
 
 #[tokio::test]
+async fn a_lease_held_by_one_instance_cannot_push_the_org_over_its_quota_through_another() {
+    // Leases are kept a minute, so the one taken on app1 is still unspent while app2 runs dry.
+    let app1 = spawn_app_with(&[
+        ("tiers.plans.free.api_calls_per_day", json!(400)),
+        ("tiers.limiter.lease_ttl_ms", json!(60_000)),
+    ])
+    .await;
+    let app2 = crate::helpers::spawn_on(app1.config.clone(), Some(app1.redis.prefix().to_owned())).await;
+    let admin = app1.bootstrap().await;
+    let owner = app1.org_with_owner(&admin, "Leased", "owner@leased.test").await;
+    let key = app1.api_key(&owner, None).await;
+    let left = 400 - status(&app1, &owner).await["usage"]["api_calls_today"].as_u64().unwrap();
+
+    let get = |app: &TestApp| app.as_(&key, Method::GET, "/api/v1/agents").send();
+    let first = get(&app1).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let decisions = app1.state.tiers().limiter.redis_decisions();
+    // app1 now holds a lease: its next requests need no Redis.
+    for _ in 0..5 {
+        assert_eq!(get(&app1).await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(app1.state.tiers().limiter.redis_decisions(), decisions, "spent from the lease");
+
+    let mut through_app2 = 0;
+    loop {
+        let r = get(&app2).await.unwrap();
+        match r.status() {
+            StatusCode::OK => through_app2 += 1,
+            StatusCode::TOO_MANY_REQUESTS => break,
+            other => panic!("{other}"),
+        }
+        assert!(through_app2 <= left, "app2 alone let more through than the quota");
+    }
+    // What app1 leased is not app2's to spend: app2 stops short by exactly what app1 holds.
+    let mut through_app1 = 6;
+    while get(&app1).await.unwrap().status() == StatusCode::OK {
+        through_app1 += 1;
+        assert!(through_app1 + through_app2 <= left, "over the quota");
+    }
+    assert!(through_app1 > 6, "app1 still had leased calls when app2 was refused");
+    assert_eq!(through_app1 + through_app2, left, "every call of the quota, and not one more");
+    assert_problem(get(&app2).await.unwrap(), StatusCode::TOO_MANY_REQUESTS, "daily_quota_exceeded").await;
+    assert_eq!(status(&app1, &owner).await["usage"]["api_calls_today"], 400);
+}
+
+#[tokio::test]
+async fn a_client_far_from_its_limits_is_not_decided_by_redis_on_every_request() {
+    let app = spawn_app_with(&[("tiers.plans.free.api_calls_per_day", json!(1_000_000))]).await;
+    let (owner, key) = org_and_key(&app).await;
+    let before_calls = status(&app, &owner).await["usage"]["api_calls_today"].as_u64().unwrap();
+    assert_eq!(app.as_(&key, Method::GET, "/api/v1/agents").send().await.unwrap().status(), StatusCode::OK);
+    let before = app.state.tiers().limiter.redis_decisions();
+    for chunk in 0..10 {
+        let responses = burst(&app, &key, "/api/v1/agents", 20).await;
+        assert!(responses.iter().all(|r| r.status() == StatusCode::OK), "chunk {chunk}");
+    }
+    let asked = app.state.tiers().limiter.redis_decisions() - before;
+    assert!(asked <= 3, "200 requests asked Redis {asked} times");
+    // Leased or not, every call is counted.
+    assert_eq!(status(&app, &owner).await["usage"]["api_calls_today"].as_u64().unwrap(), before_calls + 201);
+}
+
+#[tokio::test]
 async fn hostile_upgrade_bodies_get_a_clear_4xx() {
     let app = spawn_app_with(&[]).await;
     let admin = app.bootstrap().await;

@@ -12,9 +12,9 @@ use axum::{
 
 use super::org_context::{Identified, OrgChoice};
 use crate::{
-    state::AppState,
     auth::{Actor, Credential, credentials::Failure, is_public},
     http::ApiError,
+    state::AppState,
 };
 
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {

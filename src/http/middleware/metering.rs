@@ -18,8 +18,8 @@ use axum::{
 use super::org_context::{Identified, OrgChoice};
 use crate::{
     analytics::{Event, Kind},
-    state::AppState,
     auth::Credential,
+    state::AppState,
 };
 
 pub const REQUESTS_TOTAL: &str = "http_requests_total";

@@ -24,7 +24,7 @@ use tower_http::{
     timeout::TimeoutLayer,
 };
 
-use crate::{state::AppState, config::CorsConfig, http::problem, http::request_id};
+use crate::{config::CorsConfig, http::problem, http::request_id, state::AppState};
 
 /// Wraps every route of `router` (and its fallbacks) in the stack. Listed outermost first.
 pub fn stack(router: Router<AppState>, state: &AppState) -> Router<AppState> {

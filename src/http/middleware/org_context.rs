@@ -16,11 +16,11 @@ use axum::{
 use uuid::Uuid;
 
 use crate::{
-    state::AppState,
     auth::{
         Principal,
         credentials::{self, Failure},
     },
+    state::AppState,
 };
 
 /// Why the requested organization cannot be used.

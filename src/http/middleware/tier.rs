@@ -16,9 +16,9 @@ use axum::{
 
 use super::org_context::{Identified, OrgChoice};
 use crate::{
-    state::AppState,
     auth::{Credential, Principal, is_public},
     http::ApiError,
+    state::AppState,
     tiers::{self, Charge, Refusal},
 };
 
