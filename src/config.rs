@@ -100,7 +100,7 @@ impl StripeConfig {
 pub struct AnalyticsConfig {
     /// Whether requests are recorded in `analytics_event`.
     pub record_requests: bool,
-    /// Records waiting in memory; past this they are dropped (and counted).
+    /// Buckets counted in memory at most; records for a new bucket past that are dropped (and counted).
     pub buffer_capacity: usize,
     pub batch_size: usize,
     pub flush_interval_ms: u64,

@@ -31,7 +31,7 @@ struct Inner {
     decisions: tokio::sync::mpsc::Sender<crate::policy::LoggedDecision>,
     decisions_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>>>,
     tiers: crate::tiers::Tiers,
-    analytics: crate::analytics::Recorder,
+    analytics: Arc<crate::analytics::Recorder>,
     clock: crate::clock::Clock,
     http: reqwest::Client,
 }
@@ -44,7 +44,7 @@ impl AppState {
         let policy = crate::policy::Engine::new()?;
         let (decisions, rx) = tokio::sync::mpsc::channel(config.policy.log_queue_capacity);
         let tiers = crate::tiers::Tiers::new(&config.tiers);
-        let analytics = crate::analytics::Recorder::new(&config.analytics);
+        let analytics = Arc::new(crate::analytics::Recorder::new(&config.analytics));
         let http = reqwest::Client::builder()
             .user_agent(concat!("agentidp/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
@@ -94,8 +94,8 @@ impl AppState {
     pub fn tiers(&self) -> &crate::tiers::Tiers {
         &self.0.tiers
     }
-    /// Where per-request and per-token records queue for `analytics_event`.
-    pub fn analytics(&self) -> &crate::analytics::Recorder {
+    /// Where per-request and per-token records are counted for `analytics_event`.
+    pub fn analytics(&self) -> &Arc<crate::analytics::Recorder> {
         &self.0.analytics
     }
     /// The clock quotas read (tests move it across day boundaries).

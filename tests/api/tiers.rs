@@ -175,10 +175,11 @@ async fn the_status_reports_the_requests_and_tokens_actually_made_and_analytics_
     let mut rows = (0, 0, 0);
     for _ in 0..100 {
         rows = sqlx::query_as::<_, (i64, i64, i64)>(
-            "select count(*) filter (where kind = 'request' and route = '/api/v1/agents' and method = 'GET' and status = 200
-                                      and actor_id like 'user:%'),
-                    count(*) filter (where kind = 'token_issued' and client_id = $2),
-                    count(*) filter (where kind = 'request' and route = '/auth/me' and actor_id = $3 and client_id = $2)
+            "select coalesce(sum(request_count) filter (where kind = 'request' and route = '/api/v1/agents'
+                                                           and method = 'GET' and status = 200 and actor_id like 'user:%'), 0)::int8,
+                    coalesce(sum(request_count) filter (where kind = 'token_issued' and client_id = $2), 0)::int8,
+                    coalesce(sum(request_count) filter (where kind = 'request' and route = '/auth/me' and actor_id = $3
+                                                           and client_id = $2), 0)::int8
              from analytics_event where organization_id = $1",
         )
         .bind(org)
@@ -193,7 +194,7 @@ async fn the_status_reports_the_requests_and_tokens_actually_made_and_analytics_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(rows, (7, 3, 1));
-    let latency: i32 = sqlx::query_scalar("select max(latency_us) from analytics_event where organization_id = $1")
+    let latency: i32 = sqlx::query_scalar("select max(latency_max_us) from analytics_event where organization_id = $1")
         .bind(org)
         .fetch_one(&app.db)
         .await
@@ -661,6 +662,100 @@ async fn hostile_upgrade_bodies_get_a_clear_4xx() {
     assert_eq!(status(&app, &admin).await["plan"], "free", "nothing changed");
 }
 
+/// Requests recorded for `route` in the org: (rows, requests they count).
+async fn analytics_rows(app: &TestApp, org_id: &str, route: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "select count(*), coalesce(sum(request_count), 0)::int8 from analytics_event
+         where organization_id = $1 and route = $2 and kind = 'request'",
+    )
+    .bind(org_id.parse::<uuid::Uuid>().unwrap())
+    .bind(route)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn requests_of_one_caller_on_one_route_are_counted_in_a_row_per_minute() {
+    let app = spawn_app_with(&[("analytics.flush_interval_ms", json!(50))]).await;
+    let (owner, key) = org_and_key(&app).await;
+    for _ in 0..6 {
+        let responses = burst(&app, &key, "/api/v1/agents", 50).await;
+        assert!(responses.iter().all(|r| r.status() == StatusCode::OK));
+        // Several flushes, each merged into the same row.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let mut seen = (0, 0);
+    for _ in 0..100 {
+        seen = analytics_rows(&app, &owner.org_id, "/api/v1/agents").await;
+        if seen.1 == 300 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.1, 300, "every request counted");
+    assert!(seen.0 <= 2, "{} rows for 300 requests in at most two minutes", seen.0);
+    let histogram: Vec<i64> = sqlx::query_scalar(
+        "select latency_buckets from analytics_event where organization_id = $1 and route = '/api/v1/agents' limit 1",
+    )
+    .bind(owner.org_id.parse::<uuid::Uuid>().unwrap())
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(histogram.len(), agentidp::analytics::LATENCY_BOUNDS_US.len() + 1);
+}
+
+#[tokio::test]
+async fn analytics_counted_while_postgres_is_away_are_written_when_it_returns() {
+    let (db_url, _) = crate::helpers::fresh_database().await;
+    let host = db_url.split('@').nth(1).and_then(|r| r.split('/').next()).unwrap().to_owned();
+    let proxy = Proxy::start(host.clone()).await;
+    let via_proxy = db_url.replacen(&host, &proxy.addr.to_string(), 1);
+    let app = crate::helpers::spawn_on(
+        crate::helpers::test_config(&via_proxy, &[("analytics.flush_interval_ms", json!(100))]),
+        None,
+    )
+    .await;
+    let (owner, key) = org_and_key(&app).await;
+    let direct = sqlx::PgPool::connect(&db_url).await.unwrap();
+    let counted = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select coalesce(sum(request_count), 0)::int8 from analytics_event
+             where organization_id = $1 and route = '/auth/me'",
+        )
+        .bind(owner.org_id.parse::<uuid::Uuid>().unwrap())
+        .fetch_one(&direct)
+        .await
+        .unwrap()
+    };
+    // The key is cached now, so it is still recognised (and metered) without Postgres.
+    app.as_(&key, Method::GET, "/auth/me").send().await.unwrap();
+    for _ in 0..100 {
+        if counted().await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted().await, 1);
+
+    proxy.down().await;
+    for r in burst(&app, &key, "/auth/me", 3).await {
+        assert_ne!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    // Several flushes fail meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    proxy.up();
+    let mut n = 0;
+    for _ in 0..200 {
+        n = counted().await;
+        if n >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n, 4, "the buckets of the failed flushes were kept and written");
+}
+
 #[tokio::test]
 async fn records_still_queued_at_shutdown_are_written_before_exit() {
     // A long flush interval: only the shutdown drain can write the second batch in time.
@@ -672,7 +767,8 @@ async fn records_still_queued_at_shutdown_are_written_before_exit() {
     let server = app.begin_shutdown();
     tokio::time::timeout(Duration::from_secs(15), server).await.expect("stops in time").unwrap().unwrap();
     let written: i64 = sqlx::query_scalar(
-        "select count(*) from analytics_event where organization_id = $1 and route = '/api/v1/agents' and method = 'GET'",
+        "select coalesce(sum(request_count), 0)::int8 from analytics_event
+         where organization_id = $1 and route = '/api/v1/agents' and method = 'GET'",
     )
     .bind(owner.org_id.parse::<uuid::Uuid>().unwrap())
     // The app's pool closed with it.
