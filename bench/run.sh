@@ -212,6 +212,30 @@ competition() { # competition PID
     printf '%s' "${busy:-none}"
 }
 
+# Commands Redis has executed so far (all clients; INFO commandstats), or empty without redis-cli.
+redis_calls() {
+    command -v redis-cli >/dev/null || return 0
+    timeout 10 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" INFO commandstats 2>/dev/null \
+        | awk -F'[:=,]' '/^cmdstat_/ { s += $3 } END { print s + 0 }'
+}
+
+# Rows in the bench database's analytics_event (empty when the table is absent).
+analytics_rows() {
+    psql_admin -d "$DB_NAME" -Atc "select count(*) from analytics_event" 2>/dev/null || true
+}
+
+# What one agentidp scenario cost Redis and analytics_event, per request, as a note.
+cost_note() { # cost_note NAME REQUESTS REDIS_BEFORE REDIS_AFTER ROWS_BEFORE ROWS_AFTER
+    local name=$1 requests=$2
+    ((requests > 0)) || return 0
+    if [[ -n $3 && -n $4 ]]; then
+        note "$name: Redis commands per request $(awk -v a="$3" -v b="$4" -v n="$requests" 'BEGIN { printf "%.4f", (b - a - 1) / n }') ($(($4 - $3 - 1)) commands, $requests requests, INFO commandstats)"
+    fi
+    if [[ -n $5 && -n $6 ]]; then
+        note "$name: analytics_event rows per 1,000 requests $(awk -v a="$5" -v b="$6" -v n="$requests" 'BEGIN { printf "%.3f", (b - a) * 1000 / n }') ($(($6 - $5)) rows)"
+    fi
+}
+
 # scenario SIDE NAME PID URL [CONNS] [DURATION]: probe, warm up, measure; one line in results.tsv.
 scenario() {
     local side=$1 name=$2 pid=$3 url=$4 conns=${5:-$CONNECTIONS} dur=${6:-$DURATION}
@@ -246,6 +270,13 @@ scenario() {
     ) &
     local busy_pid=$!
     ld=$(cut -d' ' -f1 /proc/loadavg)
+    local redis_before='' rows_before=''
+    if [[ $side == agentidp ]]; then
+        # What the warm-up counted reaches Postgres first (one analytics flush interval).
+        sleep 1.2
+        redis_before=$(redis_calls)
+        rows_before=$(analytics_rows)
+    fi
     raw="$OUT/wrk-$side-$name.txt"
     log "$side $name: wrk -t$THREADS -c$conns -d$dur $url"
     wrk_run "$conns" "$dur" "$url" --latency >"$raw" 2>&1 || {
@@ -269,6 +300,14 @@ scenario() {
     fi
     kill -0 "$pid" 2>/dev/null || die "$side $name: the server died during the run (see $OUT)"
     line=$(grep '^BENCH_RESULT ' "$raw") || die "$side $name: no summary in $raw"
+    if [[ $side == agentidp ]]; then
+        local redis_after rows_after requests
+        redis_after=$(redis_calls)
+        sleep 1.2
+        rows_after=$(analytics_rows)
+        requests=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line")
+        cost_note "$name" "${requests:-0}" "$redis_before" "$redis_after" "$rows_before" "$rows_after"
+    fi
     # requests rps p50 p99 status_errors socket_errors peak_kb
     awk -v side="$side" -v name="$name" -v peak="$peak" -v conns="$conns" -v dur="$dur" -v ld="$ld" \
         -v busy="$busy" '{
@@ -348,8 +387,9 @@ SERVER_ENV=(
     AGENTIDP_REDIS__KEY_PREFIX="$REDIS_PREFIX"
     AGENTIDP_REDIS__POOL_SIZE=32
     AGENTIDP_LOG__LEVEL=warn
-    # Limits high enough never to refuse, but finite, so that every charged request runs the tier
-    # layer's Redis script and the metering layer's analytics record: their cost is in every figure.
+    # Limits high enough never to refuse, but finite, so that every charged request goes through the
+    # tier layer's limiter (leases far from the limits) and the metering layer: their cost is in
+    # every figure.
     AGENTIDP_TIERS__PLANS__FREE__MAX_AGENTS=1000000
     AGENTIDP_TIERS__PLANS__FREE__API_CALLS_PER_DAY=1000000000000
     AGENTIDP_TIERS__PLANS__FREE__TOKENS_PER_DAY=1000000000000
