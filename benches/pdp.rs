@@ -1,5 +1,6 @@
 //! In-process policy decisions on the baseline set: p50/p99 per decision, and decisions per second
-//! on one core. `cargo bench --bench pdp` (or `make bench`). Under `cargo test` it runs a handful of
+//! on one core, through the decision cache (what the policy layer sees) and by Cedar alone
+//! (`[cedar]`). `cargo bench --bench pdp` (or `make bench`). Under `cargo test` it runs a handful of
 //! iterations as a smoke check only.
 
 use std::time::Instant;
@@ -57,34 +58,39 @@ fn main() {
     let org = Uuid::new_v4();
     if bench {
         println!(
-            "{:<40} {:>10} {:>10} {:>10} {:>14}",
+            "{:<48} {:>10} {:>10} {:>10} {:>14}",
             "pdp-inproc scenario", "p50 µs", "p99 µs", "mean µs", "decisions/s"
         );
     }
-    for (name, query) in scenarios(org) {
-        for _ in 0..iterations.min(10_000) {
-            std::hint::black_box(engine.evaluate(&query).expect("valid query"));
+    // The PEP's path (the decision cache, hit after the first call) and Cedar itself.
+    type Eval = fn(&Engine, &Query) -> Result<agentidp::policy::Decision, agentidp::policy::engine::QueryError>;
+    let paths: [(&str, Eval); 2] = [("", Engine::evaluate), (" [cedar]", Engine::evaluate_uncached)];
+    for (suffix, eval) in paths {
+        for (name, query) in scenarios(org) {
+            for _ in 0..iterations.min(10_000) {
+                std::hint::black_box(eval(&engine, &query).expect("valid query"));
+            }
+            let mut samples = Vec::with_capacity(iterations);
+            let total = Instant::now();
+            for _ in 0..iterations {
+                let t = Instant::now();
+                std::hint::black_box(eval(&engine, &query).expect("valid query"));
+                samples.push(t.elapsed().as_nanos() as u64);
+            }
+            let elapsed = total.elapsed();
+            if !bench {
+                continue;
+            }
+            samples.sort_unstable();
+            let mean = samples.iter().sum::<u64>() as f64 / samples.len() as f64;
+            println!(
+                "{:<48} {:>10.2} {:>10.2} {:>10.2} {:>14.0}",
+                format!("{name}{suffix}"),
+                percentile(&samples, 0.50) as f64 / 1000.0,
+                percentile(&samples, 0.99) as f64 / 1000.0,
+                mean / 1000.0,
+                iterations as f64 / elapsed.as_secs_f64()
+            );
         }
-        let mut samples = Vec::with_capacity(iterations);
-        let total = Instant::now();
-        for _ in 0..iterations {
-            let t = Instant::now();
-            std::hint::black_box(engine.evaluate(&query).expect("valid query"));
-            samples.push(t.elapsed().as_nanos() as u64);
-        }
-        let elapsed = total.elapsed();
-        if !bench {
-            continue;
-        }
-        samples.sort_unstable();
-        let mean = samples.iter().sum::<u64>() as f64 / samples.len() as f64;
-        println!(
-            "{:<40} {:>10.2} {:>10.2} {:>10.2} {:>14.0}",
-            name,
-            percentile(&samples, 0.50) as f64 / 1000.0,
-            percentile(&samples, 0.99) as f64 / 1000.0,
-            mean / 1000.0,
-            iterations as f64 / elapsed.as_secs_f64()
-        );
     }
 }

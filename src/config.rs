@@ -109,6 +109,8 @@ pub struct AnalyticsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
+    /// Decisions the PDP keeps on their exact inputs and policy version (0: no cache).
+    pub decision_cache_entries: u64,
     pub permit_sample_rate: f64,
     pub log_batch_size: usize,
     pub log_queue_capacity: usize,

@@ -41,7 +41,7 @@ impl AppState {
         let listener_is_tls = config.tls.enabled();
         let auth = AuthState::new(&config.auth);
         let keys = KeyRing::new(config.kek());
-        let policy = crate::policy::Engine::new()?;
+        let policy = crate::policy::Engine::with_cache(config.policy.decision_cache_entries)?;
         let (decisions, rx) = tokio::sync::mpsc::channel(config.policy.log_queue_capacity);
         let tiers = crate::tiers::Tiers::new(&config.tiers);
         let analytics = Arc::new(crate::analytics::Recorder::new(&config.analytics));

@@ -1,10 +1,20 @@
 //! The Cedar engine: the schema and baseline compiled in, each organization's active version
 //! combined with the baseline, and evaluation of one request.
+//!
+//! Decisions are cached on their exact inputs (every field of the [`Query`]) together with the
+//! generation of the policies that made them: every installation (an activation, a rollback, a
+//! removal) gives the organization's policies a new generation, so a cached decision made under
+//! other policies is never served — it is made again by Cedar. A cached answer is the one Cedar
+//! gave, with a fresh decision id.
 
 use std::{
     collections::{HashMap, HashSet},
     str::FromStr,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use cedar_policy::{
@@ -20,7 +30,7 @@ pub const SCHEMA: &str = include_str!("../../config/policies/schema.cedarschema"
 pub const BASELINE: &str = include_str!("../../config/policies/baseline.cedar");
 
 /// What a resource is, with the attributes its policies read.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Resource {
     Organization { org_id: Uuid },
     Agent { org_id: Uuid, owner_id: Option<Uuid> },
@@ -91,8 +101,8 @@ impl Resource {
     }
 }
 
-/// Everything the engine needs to decide one request.
-#[derive(Debug, Clone)]
+/// Everything the engine needs to decide one request (and, all of it, the decision cache's key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Query {
     /// `user:<uuid>`, `agent:<uuid>` or `service:<uuid>`.
     pub actor_id: String,
@@ -179,7 +189,12 @@ impl Partitioned {
 struct OrgPolicies {
     set: Partitioned,
     version: i32,
+    /// Unique to this installation: what cached decisions made with it are tagged with.
+    generation: u64,
 }
+
+/// Decisions kept by default; `0` turns the cache off.
+pub const DEFAULT_DECISION_CACHE: u64 = 100_000;
 
 /// The decision point: schema, baseline and each organization's active version.
 pub struct Engine {
@@ -191,6 +206,10 @@ pub struct Engine {
     baseline_version: String,
     orgs: RwLock<HashMap<Uuid, Arc<OrgPolicies>>>,
     authorizer: Authorizer,
+    /// Query → (generation of the policies that decided, the decision). The baseline alone is
+    /// generation 0.
+    decisions: Option<moka::sync::Cache<Query, (u64, Arc<Decision>)>>,
+    generations: AtomicU64,
 }
 
 /// Parses policy text, giving each policy the id `<prefix><@id annotation or index>`.
@@ -235,9 +254,15 @@ fn position(source: &str, offset: usize) -> (usize, usize) {
 }
 
 impl Engine {
-    /// Compiles the built-in schema and baseline; a mistake in either is a programming error
-    /// caught by the unit tests, so start-up reports it rather than panicking.
+    /// The engine with a decision cache of the default size.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_cache(DEFAULT_DECISION_CACHE)
+    }
+
+    /// Compiles the built-in schema and baseline; a mistake in either is a programming error
+    /// caught by the unit tests, so start-up reports it rather than panicking. `cache` decisions
+    /// are kept (0: none).
+    pub fn with_cache(cache: u64) -> anyhow::Result<Self> {
         let (schema, _) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| anyhow::anyhow!("schema: {e}"))?;
         let mut baseline = PolicySet::new();
         for p in parse_policies(BASELINE, "baseline.").map_err(|e| anyhow::anyhow!("baseline: {e}"))? {
@@ -265,6 +290,10 @@ impl Engine {
             baseline_version: format!("baseline:{}", &hash[..12]),
             orgs: RwLock::new(HashMap::new()),
             authorizer: Authorizer::new(),
+            decisions: (cache > 0).then(|| {
+                moka::sync::Cache::builder().max_capacity(cache).time_to_idle(Duration::from_secs(600)).build()
+            }),
+            generations: AtomicU64::new(1),
         })
     }
 
@@ -289,7 +318,8 @@ impl Engine {
         let mut orgs = self.orgs.write().unwrap_or_else(|e| e.into_inner());
         match active {
             Some((version, set)) => {
-                orgs.insert(org_id, Arc::new(OrgPolicies { set, version }));
+                let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+                orgs.insert(org_id, Arc::new(OrgPolicies { set, version, generation }));
             }
             None => {
                 orgs.remove(&org_id);
@@ -302,11 +332,33 @@ impl Engine {
         self.orgs.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (*k, v.version)).collect()
     }
 
-    /// Decides with the baseline plus the resource's organization's active version.
+    /// Decides with the baseline plus the resource's organization's active version, from the
+    /// decision cache when these policies decided this exact query before.
     pub fn evaluate(&self, q: &Query) -> Result<Decision, QueryError> {
-        let org =
-            q.resource.org_id().and_then(|o| self.orgs.read().unwrap_or_else(|e| e.into_inner()).get(&o).cloned());
-        match &org {
+        let org = self.org_policies(q);
+        let generation = org.as_ref().map_or(0, |o| o.generation);
+        let Some(cache) = &self.decisions else { return self.decide(q, org.as_deref()) };
+        if let Some((made_by, d)) = cache.get(q)
+            && made_by == generation
+        {
+            return Ok(Decision { decision_id: Uuid::now_v7(), ..(*d).clone() });
+        }
+        let d = self.decide(q, org.as_deref())?;
+        cache.insert(q.clone(), (generation, Arc::new(d.clone())));
+        Ok(d)
+    }
+
+    /// Decides by Cedar, without the cache (the reference the cache is tested against).
+    pub fn evaluate_uncached(&self, q: &Query) -> Result<Decision, QueryError> {
+        self.decide(q, self.org_policies(q).as_deref())
+    }
+
+    fn org_policies(&self, q: &Query) -> Option<Arc<OrgPolicies>> {
+        q.resource.org_id().and_then(|o| self.orgs.read().unwrap_or_else(|e| e.into_inner()).get(&o).cloned())
+    }
+
+    fn decide(&self, q: &Query, org: Option<&OrgPolicies>) -> Result<Decision, QueryError> {
+        match org {
             Some(o) => self.evaluate_with(q, &o.set, format!("{}+org:v{}", self.baseline_version, o.version)),
             None => self.evaluate_with(q, &self.baseline, self.baseline_version.clone()),
         }
@@ -442,6 +494,100 @@ mod tests {
         let errs = e.compile("permit(principal, action,").unwrap_err();
         assert!(!errs.is_empty());
         assert!(e.compile("@reason(\"members_manage\") permit(principal, action == AgentIdP::Action::\"manage_members\", resource is AgentIdP::Organization) when { context.org_role == \"member\" };").is_ok());
+    }
+
+    /// Queries over every role, action, resource type, scope set and admin flag.
+    fn generated_queries(org: Uuid) -> Vec<Query> {
+        let resources = [
+            Resource::Organization { org_id: org },
+            Resource::Agent { org_id: org, owner_id: Some(Uuid::nil()) },
+            Resource::Agent { org_id: org, owner_id: None },
+            Resource::ApiKey { org_id: org, created_by: "user:u1".into() },
+            Resource::AuditLog { org_id: org },
+            Resource::PolicySet { org_id: org },
+            Resource::Channel { org_id: org, members: vec!["user:u1".into()] },
+            Resource::Tool { org_id: org, allowed_agents: vec!["agent:a1".into()] },
+            Resource::UsageReport { org_id: org, subject_id: "agent:a1".into() },
+            Resource::Platform,
+        ];
+        let mut out = Vec::new();
+        for resource in resources {
+            for role in ["owner", "admin", "member", "agent", "none"] {
+                for action in ["read", "create", "update", "delete", "manage", "execute", "send_message", "administer"]
+                {
+                    for (i, scopes) in [None, Some(vec!["orgs:read".to_owned()]), Some(vec![])].into_iter().enumerate()
+                    {
+                        let mut q = query(role, action, resource.clone());
+                        q.scopes = scopes;
+                        q.system_admin = i == 2 && role == "none";
+                        if role == "agent" {
+                            q.actor_type = "agent".into();
+                            q.actor_id = "agent:a1".into();
+                        }
+                        out.push(q);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The same answer: the same decision (but for its id), or the same refusal of the query.
+    fn same(a: &Result<Decision, QueryError>, b: &Result<Decision, QueryError>) -> bool {
+        match (a, b) {
+            (Ok(a), Ok(b)) => {
+                (a.effect, &a.reason, &a.policy_version, &a.determining_policies)
+                    == (b.effect, &b.reason, &b.policy_version, &b.determining_policies)
+            }
+            (Err(a), Err(b)) => a.0 == b.0,
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn cached_decisions_are_the_ones_cedar_makes() {
+        let e = Engine::new().unwrap();
+        let org = Uuid::new_v4();
+        let queries = generated_queries(org);
+        assert!(queries.len() > 1000);
+        let (mut permits, mut denies) = (0, 0);
+        for round in 0..2 {
+            for q in &queries {
+                let cached = e.evaluate(q);
+                let cedar = e.evaluate_uncached(q);
+                assert!(same(&cached, &cedar), "round {round}: {q:?}: {cached:?} vs {cedar:?}");
+                match cedar {
+                    Ok(d) if d.permitted() => permits += 1,
+                    Ok(_) => denies += 1,
+                    Err(_) => {}
+                }
+            }
+        }
+        assert!(permits > 100 && denies > 100, "the set has permits ({permits}) and denies ({denies})");
+        // Each answer has its own id, cached or not.
+        let q = &queries[0];
+        assert_ne!(e.evaluate(q).unwrap().decision_id, e.evaluate(q).unwrap().decision_id);
+    }
+
+    #[test]
+    fn a_new_policy_version_is_never_answered_from_the_cache() {
+        let e = Engine::new().unwrap();
+        let org = Uuid::new_v4();
+        let q = query("member", "delete", Resource::Organization { org_id: org });
+        assert!(!e.evaluate(&q).unwrap().permitted());
+        e.install(org, Some((1, e.compile("@reason(\"anyone\") permit(principal, action, resource);").unwrap())));
+        let d = e.evaluate(&q).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("permit", "anyone"));
+        // The same version number again (a rollback to it) is a new installation too.
+        e.install(org, Some((1, e.compile("@reason(\"nobody\") forbid(principal, action, resource);").unwrap())));
+        let d = e.evaluate(&q).unwrap();
+        assert_eq!((d.effect, d.reason.as_str()), ("deny", "nobody"));
+        e.install(org, None);
+        assert!(same(&e.evaluate(&q), &e.evaluate_uncached(&q)));
+        assert!(!e.evaluate(&q).unwrap().permitted());
+        for q in generated_queries(org) {
+            assert!(same(&e.evaluate(&q), &e.evaluate_uncached(&q)), "{q:?}");
+        }
     }
 
     #[test]
