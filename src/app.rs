@@ -85,7 +85,7 @@ impl Application {
         let cfg = state.config();
         state.keys().ensure(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs).await?;
         // Revocations made before this instance started.
-        state.auth().revocations.sync(state.db(), state.redis(), cfg.auth.access_token_ttl_secs as i64).await?;
+        crate::auth::revocation::catch_up(&state).await?;
         // Every organization's active policies.
         crate::policy::sync_all(&state).await?;
         Ok(Self { state, listener, tls })
@@ -112,6 +112,7 @@ impl Application {
             signal.graceful_shutdown(Some(grace));
         });
         let background = spawn_background(&state);
+        let retention = crate::retention::spawn(&state);
         let settler = spawn_settler(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -122,6 +123,9 @@ impl Application {
         }
         background.abort();
         settler.abort();
+        if let Some(r) = retention {
+            r.abort();
+        }
         // Leases go back and counts made in memory reach Redis, for the instances that stay.
         let _ =
             tokio::time::timeout(grace, state.tiers().limiter.settle(state.redis(), crate::tiers::Giveback::All)).await;
@@ -142,7 +146,8 @@ impl Application {
 
 /// Background work of one instance: cache invalidations from other instances, batched writes.
 fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
-    let subscriber = tokio::spawn(crate::auth::credentials::run_subscriber(state.clone()));
+    let listeners = vec![crate::auth::credentials::listener(), crate::policy::listener(), crate::tiers::listener()];
+    let subscriber = tokio::spawn(crate::cache::invalidation::run(state.clone(), listeners));
     let rx = state.take_decision_receiver();
     let writer = rx.map(|rx| {
         tokio::spawn(crate::policy::run_decision_writer(state.db().clone(), rx, state.config().policy.log_batch_size))
@@ -160,8 +165,7 @@ fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
             state.auth().last_used.flush(state.db()).await;
             // Safety net under pub/sub: re-read revocations every 30 s.
             if ticks.is_multiple_of(2) {
-                let ttl = state.config().auth.access_token_ttl_secs as i64;
-                if let Err(e) = state.auth().revocations.sync(state.db(), state.redis(), ttl).await {
+                if let Err(e) = crate::auth::revocation::catch_up(&state).await {
                     tracing::warn!(error = %e, "revocation sync failed");
                 }
                 if let Err(e) = crate::policy::sync_all(&state).await {

@@ -52,9 +52,14 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
-    /// Retire the active signing key and make a new one (of `auth.signing_algorithm`). Retired keys
-    /// stay in the JWKS until the tokens they signed have expired.
-    Rotate,
+    /// Make a new signing key (of `auth.signing_algorithm`): published in the JWKS now, signing
+    /// `auth.key_publish_ahead_secs` later. Retired keys stay in the JWKS until the tokens they
+    /// signed have expired.
+    Rotate {
+        /// Sign with the new key at once (the active key is compromised).
+        #[arg(long)]
+        emergency: bool,
+    },
 }
 
 /// Parses arguments, runs the command, maps failures to exit codes (2: bad configuration).
@@ -87,16 +92,23 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match command {
             Command::Bootstrap { org, email, password_stdin } => bootstrap(&config, &org, &email, password_stdin).await,
-            Command::Keys { command: KeysCommand::Rotate } => {
+            Command::Keys { command: KeysCommand::Rotate { emergency } } => {
                 let pool = db::connect(&config.database).await?;
                 db::migrate(&pool).await?;
                 let keys = crate::auth::keys::KeyRing::new(config.kek());
-                let kid = keys.rotate(&pool, config.algorithm(), config.auth.access_token_ttl_secs).await?;
+                let how = if emergency { crate::auth::keys::Rotation::Emergency } else { config.scheduled_rotation() };
+                let ttl = config.auth.access_token_ttl_secs;
+                let rotated = keys.rotate(&pool, config.algorithm(), ttl, how).await?;
                 // Running instances learn of it from their next unknown-kid reload or pub/sub.
                 if let Ok(redis) = crate::redis::Redis::new(&config.redis) {
-                    crate::auth::credentials::publish(&redis, "keys").await;
+                    crate::cache::invalidation::publish(&redis, "keys", "").await;
                 }
-                println!("active signing key: {kid} ({})", config.algorithm().as_str());
+                println!(
+                    "signing key {} ({}) signs from {}",
+                    rotated.kid,
+                    config.algorithm().as_str(),
+                    rotated.activates_at.format(&time::format_description::well_known::Rfc3339)?
+                );
                 Ok(())
             }
             Command::Migrate => {

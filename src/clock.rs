@@ -1,5 +1,6 @@
-//! The wall clock that quotas read. Day and month boundaries decide when counters reset, so tests
-//! need to move time; production never does.
+//! The application's wall clock: it stamps tokens (`iat`, `exp`) and revocation watermarks, checks
+//! token lifetimes, and names the day and month of quota counters. One clock for all of them, so a
+//! revocation cuts off exactly the tokens issued before it; tests move it, production never does.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -14,11 +15,6 @@ pub struct Clock {
 impl Clock {
     pub fn now(&self) -> OffsetDateTime {
         OffsetDateTime::now_utc() + time::Duration::nanoseconds(self.offset_ns.load(Ordering::Relaxed))
-    }
-
-    /// Milliseconds since the Unix epoch.
-    pub fn now_ms(&self) -> i64 {
-        (self.now().unix_timestamp_nanos() / 1_000_000) as i64
     }
 
     /// Makes `now()` read `at` (and run on from there).

@@ -30,6 +30,24 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub tiers: TiersConfig,
     pub analytics: AnalyticsConfig,
+    pub retention: RetentionConfig,
+}
+
+/// How long rows that have served their purpose are kept, and how pruning runs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How often each instance tries to prune (one at a time, by lock); 0 turns pruning off.
+    pub interval_secs: u64,
+    /// Rows per delete statement.
+    pub batch_size: u32,
+    pub analytics_days: u32,
+    pub decision_log_days: u32,
+    /// After a session ended or expired.
+    pub session_days: u32,
+    /// After a set-password token was used or expired.
+    pub password_token_days: u32,
+    pub stripe_event_days: u32,
 }
 
 /// Plans, their limits, and optional Stripe billing.
@@ -62,13 +80,6 @@ pub struct LimiterConfig {
 impl Default for LimiterConfig {
     fn default() -> Self {
         Self { lease_max: 256, lease_share: 4, lease_ttl_ms: 1000, settle_ms: 250 }
-    }
-}
-
-impl TiersConfig {
-    /// The default plan (validation guarantees it exists).
-    pub fn default_limits(&self) -> &crate::tiers::plans::Plan {
-        &self.plans[&self.default_plan]
     }
 }
 
@@ -121,6 +132,8 @@ pub struct PolicyConfig {
 pub struct AuthConfig {
     pub session_ttl_secs: u64,
     pub credential_cache_secs: u64,
+    pub negative_cache_secs: u64,
+    pub lookups_per_minute_ip: u32,
     pub login_max_failures_account: u32,
     pub login_max_failures_ip: u32,
     pub login_window_secs: u64,
@@ -133,17 +146,18 @@ pub struct AuthConfig {
     pub signing_algorithm: String,
     pub key_encryption_key: Secret,
     pub key_rotation_days: u64,
+    pub key_publish_ahead_secs: u64,
     pub client_secret_rotation_overlap_secs: u64,
 }
 
-impl AuthConfig {
-    /// The `iss` of our tokens: the public URL.
-    pub fn issuer(server: &ServerConfig) -> String {
-        server.public_url.clone()
-    }
-}
-
 impl Config {
+    /// A rotation that publishes the next key `auth.key_publish_ahead_secs` before it signs.
+    pub fn scheduled_rotation(&self) -> crate::auth::keys::Rotation {
+        crate::auth::keys::Rotation::Scheduled {
+            ahead: time::Duration::seconds(self.auth.key_publish_ahead_secs as i64),
+        }
+    }
+
     /// The audience our tokens carry by default and that this server accepts.
     pub fn audience(&self) -> String {
         if self.auth.audience.is_empty() { self.server.public_url.clone() } else { self.auth.audience.clone() }
@@ -320,6 +334,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.retention;
+        if r.batch_size == 0 || r.batch_size > 100_000 {
+            return Err(invalid("retention.batch_size", "must be between 1 and 100000"));
+        }
+        if [r.analytics_days, r.decision_log_days, r.session_days, r.password_token_days].contains(&0) {
+            return Err(invalid("retention.analytics_days", "retention periods must be at least 1 day"));
+        }
+        if r.stripe_event_days < 30 {
+            return Err(invalid("retention.stripe_event_days", "must be at least 30 (Stripe retries for days)"));
+        }
         fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
             ConfigError::Invalid { key, problem: problem.into() }
         }
@@ -379,6 +403,18 @@ impl Config {
         }
         if a.credential_cache_secs > 300 {
             return Err(invalid("auth.credential_cache_secs", "must be at most 300 (revocation waits on it)"));
+        }
+        if a.negative_cache_secs > 300 {
+            return Err(invalid("auth.negative_cache_secs", "must be at most 300 (a new credential waits on it)"));
+        }
+        if a.lookups_per_minute_ip == 0 {
+            return Err(invalid("auth.lookups_per_minute_ip", "must be at least 1"));
+        }
+        if a.key_publish_ahead_secs < 300 {
+            return Err(invalid(
+                "auth.key_publish_ahead_secs",
+                "must be at least 300, the JWKS max-age, so that relying parties see a key before it signs",
+            ));
         }
         if a.login_max_failures_account == 0 || a.login_max_failures_ip == 0 {
             return Err(invalid("auth.login_max_failures_account", "limits must be at least 1"));

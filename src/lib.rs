@@ -12,6 +12,8 @@
 //! - [`policy`]: the Cedar decision point, the per-route policy table and layer, the decision log.
 //! - [`tiers`]: plans and limits, the rate limiter and quota counters, Stripe upgrades.
 //! - [`analytics`]: per-request and per-token records, written in batches.
+//! - [`cache`]: the one in-process cache kind, and the change feed that drops entries on every instance.
+//! - [`retention`]: the pruning job that deletes rows past their retention, one instance at a time.
 //! - [`clock`]: the wall clock quotas read (tests move it).
 //! - [`crypto`]: random secrets, hashing, password hashing.
 //! - [`cli`]: the `agentidp` command line.
@@ -20,6 +22,7 @@ pub mod analytics;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -28,6 +31,7 @@ pub mod db;
 pub mod http;
 pub mod policy;
 pub mod redis;
+pub mod retention;
 pub mod state;
 pub mod telemetry;
 pub mod tiers;

@@ -12,7 +12,7 @@ use validator::{Validate, ValidationError};
 
 use super::{
     actor::{Actor, Role},
-    credentials,
+    keys::Rotation,
     revocation::{self, Announced, Subject},
 };
 use crate::{
@@ -219,8 +219,8 @@ async fn require_member(conn: &mut PgConnection, org_id: Uuid, user_id: Uuid) ->
 }
 
 /// Kills every live token of `subject` and tells every instance.
-async fn revoke_subject(conn: &mut PgConnection, subject: Subject) -> ApiResult<Announced> {
-    let not_before = revocation::revoke_subject(conn, &subject).await?;
+async fn revoke_subject(state: &AppState, conn: &mut PgConnection, subject: Subject) -> ApiResult<Announced> {
+    let not_before = revocation::revoke_subject(conn, &subject, state.clock().now()).await?;
     Ok(Announced::Subject { subject, not_before })
 }
 
@@ -238,7 +238,7 @@ async fn forget_clients(state: &AppState, agent_id: Uuid) -> ApiResult<()> {
 /// Drops one client record from every instance's cache (after a rotation or revocation).
 async fn forget_client(state: &AppState, client_id: &str) {
     state.auth().clients.remove(client_id);
-    credentials::publish(state.redis(), &format!("client:{client_id}")).await;
+    crate::cache::invalidation::publish(state.redis(), "client", client_id).await;
 }
 
 /// Registers an agent in the current organization.
@@ -402,7 +402,7 @@ pub(super) async fn update_agent(
     )
     .fetch_one(&mut *tx)
     .await?;
-    let announced = if suspending { Some(revoke_subject(&mut tx, Subject::Agent(id)).await?) } else { None };
+    let announced = if suspending { Some(revoke_subject(&state, &mut tx, Subject::Agent(id)).await?) } else { None };
     let action = match (old.status.as_str(), row.status.as_str()) {
         ("active", "suspended") => "agent.suspended",
         ("suspended", "active") => "agent.activated",
@@ -435,7 +435,7 @@ pub(super) async fn delete_agent(
     let client_ids = sqlx::query_scalar!("select client_id from agent_credential where agent_id = $1", id)
         .fetch_all(&mut *tx)
         .await?;
-    let announced = revoke_subject(&mut tx, Subject::Agent(id)).await?;
+    let announced = revoke_subject(&state, &mut tx, Subject::Agent(id)).await?;
     sqlx::query!("delete from agent where agent_id = $1", id).execute(&mut *tx).await?;
     audit::record(
         &mut tx,
@@ -593,7 +593,7 @@ pub(super) async fn revoke_credential(
     sqlx::query!("update agent_credential set revoked_at = now() where credential_id = $1", id)
         .execute(&mut *tx)
         .await?;
-    let announced = revoke_subject(&mut tx, Subject::Credential(id)).await?;
+    let announced = revoke_subject(&state, &mut tx, Subject::Credential(id)).await?;
     audit::record(&mut tx, Event::by(&actor, org_id, "credential.revoked").target("credential", id)).await?;
     tx.commit().await?;
     revocation::announce(&state, announced).await;
@@ -649,7 +649,7 @@ pub struct BulkRevocation {
 async fn bulk(state: &AppState, actor: &Actor, org_id: Uuid, subject: Subject) -> ApiResult<Json<BulkRevocation>> {
     let mut tx = state.db().begin().await?;
     let key = subject.key();
-    let announced = revoke_subject(&mut tx, subject).await?;
+    let announced = revoke_subject(state, &mut tx, subject).await?;
     let Announced::Subject { not_before, .. } = &announced else {
         unreachable!("subject revocations announce subjects")
     };
@@ -710,30 +710,57 @@ pub(super) async fn revoke_org_tokens(
 pub struct RotatedKey {
     pub kid: String,
     pub algorithm: String,
+    /// When the new key starts signing. Until then it is only published in the JWKS.
+    #[schema(value_type = String, format = DateTime)]
+    #[serde(with = "time::serde::rfc3339")]
+    pub activates_at: OffsetDateTime,
+    /// Whether the key signs at once, without waiting for relying parties' JWKS caches.
+    pub emergency: bool,
 }
 
-/// Rotates the signing key now (system admins). Retired keys stay in the JWKS until their tokens expire.
-#[utoipa::path(post, path = "/api/v1/keys/rotate", tag = "oauth",
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RotateQuery {
+    /// Sign with the new key at once (a compromised key). Relying parties that cached the JWKS
+    /// reject the new tokens until they refetch it.
+    #[serde(default)]
+    pub emergency: bool,
+}
+
+/// Rotates the signing key (system admins). The new key is published in the JWKS at once and
+/// signs `auth.key_publish_ahead_secs` later, so that relying parties have it before they meet its
+/// tokens; with `emergency=true` it signs at once. Retired keys stay in the JWKS until their
+/// tokens expire.
+#[utoipa::path(post, path = "/api/v1/keys/rotate", tag = "oauth", params(RotateQuery),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = RotatedKey), (status = 403, body = Problem)))]
-pub(super) async fn rotate_keys(State(state): State<AppState>, _actor: Actor) -> ApiResult<Json<RotatedKey>> {
+pub(super) async fn rotate_keys(
+    State(state): State<AppState>,
+    _actor: Actor,
+    ApiQuery(q): ApiQuery<RotateQuery>,
+) -> ApiResult<Json<RotatedKey>> {
     let cfg = state.config();
-    let kid = state.keys().rotate(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs).await?;
-    credentials::publish(state.redis(), "keys").await;
-    Ok(Json(RotatedKey { kid, algorithm: cfg.algorithm().as_str().to_owned() }))
+    let how = if q.emergency { Rotation::Emergency } else { cfg.scheduled_rotation() };
+    let rotated = state.keys().rotate(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs, how).await?;
+    crate::cache::invalidation::publish(state.redis(), "keys", "").await;
+    Ok(Json(RotatedKey {
+        kid: rotated.kid,
+        algorithm: cfg.algorithm().as_str().to_owned(),
+        activates_at: rotated.activates_at,
+        emergency: q.emergency,
+    }))
 }
 
-/// Scheduled rotation: rotates when the active key is older than `auth.key_rotation_days`.
+/// The periodic key step: a published key whose time has come becomes the active one, and when the
+/// active key is older than `auth.key_rotation_days` (unless 0) the next one is published.
 pub async fn rotate_if_due(state: &AppState) {
     let cfg = state.config();
-    if cfg.auth.key_rotation_days == 0 {
-        return;
-    }
-    let max_age = time::Duration::days(cfg.auth.key_rotation_days as i64);
-    match state.keys().rotate_if_older(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs, max_age).await {
-        Ok(Some(kid)) => {
-            tracing::info!(kid, "signing key rotated on schedule");
-            credentials::publish(state.redis(), "keys").await;
+    let max_age = (cfg.auth.key_rotation_days > 0).then(|| time::Duration::days(cfg.auth.key_rotation_days as i64));
+    let ahead = time::Duration::seconds(cfg.auth.key_publish_ahead_secs as i64);
+    match state.keys().tick(state.db(), cfg.algorithm(), cfg.auth.access_token_ttl_secs, max_age, ahead).await {
+        Ok(Some(r)) => {
+            tracing::info!(kid = r.kid, activates_at = %r.activates_at, "next signing key published on schedule");
+            crate::cache::invalidation::publish(state.redis(), "keys", "").await;
         }
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "scheduled key rotation failed"),

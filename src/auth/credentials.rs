@@ -3,18 +3,21 @@
 //!
 //! Priority, as in the original auth service: `X-API-Key`, then `Authorization: Bearer`, then the
 //! session cookie. Sessions and API keys are looked up by the SHA-256 of the presented secret.
-//! Logout, key deletion and membership changes remove entries here at once and, through Redis
-//! pub/sub, on every other instance; a subscriber that (re)connects clears its whole cache, since it
-//! may have missed messages.
+//! Logout, key deletion and membership changes remove entries here at once and, through the change
+//! feed ([`crate::cache::invalidation`]), on every other instance; a subscriber that (re)connects
+//! clears its whole cache, since it may have missed messages. Unknown secrets are remembered
+//! briefly, and lookups in Postgres are charged to the client's IP.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
-    time::{Duration, Instant},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use axum::http::{HeaderMap, header};
-use futures_util::StreamExt;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -23,7 +26,14 @@ use super::{
     actor::{ActorType, Role, Scope},
     tokens::Claims,
 };
-use crate::redis::Redis;
+use crate::{
+    cache::{
+        Cache,
+        invalidation::{self, Listener},
+    },
+    redis::Redis,
+    state::AppState,
+};
 
 pub const SESSION_PREFIX: &str = "aidp_ses_";
 pub const API_KEY_PREFIX: &str = "aidp_key_";
@@ -114,77 +124,107 @@ pub enum Failure {
     Invalid,
     /// Postgres could not be asked.
     Unavailable,
+    /// Too many credential lookups from the client's IP this minute.
+    Throttled,
 }
 
-/// A cached principal and when it was loaded.
-type Entry = (Instant, Arc<Principal>);
-
-/// Resolved principals by secret hash, for `ttl`.
+/// Resolved principals by secret hash, and secrets known not to resolve.
 pub struct CredentialCache {
-    entries: RwLock<HashMap<[u8; 32], Entry>>,
-    ttl: Duration,
+    principals: Cache<[u8; 32], Arc<Principal>>,
+    /// Secrets that resolved to nothing, briefly: a bogus credential costs one lookup, not one a request.
+    unknown: Cache<[u8; 32], ()>,
 }
 
-const CACHE_MAX: usize = 100_000;
+const CACHE_MAX: u64 = 100_000;
 
 impl CredentialCache {
-    pub fn new(ttl: Duration) -> Self {
-        Self { entries: RwLock::new(HashMap::new()), ttl }
-    }
-
-    fn get(&self, hash: &[u8; 32]) -> Option<Arc<Principal>> {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries.get(hash).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, p)| p.clone())
-    }
-
-    fn put(&self, principal: Arc<Principal>) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= CACHE_MAX {
-            let ttl = self.ttl;
-            entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if entries.len() >= CACHE_MAX {
-                entries.clear();
-            }
-        }
-        entries.insert(principal.secret_hash, (Instant::now(), principal));
+    pub fn new(ttl: Duration, negative_ttl: Duration) -> Self {
+        Self { principals: Cache::new(CACHE_MAX, ttl), unknown: Cache::new(CACHE_MAX, negative_ttl) }
     }
 
     pub fn remove(&self, hash: &[u8; 32]) {
-        self.entries.write().unwrap_or_else(|e| e.into_inner()).remove(hash);
+        self.principals.remove(hash);
     }
 
     pub fn remove_user(&self, user_id: Uuid) {
-        self.entries.write().unwrap_or_else(|e| e.into_inner()).retain(|_, (_, p)| p.user_id != user_id);
+        self.principals.remove_if(move |_, p| p.user_id == user_id);
     }
 
     pub fn clear(&self) {
-        self.entries.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.principals.clear();
+        self.unknown.clear();
     }
 }
 
-/// Resolves a presented secret, from the cache or from Postgres.
-pub async fn resolve(db: &PgPool, cache: &CredentialCache, secret: &str) -> Result<Arc<Principal>, Failure> {
+/// Resolves a presented secret, from the cache or from Postgres. A lookup in Postgres is charged
+/// to the client's IP first ([`LookupLimit`]); an unknown secret is remembered as unknown briefly.
+pub async fn resolve(
+    db: &PgPool,
+    cache: &CredentialCache,
+    limit: &LookupLimit,
+    secret: &str,
+) -> Result<Arc<Principal>, Failure> {
     if secret.len() > 256 || !(secret.starts_with(SESSION_PREFIX) || secret.starts_with(API_KEY_PREFIX)) {
         return Err(Failure::Invalid);
     }
     let hash = crate::crypto::sha256(secret);
     let now = OffsetDateTime::now_utc();
-    if let Some(p) = cache.get(&hash) {
+    if let Some(p) = cache.principals.get(&hash) {
         return if p.expired(now) { Err(Failure::Invalid) } else { Ok(p) };
     }
+    if cache.unknown.get(&hash).is_some() {
+        return Err(Failure::Invalid);
+    }
+    limit.charge()?;
     let principal = load(db, secret, hash).await.map_err(|e| {
         tracing::warn!(error = %e, "credential lookup failed");
         Failure::Unavailable
     })?;
-    let principal = Arc::new(principal.ok_or(Failure::Invalid)?);
-    if principal.expired(now) {
+    let Some(principal) = principal.filter(|p| !p.expired(now)) else {
+        cache.unknown.insert(hash, ());
         return Err(Failure::Invalid);
-    }
-    cache.put(principal.clone());
+    };
+    let principal = Arc::new(principal);
+    cache.principals.insert(hash, principal.clone());
     Ok(principal)
+}
+
+/// Lookups of presented credentials in Postgres (cache misses), per client IP per minute. Anyone
+/// can present made-up secrets; each costs a query, so each is charged to where it came from.
+/// Counted per instance: with N instances an IP gets at most N times the limit.
+pub struct LookupLimit {
+    per_minute: u32,
+    windows: Cache<String, Arc<AtomicU32>>,
+    lookups: AtomicU64,
+}
+
+impl LookupLimit {
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_minute, windows: Cache::new(100_000, Duration::from_secs(60)), lookups: AtomicU64::new(0) }
+    }
+
+    /// Charges one lookup to the current request's client IP.
+    pub fn charge(&self) -> Result<(), Failure> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let Some(ip) = crate::http::middleware::tls::current_client_ip() else { return Ok(()) };
+        let counter = match self.windows.get(&ip) {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(AtomicU32::new(0));
+                self.windows.insert(ip, c.clone());
+                c
+            }
+        };
+        if counter.fetch_add(1, Ordering::Relaxed) >= self.per_minute {
+            return Err(Failure::Throttled);
+        }
+        Ok(())
+    }
+
+    /// How many lookups went to Postgres since start (for tests and the benchmarks).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
+    }
 }
 
 async fn load(db: &PgPool, secret: &str, hash: [u8; 32]) -> Result<Option<Principal>, sqlx::Error> {
@@ -298,107 +338,74 @@ pub enum Invalidation {
     Credential([u8; 32]),
     User(Uuid),
 }
-
-fn channel(redis: &Redis) -> String {
-    redis.key("auth:invalidate")
-}
-
 /// Drops the entry here and tells the other instances. A Redis failure is logged, not returned: the
 /// change is committed, and other instances' entries expire within the cache TTL anyway.
 pub async fn invalidate(cache: &CredentialCache, redis: &Redis, what: Invalidation) {
-    let message = match what {
+    let (topic, payload) = match what {
         Invalidation::Credential(hash) => {
             cache.remove(&hash);
-            format!("cred:{}", hex::encode(hash))
+            ("cred", hex::encode(hash))
         }
         Invalidation::User(id) => {
             cache.remove_user(id);
-            format!("user:{id}")
+            ("user", id.to_string())
         }
     };
-    publish(redis, &message).await;
+    invalidation::publish(redis, topic, &payload).await;
 }
 
-/// Tells every instance (this one included) about a change. A failure is logged, not returned:
-/// the change is committed in Postgres, and instances catch up from there (see the subscriber).
-pub async fn publish(redis: &Redis, message: &str) {
-    let send = async {
-        let mut conn = redis.conn().await?;
-        let _: i64 = tokio::time::timeout(
-            redis.timeout(),
-            deadpool_redis::redis::cmd("PUBLISH").arg(channel(redis)).arg(message).query_async(&mut *conn),
-        )
-        .await??;
-        anyhow::Ok(())
-    };
-    if let Err(e) = send.await {
-        tracing::warn!(error = %e, "could not publish a change to other instances; they catch up from Postgres");
-    }
-}
-
-fn apply(cache: &CredentialCache, message: &str) {
-    if let Some(h) = message.strip_prefix("cred:") {
-        if let Ok(bytes) = hex::decode(h)
-            && let Ok(hash) = <[u8; 32]>::try_from(bytes.as_slice())
-        {
-            cache.remove(&hash);
-        }
-    } else if let Some(id) = message.strip_prefix("user:").and_then(|s| s.parse().ok()) {
-        cache.remove_user(id);
-    }
-}
-
-/// Listens for changes made by other instances until the process ends, reconnecting as needed.
-/// Each (re)connection starts from Postgres, since messages sent while away are lost.
-pub async fn run_subscriber(state: crate::state::AppState) {
-    let channel = channel(state.redis());
-    let url = state.config().redis.url.clone();
-    let auth = state.auth();
-    let max_ttl = state.config().auth.access_token_ttl_secs as i64;
-    loop {
-        let session = async {
-            let client = deadpool_redis::redis::Client::open(url.as_str())?;
-            let mut pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub()).await??;
-            pubsub.subscribe(&channel).await?;
+/// The identity module's share of the change feed: credentials, users, OAuth clients, signing
+/// keys and revocations.
+pub fn listener() -> Listener {
+    Listener {
+        topics: &["cred", "user", "client", "keys", "jti", "wm"],
+        apply: |state, topic, payload| Box::pin(apply(state, topic, payload)),
+        resync: |state| Box::pin(resync(state)),
+        disconnected: |state| {
+            // From here until the next connection, requests also ask Postgres about revocation.
+            let auth = state.auth();
+            auth.revocations.set_live(false);
             auth.cache.clear();
             auth.clients.clear();
-            state.tiers().clear();
-            auth.revocations.sync(state.db(), state.redis(), max_ttl).await?;
-            state.keys().load(state.db()).await?;
-            crate::policy::sync_all(&state).await?;
-            auth.revocations.set_live(true);
-            let mut stream = pubsub.on_message();
-            while let Some(msg) = stream.next().await {
-                let Ok(text) = msg.get_payload::<String>() else { continue };
-                if text == "keys" {
-                    if let Err(e) = state.keys().load(state.db()).await {
-                        tracing::warn!(error = %e, "reloading signing keys failed");
-                    }
-                } else if let Some(org) = text.strip_prefix("policy:").and_then(|o| o.parse().ok()) {
-                    if let Err(e) = crate::policy::reload_org(&state, org).await {
-                        tracing::warn!(error = %e, "reloading an organization's policies failed");
-                    }
-                } else if let Some(org) = text.strip_prefix("tier:").and_then(|o| o.parse().ok()) {
-                    state.tiers().forget(org);
-                } else if let Some(client_id) = text.strip_prefix("client:") {
-                    auth.clients.remove(client_id);
-                } else if text.starts_with("jti:") || text.starts_with("wm:") {
-                    auth.revocations.apply(&text);
-                } else {
-                    apply(&auth.cache, &text);
-                }
-            }
-            anyhow::Ok(())
-        };
-        if let Err(e) = session.await {
-            tracing::debug!(error = %e, "change subscriber disconnected");
-        }
-        // From here until the next connection, requests also ask Postgres about revocation.
-        auth.revocations.set_live(false);
-        auth.cache.clear();
-        auth.clients.clear();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        },
     }
+}
+
+async fn apply(state: &AppState, topic: &str, payload: &str) {
+    let auth = state.auth();
+    match topic {
+        "cred" => {
+            if let Ok(bytes) = hex::decode(payload)
+                && let Ok(hash) = <[u8; 32]>::try_from(bytes.as_slice())
+            {
+                auth.cache.remove(&hash);
+            }
+        }
+        "user" => {
+            if let Ok(id) = payload.parse() {
+                auth.cache.remove_user(id);
+            }
+        }
+        "client" => auth.clients.remove(payload),
+        "keys" => {
+            if let Err(e) = state.keys().load(state.db()).await {
+                tracing::warn!(error = %e, "reloading signing keys failed");
+            }
+        }
+        _ => auth.revocations.apply(topic, payload),
+    }
+}
+
+/// After a (re)connection: caches may have missed messages, so they start empty, and revocations
+/// and keys are read again; only then is the revocation set trusted alone.
+async fn resync(state: &AppState) -> anyhow::Result<()> {
+    let auth = state.auth();
+    auth.cache.clear();
+    auth.clients.clear();
+    super::revocation::catch_up(state).await?;
+    state.keys().load(state.db()).await?;
+    auth.revocations.set_live(true);
+    Ok(())
 }
 
 /// `last_used_at` of API keys, batched: a request notes the time here, a task writes them out.

@@ -122,9 +122,38 @@ impl ActiveKey {
 /// Every key that may verify a token, plus the one that signs.
 pub struct KeySet {
     pub active: Arc<ActiveKey>,
+    /// The published next key and when it starts signing (unix seconds). Every instance switches
+    /// to it on its own clock at that moment; the rows follow at the next [`KeyRing::tick`].
+    pub next: Option<(Arc<ActiveKey>, i64)>,
     pub verifiers: HashMap<String, Arc<Verifier>>,
     /// The JWKS document, rendered once per key set.
     pub jwks: Arc<Value>,
+}
+
+impl KeySet {
+    /// The key that signs at `now` (unix seconds).
+    pub fn signer(&self, now: i64) -> &Arc<ActiveKey> {
+        match &self.next {
+            Some((next, at)) if now >= *at => next,
+            _ => &self.active,
+        }
+    }
+}
+
+/// How a rotation takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// The new key signs at once: for a compromised key. Relying parties that cached the JWKS
+    /// refetch it when they meet the unknown kid (or fail until their cache expires).
+    Emergency,
+    /// The new key is published now and signs `ahead` later, so that every cached JWKS has it.
+    Scheduled { ahead: time::Duration },
+}
+
+/// A rotation's outcome.
+pub struct Rotated {
+    pub kid: String,
+    pub activates_at: OffsetDateTime,
 }
 
 /// The key-encryption key and the current key set, swappable on rotation.
@@ -262,27 +291,32 @@ impl KeyRing {
     /// Reads every publishable key from Postgres and swaps the parsed set in.
     pub async fn load(&self, db: &PgPool) -> anyhow::Result<()> {
         let rows = sqlx::query!(
-            "select kid, algorithm, public_jwk, private_key_sealed, status from signing_key
-             where status = 'active' or expires_at > now() order by created_at"
+            "select kid, algorithm, public_jwk, private_key_sealed, status, activates_at from signing_key
+             where status in ('active', 'next') or expires_at > now() order by created_at"
         )
         .fetch_all(db)
         .await?;
         let mut verifiers = HashMap::new();
         let mut keys = Vec::new();
         let mut active = None;
+        let mut next = None;
         for r in rows {
             let algorithm = Algorithm::parse(&r.algorithm).ok_or_else(|| anyhow::anyhow!("unknown algorithm"))?;
             verifiers.insert(r.kid.clone(), Arc::new(verifier_from_jwk(algorithm, &r.public_jwk)?));
             keys.push(r.public_jwk.clone());
-            if r.status == "active" {
+            if r.status == "active" || r.status == "next" {
                 let private = self.unseal(&r.kid, &r.private_key_sealed)?;
-                active = Some(Arc::new(ActiveKey { kid: r.kid, algorithm, signer: signer_from(algorithm, &private)? }));
+                let key = Arc::new(ActiveKey { kid: r.kid, algorithm, signer: signer_from(algorithm, &private)? });
+                match r.activates_at {
+                    Some(at) if r.status == "next" => next = Some((key, at.unix_timestamp())),
+                    _ => active = Some(key),
+                }
             }
         }
         let active = active.ok_or_else(|| anyhow::anyhow!("no active signing key"))?;
-        // Newest first: clients that take the first key take the signing one.
+        // Newest first: the next key (when there is one), the signing key, then retired ones.
         keys.reverse();
-        let set = KeySet { active, verifiers, jwks: Arc::new(json!({ "keys": keys })) };
+        let set = KeySet { active, next, verifiers, jwks: Arc::new(json!({ "keys": keys })) };
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
         *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         Ok(())
@@ -317,41 +351,55 @@ impl KeyRing {
         self.load(db).await
     }
 
-    /// Retires the active key and creates a new one; returns the new kid.
-    pub async fn rotate(&self, db: &PgPool, algorithm: Algorithm, token_ttl_secs: u64) -> anyhow::Result<String> {
+    /// Rotates to a new key of `algorithm`, at once or after publishing it (see [`Rotation`]).
+    pub async fn rotate(
+        &self,
+        db: &PgPool,
+        algorithm: Algorithm,
+        token_ttl_secs: u64,
+        how: Rotation,
+    ) -> anyhow::Result<Rotated> {
         let mut tx = db.begin().await?;
         sqlx::query!("select pg_advisory_xact_lock(7273)").execute(&mut *tx).await?;
-        let kid = self.rotate_in(&mut tx, algorithm, token_ttl_secs).await?;
+        promote_due(&mut tx, token_ttl_secs).await?;
+        // Without an active key (a new database) there is nothing to wait for.
+        let has_active =
+            sqlx::query_scalar!("select exists(select 1 from signing_key where status = 'active') as \"e!\"")
+                .fetch_one(&mut *tx)
+                .await?;
+        let rotated = match how {
+            Rotation::Scheduled { ahead } if has_active => self.schedule_in(&mut tx, algorithm, ahead).await?,
+            _ => {
+                let kid = self.rotate_in(&mut tx, algorithm, token_ttl_secs).await?;
+                Rotated { kid, activates_at: OffsetDateTime::now_utc() }
+            }
+        };
         tx.commit().await?;
         self.load(db).await?;
-        Ok(kid)
+        Ok(rotated)
     }
 
+    /// Retires the active key (and drops a waiting one) and makes a new key sign now.
     async fn rotate_in(
         &self,
         tx: &mut sqlx::PgConnection,
         algorithm: Algorithm,
         token_ttl_secs: u64,
     ) -> anyhow::Result<String> {
-        let mut raw = [0u8; 16];
-        OsRng.fill_bytes(&mut raw);
-        let kid = B64.encode(raw);
-        // RSA generation takes a while: keep it off the async threads.
-        let kid2 = kid.clone();
-        let generated = tokio::task::spawn_blocking(move || generate(algorithm, &kid2)).await??;
-        let sealed = self.seal(&kid, &generated.private)?;
+        let (kid, generated, sealed) = self.generate_sealed(algorithm).await?;
         // A retired key verifies until the last token it signed has expired (plus clock skew).
         let keep = (token_ttl_secs + 60) as f64;
         sqlx::query!(
             "update signing_key set status = 'retired', retired_at = now(),
-                    expires_at = now() + make_interval(secs => $1)
-             where status = 'active'",
+                    expires_at = case when status = 'next' then now() else now() + make_interval(secs => $1) end
+             where status in ('active', 'next')",
             keep
         )
         .execute(&mut *tx)
         .await?;
         sqlx::query!(
-            "insert into signing_key (kid, algorithm, public_jwk, private_key_sealed, status) values ($1, $2, $3, $4, 'active')",
+            "insert into signing_key (kid, algorithm, public_jwk, private_key_sealed, status, activates_at)
+             values ($1, $2, $3, $4, 'active', now())",
             kid,
             algorithm.as_str(),
             generated.jwk,
@@ -359,38 +407,122 @@ impl KeyRing {
         )
         .execute(&mut *tx)
         .await?;
-        crate::audit::record(
-            tx,
-            crate::audit::Event::anonymous(crate::audit::SYSTEM_CHAIN, "signing_key.rotated")
-                .target("signing_key", &kid)
-                .details(json!({ "algorithm": algorithm.as_str() })),
-        )
-        .await?;
+        audit_rotation(tx, &kid, algorithm, "emergency", OffsetDateTime::now_utc()).await?;
         Ok(kid)
     }
 
-    /// Scheduled rotation: rotates only if the active key is older than `max_age`, deciding under
-    /// the lock so that several instances rotate once between them.
-    pub async fn rotate_if_older(
+    /// Publishes a new key that starts signing `ahead` from now; a key already waiting is kept.
+    async fn schedule_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        algorithm: Algorithm,
+        ahead: time::Duration,
+    ) -> anyhow::Result<Rotated> {
+        let waiting = sqlx::query!("select kid, activates_at from signing_key where status = 'next'")
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(w) = waiting
+            && let Some(activates_at) = w.activates_at
+        {
+            return Ok(Rotated { kid: w.kid, activates_at });
+        }
+        let (kid, generated, sealed) = self.generate_sealed(algorithm).await?;
+        let activates_at = OffsetDateTime::now_utc() + ahead;
+        sqlx::query!(
+            "insert into signing_key (kid, algorithm, public_jwk, private_key_sealed, status, activates_at)
+             values ($1, $2, $3, $4, 'next', $5)",
+            kid,
+            algorithm.as_str(),
+            generated.jwk,
+            sealed,
+            activates_at
+        )
+        .execute(&mut *tx)
+        .await?;
+        audit_rotation(tx, &kid, algorithm, "scheduled", activates_at).await?;
+        Ok(Rotated { kid, activates_at })
+    }
+
+    async fn generate_sealed(&self, algorithm: Algorithm) -> anyhow::Result<(String, Generated, Vec<u8>)> {
+        let mut raw = [0u8; 16];
+        OsRng.fill_bytes(&mut raw);
+        let kid = B64.encode(raw);
+        // RSA generation takes a while: keep it off the async threads.
+        let kid2 = kid.clone();
+        let generated = tokio::task::spawn_blocking(move || generate(algorithm, &kid2)).await??;
+        let sealed = self.seal(&kid, &generated.private)?;
+        Ok((kid, generated, sealed))
+    }
+
+    /// The periodic step, under the lock so that several instances act once between them: a
+    /// waiting key whose time has come becomes the active one in Postgres, and when the active key
+    /// is older than `max_age` (if set) the next one is published `ahead` of signing.
+    pub async fn tick(
         &self,
         db: &PgPool,
         algorithm: Algorithm,
         token_ttl_secs: u64,
-        max_age: time::Duration,
-    ) -> anyhow::Result<Option<String>> {
+        max_age: Option<time::Duration>,
+        ahead: time::Duration,
+    ) -> anyhow::Result<Option<Rotated>> {
         let mut tx = db.begin().await?;
         sqlx::query!("select pg_advisory_xact_lock(7273)").execute(&mut *tx).await?;
-        let created = sqlx::query_scalar!("select created_at from signing_key where status = 'active'")
-            .fetch_optional(&mut *tx)
-            .await?;
-        if created.is_some_and(|c| OffsetDateTime::now_utc() - c < max_age) {
-            return Ok(None);
-        }
-        let kid = self.rotate_in(&mut tx, algorithm, token_ttl_secs).await?;
+        let promoted = promote_due(&mut tx, token_ttl_secs).await?;
+        let created = sqlx::query_scalar!(
+            "select created_at from signing_key where status = 'active'
+             and not exists (select 1 from signing_key where status = 'next')"
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let due = max_age.zip(created).is_some_and(|(max, c)| OffsetDateTime::now_utc() - c >= max);
+        let scheduled = if due { Some(self.schedule_in(&mut tx, algorithm, ahead).await?) } else { None };
         tx.commit().await?;
-        self.load(db).await?;
-        Ok(Some(kid))
+        if promoted || scheduled.is_some() {
+            self.load(db).await?;
+        }
+        Ok(scheduled)
     }
+}
+
+/// Makes a waiting key whose time has come the active one; the key it replaces verifies until
+/// the last token it may have signed has expired. Returns whether it did.
+async fn promote_due(tx: &mut sqlx::PgConnection, token_ttl_secs: u64) -> anyhow::Result<bool> {
+    let due = sqlx::query_scalar!(
+        "select activates_at from signing_key where status = 'next' and activates_at <= now() for update"
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .flatten();
+    let Some(at) = due else { return Ok(false) };
+    let keep = (token_ttl_secs + 60) as f64;
+    sqlx::query!(
+        "update signing_key set status = 'retired', retired_at = $1,
+                expires_at = greatest(now(), $1) + make_interval(secs => $2)
+         where status = 'active'",
+        at,
+        keep
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!("update signing_key set status = 'active' where status = 'next'").execute(&mut *tx).await?;
+    Ok(true)
+}
+
+async fn audit_rotation(
+    tx: &mut sqlx::PgConnection,
+    kid: &str,
+    algorithm: Algorithm,
+    how: &str,
+    activates_at: OffsetDateTime,
+) -> anyhow::Result<()> {
+    crate::audit::record(
+        tx,
+        crate::audit::Event::anonymous(crate::audit::SYSTEM_CHAIN, "signing_key.rotated").target("signing_key", kid).details(
+            json!({ "algorithm": algorithm.as_str(), "rotation": how, "activates_at": activates_at.unix_timestamp() }),
+        ),
+    )
+    .await?;
+    Ok(())
 }
 
 /// The development key-encryption key: fixed, public, and only for machines with nothing to protect.

@@ -28,6 +28,8 @@ use crate::{config::AuthConfig, state::AppState};
 /// Per-process identity state: the credential cache, the login throttle, pending `last_used` times.
 pub struct AuthState {
     pub cache: Arc<CredentialCache>,
+    /// Credential lookups in Postgres, charged per client IP.
+    pub lookups: credentials::LookupLimit,
     pub throttle: LoginThrottle,
     pub last_used: LastUsed,
     pub clients: oauth::ClientCache,
@@ -37,13 +39,16 @@ pub struct AuthState {
 
 impl AuthState {
     pub fn new(cfg: &AuthConfig) -> Self {
+        let cache_ttl = Duration::from_secs(cfg.credential_cache_secs);
+        let negative_ttl = Duration::from_secs(cfg.negative_cache_secs);
         Self {
-            cache: Arc::new(CredentialCache::new(Duration::from_secs(cfg.credential_cache_secs))),
+            cache: Arc::new(CredentialCache::new(cache_ttl, negative_ttl)),
+            lookups: credentials::LookupLimit::new(cfg.lookups_per_minute_ip),
             throttle: LoginThrottle::new(cfg.clone()),
             last_used: LastUsed::default(),
-            clients: oauth::ClientCache::new(Duration::from_secs(cfg.credential_cache_secs)),
+            clients: oauth::ClientCache::new(cache_ttl, negative_ttl),
             revocations: revocation::Revocations::default(),
-            verified: tokens::VerifiedCache::default(),
+            verified: tokens::VerifiedCache::new(Duration::from_secs(cfg.access_token_ttl_secs)),
         }
     }
 }

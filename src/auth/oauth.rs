@@ -2,11 +2,7 @@
 //! introspection (RFC 7662), revocation (RFC 7009), metadata (RFC 8414, OpenID discovery, RFC 9728)
 //! and the JWKS. Errors here are RFC 6749 §5.2 JSON, not problem+json.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
     Extension, Json,
@@ -25,10 +21,10 @@ use uuid::Uuid;
 use super::{
     actor::{Actor, ActorType, Role, Scope},
     credentials::{Credential, Failure, Principal},
-    revocation::{self, Announced},
+    revocation::{self, Announced, Subject},
     tokens::{self, Audience, Claims, Rejection},
 };
-use crate::state::AppState;
+use crate::{cache::Cache, state::AppState};
 
 /// An RFC 6749 §5.2 error.
 #[derive(Debug)]
@@ -52,6 +48,15 @@ impl OAuthError {
     }
     fn server_error() -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "Try again shortly.")
+    }
+    fn lookups_throttled() -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "Too many unknown clients from this address; slow down.",
+        );
+        e.headers = Some(Box::new(HeaderMap::from_iter([(header::RETRY_AFTER, HeaderValue::from_static("60"))])));
+        e
     }
 }
 
@@ -137,48 +142,68 @@ pub struct ClientRecord {
     previous: Option<(Vec<u8>, OffsetDateTime)>,
     pub agent_active: bool,
     pub allowed_scopes: Vec<String>,
+    /// When it was read from Postgres (unix seconds, the clock that stamps revocations).
+    pub loaded_at: i64,
 }
 
-/// Client records by client_id; dropped on every instance when a credential or agent changes.
+impl ClientRecord {
+    fn subjects(&self) -> [Subject; 3] {
+        [Subject::Credential(self.credential_id), Subject::Agent(self.agent_id), Subject::Org(self.org_id)]
+    }
+}
+
+/// Client records by client_id, and client ids known not to exist; dropped on every instance
+/// when a credential or agent changes.
 pub struct ClientCache {
-    entries: RwLock<HashMap<String, (Instant, Arc<ClientRecord>)>>,
-    ttl: Duration,
+    records: Cache<String, Arc<ClientRecord>>,
+    unknown: Cache<String, ()>,
 }
 
 impl ClientCache {
-    pub fn new(ttl: Duration) -> Self {
-        Self { entries: RwLock::new(HashMap::new()), ttl }
+    pub fn new(ttl: Duration, negative_ttl: Duration) -> Self {
+        Self { records: Cache::new(100_000, ttl), unknown: Cache::new(100_000, negative_ttl) }
     }
     pub fn remove(&self, client_id: &str) {
-        self.entries.write().unwrap_or_else(|e| e.into_inner()).remove(client_id);
+        self.records.remove(&client_id.to_owned());
     }
     pub fn clear(&self) {
-        self.entries.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.records.clear();
+        self.unknown.clear();
     }
-    fn get(&self, client_id: &str) -> Option<Arc<ClientRecord>> {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries.get(client_id).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, r)| r.clone())
+    /// The cached record, if any (tests use it to stage a stale entry).
+    pub fn get(&self, client_id: &str) -> Option<Arc<ClientRecord>> {
+        self.records.get(&client_id.to_owned())
     }
-    fn put(&self, record: Arc<ClientRecord>) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if entries.len() > 100_000 {
-            entries.clear();
-        }
-        entries.insert(record.client_id.clone(), (Instant::now(), record));
+    pub fn put(&self, record: Arc<ClientRecord>) {
+        self.records.insert(record.client_id.clone(), record);
     }
 }
 
+/// The client's record. The cache is trusted only as far as the bearer check trusts the revocation
+/// set: not while the change feed may be missing messages, and not for a record loaded before a
+/// revocation of its credential, agent or organization (an invalidation can be lost, or a record
+/// read just before one can be cached just after it).
 async fn load_client(state: &AppState, client_id: &str) -> Result<Option<Arc<ClientRecord>>, OAuthError> {
     if client_id.is_empty() || client_id.len() > 128 {
         return Ok(None);
     }
-    let clients = &state.auth().clients;
-    if let Some(r) = clients.get(client_id) {
-        return Ok(Some(r));
+    let auth = state.auth();
+    let clients = &auth.clients;
+    let live = auth.revocations.is_live();
+    match clients.get(client_id) {
+        Some(r) if live && auth.revocations.newest_watermark(&r.subjects()).is_none_or(|nb| nb < r.loaded_at) => {
+            return Ok(Some(r));
+        }
+        // A known client, read again: not an anonymous lookup.
+        Some(_) => {}
+        None => {
+            if live && clients.unknown.get(&client_id.to_owned()).is_some() {
+                return Ok(None);
+            }
+            auth.lookups.charge().map_err(|_| OAuthError::lookups_throttled())?;
+        }
     }
+    let loaded_at = state.clock().now().unix_timestamp();
     let Some(r) = sqlx::query!(
         "select c.credential_id, c.client_id, c.secret_hash, c.previous_secret_hash, c.previous_expires_at,
                 a.agent_id, a.organization_id, a.status, a.allowed_scopes
@@ -189,6 +214,7 @@ async fn load_client(state: &AppState, client_id: &str) -> Result<Option<Arc<Cli
     .fetch_optional(state.db())
     .await?
     else {
+        clients.unknown.insert(client_id.to_owned(), ());
         return Ok(None);
     };
     let record = Arc::new(ClientRecord {
@@ -200,6 +226,7 @@ async fn load_client(state: &AppState, client_id: &str) -> Result<Option<Arc<Cli
         previous: r.previous_secret_hash.zip(r.previous_expires_at),
         agent_active: r.status == "active",
         allowed_scopes: r.allowed_scopes,
+        loaded_at,
     });
     clients.put(record.clone());
     Ok(Some(record))
@@ -297,82 +324,97 @@ pub(super) async fn token(
     body: Bytes,
 ) -> Result<Response, OAuthError> {
     let form = parse_form(&headers, &body)?;
-    match form.params.get("grant_type").map(String::as_str) {
-        None => return Err(OAuthError::invalid_request("grant_type is required.")),
-        Some("client_credentials") => {}
-        Some(_) => {
-            return Err(OAuthError::new(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                "Only client_credentials is supported.",
-            ));
-        }
-    }
+    require_grant(&form)?;
     let client = authenticate_client(&state, &headers, &form).await?;
     if !client.agent_active {
         return Err(OAuthError::new(StatusCode::BAD_REQUEST, "unauthorized_client", "The agent is suspended."));
     }
-    let scope = match form.params.get("scope") {
-        None => client.allowed_scopes.join(" "),
-        Some(requested) => {
-            let mut granted: Vec<&str> = Vec::new();
-            for s in requested.split(' ').filter(|s| !s.is_empty()) {
-                if !client.allowed_scopes.iter().any(|a| a == s) {
-                    return Err(OAuthError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_scope",
-                        format!(
-                            "The scope `{}` is not allowed for this agent.",
-                            s.chars().take(100).collect::<String>()
-                        ),
-                    ));
-                }
-                if !granted.contains(&s) {
-                    granted.push(s);
-                }
-            }
-            granted.join(" ")
+    let scope = granted_scope(&client, form.params.get("scope"))?;
+    let aud = audience(state.config(), &form.resources)?;
+    let limit_headers = charge(&state, &client).await?;
+    let ttl = state.config().auth.access_token_ttl_secs;
+    let access_token = issue(&state, &client, aud, &scope, ttl)?;
+    let mut response =
+        Json(TokenResponse { access_token, token_type: "Bearer", expires_in: ttl, scope }).into_response();
+    no_store(response.headers_mut());
+    response.headers_mut().extend(limit_headers);
+    Ok(response)
+}
+
+/// Only `client_credentials` is served.
+fn require_grant(form: &Form) -> Result<(), OAuthError> {
+    match form.params.get("grant_type").map(String::as_str) {
+        None => Err(OAuthError::invalid_request("grant_type is required.")),
+        Some("client_credentials") => Ok(()),
+        Some(_) => Err(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "Only client_credentials is supported.",
+        )),
+    }
+}
+
+/// The requested scopes, each within the agent's `allowed_scopes` (default: all of them).
+fn granted_scope(client: &ClientRecord, requested: Option<&String>) -> Result<String, OAuthError> {
+    let Some(requested) = requested else { return Ok(client.allowed_scopes.join(" ")) };
+    let mut granted: Vec<&str> = Vec::new();
+    for s in requested.split(' ').filter(|s| !s.is_empty()) {
+        if !client.allowed_scopes.iter().any(|a| a == s) {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                format!("The scope `{}` is not allowed for this agent.", s.chars().take(100).collect::<String>()),
+            ));
         }
-    };
-    let cfg = state.config();
-    let aud = if form.resources.is_empty() {
-        Audience::One(cfg.audience())
-    } else {
-        for r in &form.resources {
-            if !cfg.auth.allowed_resources.contains(r) {
-                return Err(OAuthError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_target",
-                    "This resource is not served here.",
-                ));
-            }
+        if !granted.contains(&s) {
+            granted.push(s);
         }
-        if form.resources.len() == 1 {
-            Audience::One(form.resources[0].clone())
-        } else {
-            Audience::Many(form.resources.clone())
-        }
-    };
-    // The client's rate and the organization's token quotas, in one round trip.
-    let (tier, charged, limit_headers) = crate::tiers::charge_token(&state, client.org_id, &client.client_id).await;
+    }
+    Ok(granted.join(" "))
+}
+
+/// Our own audience, or the RFC 8707 resources asked for when configuration serves them.
+fn audience(cfg: &crate::config::Config, resources: &[String]) -> Result<Audience, OAuthError> {
+    if resources.is_empty() {
+        return Ok(Audience::One(cfg.audience()));
+    }
+    if resources.iter().any(|r| !cfg.auth.allowed_resources.contains(r)) {
+        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_target", "This resource is not served here."));
+    }
+    Ok(match resources {
+        [one] => Audience::One(one.clone()),
+        many => Audience::Many(many.to_vec()),
+    })
+}
+
+/// The client's rate and the organization's token quotas, in one step; the limit headers go on
+/// the response either way.
+async fn charge(state: &AppState, client: &ClientRecord) -> Result<HeaderMap, OAuthError> {
+    let (tier, charged, limit_headers) = crate::tiers::charge_token(state, client.org_id, &client.client_id).await;
     if let Some(refusal) = charged.refused {
         let error = if refusal == crate::tiers::Refusal::Rate { "too_many_requests" } else { "quota_exceeded" };
         let mut e = OAuthError::new(StatusCode::TOO_MANY_REQUESTS, error, crate::tiers::refusal_detail(refusal, &tier));
         e.headers = Some(Box::new(limit_headers));
         return Err(e);
     }
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    let ttl = cfg.auth.access_token_ttl_secs;
+    Ok(limit_headers)
+}
+
+/// Signs the access token and counts it. `iat` is read from the application's clock, the one
+/// revocation watermarks are stamped with.
+fn issue(state: &AppState, client: &ClientRecord, aud: Audience, scope: &str, ttl: u64) -> Result<String, OAuthError> {
+    let now = state.clock().now();
+    let iat = now.unix_timestamp();
     let claims = Claims {
-        iss: cfg.server.public_url.clone(),
+        iss: state.config().server.public_url.clone(),
         sub: format!("agent:{}", client.agent_id),
         aud,
-        exp: now + ttl as i64,
-        iat: now,
-        nbf: now,
+        exp: iat + ttl as i64,
+        iat,
+        nbf: iat,
         jti: Uuid::new_v4(),
         client_id: client.client_id.clone(),
-        scope: scope.clone(),
+        scope: scope.to_owned(),
         org_id: client.org_id,
         actor_type: "agent".into(),
         cid: client.credential_id,
@@ -391,13 +433,9 @@ pub(super) async fn token(
         route: "/api/v1/token".into(),
         status: 200,
         latency_us: 0,
-        at: state.clock().now(),
+        at: now,
     });
-    let mut response =
-        Json(TokenResponse { access_token, token_type: "Bearer", expires_in: ttl, scope }).into_response();
-    no_store(response.headers_mut());
-    response.headers_mut().extend(limit_headers);
-    Ok(response)
+    Ok(access_token)
 }
 
 /// Verifies one of our tokens for any audience we serve; expired, forged and revoked tokens are `None`.
@@ -406,7 +444,7 @@ async fn live_claims(state: &AppState, token: &str) -> Result<Option<Arc<Claims>
         return Ok(None);
     }
     let cfg = state.config();
-    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let now = state.clock().now().unix_timestamp();
     let mut audiences = vec![cfg.audience()];
     audiences.extend(cfg.auth.allowed_resources.iter().cloned());
     let verified = &state.auth().verified;
@@ -425,7 +463,7 @@ async fn live_claims(state: &AppState, token: &str) -> Result<Option<Arc<Claims>
 /// Resolves a bearer JWT for the org-context layer.
 pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<Principal>, Failure> {
     let cfg = state.config();
-    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let now = state.clock().now().unix_timestamp();
     let audiences = [cfg.audience()];
     let verified = &state.auth().verified;
     let mut result = verified.verify(state.keys(), token, &cfg.server.public_url, &audiences, now);

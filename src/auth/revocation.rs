@@ -3,8 +3,8 @@
 //! Postgres is the durable record: single tokens by `jti` (`token_revocation`), and bulk "not
 //! before" watermarks per agent, credential and organization (`revocation_watermark`). Every
 //! instance keeps all unexpired revocations in memory, loaded from Postgres at start, on every
-//! (re)connection of the pub/sub subscriber and every 30 s, and updated within milliseconds through
-//! Redis pub/sub. A request checks the in-memory set only. While the subscriber is disconnected
+//! (re)connection of the pub/sub subscriber and every 30 s (merged in, never replacing what arrived
+//! meanwhile), and updated within milliseconds through Redis pub/sub. A request checks the in-memory set only. While the subscriber is disconnected
 //! (Redis away or restarting) the set may miss news, so requests also ask Postgres. Redis also holds
 //! a mirror (keys with TTL = remaining lifetime) for other consumers; it is rebuilt from Postgres
 //! after a restart or flush, and is never the only record.
@@ -108,16 +108,77 @@ impl Revocations {
         .await
     }
 
-    /// Replaces the in-memory view with Postgres's, and rebuilds the Redis mirror.
-    pub async fn sync(&self, db: &PgPool, redis: &Redis, max_token_ttl: i64) -> anyhow::Result<()> {
-        let jtis: HashMap<Uuid, i64> =
-            sqlx::query!("select jti, expires_at from token_revocation where expires_at > now()")
-                .fetch_all(db)
-                .await?
-                .into_iter()
-                .map(|r| (r.jti, r.expires_at.unix_timestamp()))
-                .collect();
-        let watermarks: HashMap<String, i64> = sqlx::query!(
+    /// Catches up with Postgres: reads every unexpired revocation, rebuilds the Redis mirror and
+    /// merges what it read into memory. Merging, never replacing: a revocation that arrives while
+    /// the read is under way (by pub/sub or from this instance) must not be forgotten.
+    pub async fn sync(&self, db: &PgPool, redis: &Redis, max_token_ttl: i64, now: i64) -> anyhow::Result<()> {
+        let snapshot = Snapshot::load(db, max_token_ttl).await?;
+        mirror(redis, &snapshot.jtis, &snapshot.watermarks, max_token_ttl).await;
+        self.install(snapshot, now, max_token_ttl);
+        Ok(())
+    }
+
+    /// Merges a snapshot into memory, and prunes only what can no longer matter: single tokens past
+    /// their expiry, watermarks older than any token that could still be alive.
+    pub fn install(&self, snapshot: Snapshot, now: i64, max_token_ttl: i64) {
+        {
+            let mut jtis = self.jtis.write().unwrap_or_else(|e| e.into_inner());
+            jtis.retain(|_, exp| *exp > now);
+            jtis.extend(snapshot.jtis);
+        }
+        let mut watermarks = self.watermarks.write().unwrap_or_else(|e| e.into_inner());
+        watermarks.retain(|_, nb| *nb > now - max_token_ttl - 60);
+        for (subject, nb) in snapshot.watermarks {
+            let entry = watermarks.entry(subject).or_insert(nb);
+            *entry = (*entry).max(nb);
+        }
+    }
+
+    /// The newest watermark of any of `subjects`, to tell whether something loaded at a given
+    /// time may have been revoked since.
+    pub fn newest_watermark(&self, subjects: &[Subject]) -> Option<i64> {
+        let w = self.watermarks.read().unwrap_or_else(|e| e.into_inner());
+        subjects.iter().filter_map(|s| w.get(&s.key()).copied()).max()
+    }
+
+    /// Applies a message from another instance: topic `jti` (`<jti>:<exp>`) or `wm`
+    /// (`<subject>:<not_before>`).
+    pub fn apply(&self, topic: &str, payload: &str) {
+        match topic {
+            "jti" => {
+                if let Some((jti, exp)) = payload.split_once(':')
+                    && let (Ok(jti), Ok(exp)) = (jti.parse(), exp.parse())
+                {
+                    self.note_jti(jti, exp);
+                }
+            }
+            "wm" => {
+                if let Some((subject, nb)) = payload.rsplit_once(':')
+                    && let Ok(nb) = nb.parse()
+                {
+                    self.note_watermark(subject.to_owned(), nb);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every unexpired revocation, as read from Postgres at one moment.
+pub struct Snapshot {
+    jtis: HashMap<Uuid, i64>,
+    watermarks: HashMap<String, i64>,
+}
+
+impl Snapshot {
+    pub async fn load(db: &PgPool, max_token_ttl: i64) -> Result<Self, sqlx::Error> {
+        let jtis = sqlx::query!("select jti, expires_at from token_revocation where expires_at > now()")
+            .fetch_all(db)
+            .await?
+            .into_iter()
+            .map(|r| (r.jti, r.expires_at.unix_timestamp()))
+            .collect();
+        let watermarks = sqlx::query!(
             "select subject, not_before from revocation_watermark
              where not_before > now() - make_interval(secs => $1)",
             max_token_ttl as f64 + 60.0
@@ -127,26 +188,7 @@ impl Revocations {
         .into_iter()
         .map(|r| (r.subject, r.not_before.unix_timestamp()))
         .collect();
-        mirror(redis, &jtis, &watermarks, max_token_ttl).await;
-        *self.jtis.write().unwrap_or_else(|e| e.into_inner()) = jtis;
-        *self.watermarks.write().unwrap_or_else(|e| e.into_inner()) = watermarks;
-        Ok(())
-    }
-
-    /// Applies a pub/sub message from another instance.
-    pub fn apply(&self, message: &str) {
-        if let Some(rest) = message.strip_prefix("jti:") {
-            if let Some((jti, exp)) = rest.split_once(':')
-                && let (Ok(jti), Ok(exp)) = (jti.parse(), exp.parse())
-            {
-                self.note_jti(jti, exp);
-            }
-        } else if let Some(rest) = message.strip_prefix("wm:")
-            && let Some((subject, nb)) = rest.rsplit_once(':')
-            && let Ok(nb) = nb.parse()
-        {
-            self.note_watermark(subject.to_owned(), nb);
-        }
+        Ok(Self { jtis, watermarks })
     }
 }
 
@@ -190,12 +232,19 @@ pub async fn revoke_jti(conn: &mut PgConnection, jti: Uuid, org_id: Uuid, exp: i
 }
 
 /// Records a bulk revocation in the caller's transaction; returns the watermark (unix seconds).
-pub async fn revoke_subject(conn: &mut PgConnection, subject: &Subject) -> Result<i64, sqlx::Error> {
+/// `now` is the application's clock, the one that stamps `iat`: a cutoff read from another clock
+/// (Postgres's) would let tokens through, or cut off new ones, by the skew between the two.
+pub async fn revoke_subject(
+    conn: &mut PgConnection,
+    subject: &Subject,
+    now: OffsetDateTime,
+) -> Result<i64, sqlx::Error> {
     let nb = sqlx::query_scalar!(
-        "insert into revocation_watermark (subject, not_before) values ($1, now())
-         on conflict (subject) do update set not_before = greatest(revocation_watermark.not_before, now()), updated_at = now()
+        "insert into revocation_watermark (subject, not_before) values ($1, $2)
+         on conflict (subject) do update set not_before = greatest(revocation_watermark.not_before, $2), updated_at = now()
          returning not_before",
-        subject.key()
+        subject.key(),
+        now
     )
     .fetch_one(conn)
     .await?;
@@ -205,23 +254,34 @@ pub async fn revoke_subject(conn: &mut PgConnection, subject: &Subject) -> Resul
 /// After commit: applies the revocation here and tells every other instance.
 pub async fn announce(state: &crate::state::AppState, what: Announced) {
     let rev = &state.auth().revocations;
-    let (message, mirror_jtis, mirror_wms) = match what {
+    let (topic, payload, mirror_jtis, mirror_wms) = match what {
         Announced::Jti { jti, exp } => {
             rev.note_jti(jti, exp);
-            (format!("jti:{jti}:{exp}"), HashMap::from([(jti, exp)]), HashMap::new())
+            ("jti", format!("{jti}:{exp}"), HashMap::from([(jti, exp)]), HashMap::new())
         }
         Announced::Subject { subject, not_before } => {
             rev.note_watermark(subject.key(), not_before);
-            (format!("wm:{}:{not_before}", subject.key()), HashMap::new(), HashMap::from([(subject.key(), not_before)]))
+            (
+                "wm",
+                format!("{}:{not_before}", subject.key()),
+                HashMap::new(),
+                HashMap::from([(subject.key(), not_before)]),
+            )
         }
     };
     let max_ttl = state.config().auth.access_token_ttl_secs as i64;
     mirror(state.redis(), &mirror_jtis, &mirror_wms, max_ttl).await;
-    super::credentials::publish(state.redis(), &message).await;
+    crate::cache::invalidation::publish(state.redis(), topic, &payload).await;
 }
 
 /// What was revoked, for [`announce`].
 pub enum Announced {
     Jti { jti: Uuid, exp: i64 },
     Subject { subject: Subject, not_before: i64 },
+}
+
+/// Catches this instance up with Postgres: at start, on every reconnection and every 30 s.
+pub async fn catch_up(state: &crate::state::AppState) -> anyhow::Result<()> {
+    let ttl = state.config().auth.access_token_ttl_secs as i64;
+    state.auth().revocations.sync(state.db(), state.redis(), ttl, state.clock().now().unix_timestamp()).await
 }

@@ -118,7 +118,7 @@ pub(super) async fn login(
     .await?;
     tx.commit().await?;
 
-    let principal = credentials::resolve(state.db(), &auth.cache, &token)
+    let principal = credentials::resolve(state.db(), &auth.cache, &auth.lookups, &token)
         .await
         .map_err(|_| ApiError::Unavailable("session not readable after login".into()))?;
     let actor =

@@ -2,16 +2,14 @@
 //! to the key, `typ`, `iss`, `aud`, `exp`, `nbf`), with a verified-token cache so that a token seen
 //! before costs a hash lookup instead of a signature check. Revocation is checked on every use.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-};
+use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::keys::KeyRing;
+use crate::cache::Cache;
 
 /// The claims of our access tokens.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -68,10 +66,10 @@ struct Header<'a> {
     kid: &'a str,
 }
 
-/// Signs `claims` with the active key.
+/// Signs `claims` with the key that signs at their `iat`.
 pub fn sign(keys: &KeyRing, claims: &Claims) -> anyhow::Result<String> {
     let set = keys.current().ok_or_else(|| anyhow::anyhow!("signing keys not loaded"))?;
-    let active = &set.active;
+    let active = set.signer(claims.iat);
     let header = serde_json::to_vec(&Header { alg: active.algorithm.as_str(), typ: "at+jwt", kid: &active.kid })?;
     let body = serde_json::to_vec(claims)?;
     let mut token = String::with_capacity(64 + body.len() * 4 / 3 + 360);
@@ -156,15 +154,18 @@ fn validate_times_and_parties(claims: &Claims, issuer: &str, audiences: &[String
     Ok(())
 }
 
-/// Tokens whose signature has been checked, by SHA-256 of the token, until they expire.
-#[derive(Default)]
+/// Tokens whose signature has been checked, by SHA-256 of the token, for at most a token's lifetime.
 pub struct VerifiedCache {
-    entries: RwLock<HashMap<[u8; 32], Arc<Claims>>>,
+    entries: Cache<[u8; 32], Arc<Claims>>,
 }
 
-const VERIFIED_MAX: usize = 200_000;
+const VERIFIED_MAX: u64 = 200_000;
 
 impl VerifiedCache {
+    pub fn new(token_ttl: Duration) -> Self {
+        Self { entries: Cache::new(VERIFIED_MAX, token_ttl + Duration::from_secs(LEEWAY as u64)) }
+    }
+
     /// Verifies through the cache: a hit skips the signature check, never the claim checks (so a
     /// token cached for one audience is not accepted for another).
     pub fn verify(
@@ -176,24 +177,16 @@ impl VerifiedCache {
         now: i64,
     ) -> Result<Arc<Claims>, Rejection> {
         let hash = crate::crypto::sha256(token);
-        let hit = self.entries.read().unwrap_or_else(|e| e.into_inner()).get(&hash).cloned();
-        if let Some(claims) = hit {
+        if let Some(claims) = self.entries.get(&hash) {
             if claims.exp <= now - LEEWAY {
-                self.entries.write().unwrap_or_else(|e| e.into_inner()).remove(&hash);
+                self.entries.remove(&hash);
                 return Err(Rejection::Expired);
             }
             validate_times_and_parties(&claims, issuer, audiences, now)?;
             return Ok(claims);
         }
         let claims = Arc::new(verify(keys, token, issuer, audiences, now)?);
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= VERIFIED_MAX {
-            entries.retain(|_, c| c.exp > now);
-            if entries.len() >= VERIFIED_MAX {
-                entries.clear();
-            }
-        }
-        entries.insert(hash, claims.clone());
+        self.entries.insert(hash, claims.clone());
         Ok(claims)
     }
 }

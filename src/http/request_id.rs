@@ -25,10 +25,6 @@ pub fn current_request_id() -> Option<String> {
     REQUEST_ID.try_with(|id| id.clone()).ok()
 }
 
-/// The request id, also available as an extension for handlers that want it.
-#[derive(Clone, Debug)]
-pub struct RequestId(pub String);
-
 fn acceptable(value: &HeaderValue) -> Option<String> {
     let s = value.to_str().ok()?;
     let ok = !s.is_empty()
@@ -38,9 +34,8 @@ fn acceptable(value: &HeaderValue) -> Option<String> {
 }
 
 /// Outermost layer: assigns the id, opens the span, logs the outcome once.
-pub async fn layer(mut req: Request, next: Next) -> Response {
+pub async fn layer(req: Request, next: Next) -> Response {
     let id = req.headers().get(&X_REQUEST_ID).and_then(acceptable).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    req.extensions_mut().insert(RequestId(id.clone()));
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), route = %route);

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::{Decision, Query, Resource, engine::QueryError, log_decision};
 use crate::{
     audit::{self, Event},
-    auth::{Actor, credentials},
+    auth::Actor,
     http::{
         ApiError, ApiResult,
         error::{FieldError, Problem},
@@ -455,7 +455,7 @@ async fn activate(
     audit::record(&mut tx, Event::by(actor, org_id, action).target("policy_version", version)).await?;
     tx.commit().await?;
     super::reload_org(state, org_id).await?;
-    credentials::publish(state.redis(), &format!("policy:{org_id}")).await;
+    crate::cache::invalidation::publish(state.redis(), "policy", &org_id.to_string()).await;
     load_version(state, org_id, version).await.map(|mut v| {
         v.source = None;
         v

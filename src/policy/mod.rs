@@ -254,3 +254,22 @@ pub async fn sync_all(state: &AppState) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The policy module's share of the change feed: `policy:<org>` when an organization activates
+/// or rolls back a version.
+pub fn listener() -> crate::cache::invalidation::Listener {
+    crate::cache::invalidation::Listener {
+        topics: &["policy"],
+        apply: |state, _, payload| {
+            Box::pin(async move {
+                if let Ok(org) = payload.parse()
+                    && let Err(e) = reload_org(state, org).await
+                {
+                    tracing::warn!(error = %e, "reloading an organization's policies failed");
+                }
+            })
+        },
+        resync: |state| Box::pin(sync_all(state)),
+        disconnected: |_| {},
+    }
+}

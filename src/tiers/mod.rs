@@ -3,18 +3,14 @@
 //!
 //! Plans live in configuration (`tiers.plans`); `tenant_tier` holds each organization's plan and
 //! its own overrides. An organization's effective limits are cached in-process for
-//! `tiers.cache_secs` and dropped on every instance through Redis pub/sub when they change.
+//! `tiers.cache_secs` and dropped on every instance through the change feed when they change.
 
 mod handlers;
 pub mod limiter;
 pub mod plans;
 mod stripe;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use sqlx::PgConnection;
 use time::OffsetDateTime;
@@ -24,7 +20,11 @@ use uuid::Uuid;
 pub use limiter::{Charge, Giveback, Limiter, Outcome, Refusal, Usage};
 pub use plans::{Limit, Overrides, Plan, RateLimit};
 
-use crate::{config::TiersConfig, state::AppState};
+use crate::{
+    cache::{Cache, invalidation::Listener},
+    config::TiersConfig,
+    state::AppState,
+};
 
 /// Routes that an organization over its daily quota must still reach: to see why, and to upgrade.
 pub const UNCOUNTED_ROUTES: &[&str] = &["/api/v1/tiers/status", "/api/v1/tiers/upgrade"];
@@ -40,35 +40,43 @@ pub struct OrgTier {
 
 /// Per-process tier state: the limits cache and the limiter.
 pub struct Tiers {
-    cache: RwLock<HashMap<Uuid, (Instant, Arc<OrgTier>)>>,
-    ttl: Duration,
+    cache: Cache<Uuid, Arc<OrgTier>>,
     pub limiter: Limiter,
 }
 
-const CACHE_MAX: usize = 100_000;
+const CACHE_MAX: u64 = 100_000;
 
 impl Tiers {
     pub fn new(cfg: &TiersConfig) -> Self {
-        Self {
-            cache: RwLock::new(HashMap::new()),
-            ttl: Duration::from_secs(cfg.cache_secs),
-            limiter: Limiter::new(&cfg.limiter),
-        }
-    }
-
-    fn cached(&self, org: Uuid) -> Option<Arc<OrgTier>> {
-        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
-        cache.get(&org).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, t)| t.clone())
+        Self { cache: Cache::new(CACHE_MAX, Duration::from_secs(cfg.cache_secs)), limiter: Limiter::new(&cfg.limiter) }
     }
 
     /// Drops one organization's cached limits (after a change here or on another instance).
     pub fn forget(&self, org: Uuid) {
-        self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(&org);
+        self.cache.remove(&org);
     }
 
     /// Drops every cached limit (the change feed may have missed messages).
     pub fn clear(&self) {
-        self.cache.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.cache.clear();
+    }
+}
+
+/// The tiers module's share of the change feed: `tier:<org>` when an organization's plan changes.
+pub fn listener() -> Listener {
+    Listener {
+        topics: &["tier"],
+        apply: |state, _, payload| {
+            if let Ok(org) = payload.parse() {
+                state.tiers().forget(org);
+            }
+            Box::pin(async {})
+        },
+        resync: |state| {
+            state.tiers().clear();
+            Box::pin(async { Ok(()) })
+        },
+        disconnected: |state| state.tiers().clear(),
     }
 }
 
@@ -76,7 +84,7 @@ impl Tiers {
 /// plan applies (not cached), so that a database outage does not lift every limit.
 pub async fn org_tier(state: &AppState, org: Uuid) -> Arc<OrgTier> {
     let tiers = state.tiers();
-    if let Some(t) = tiers.cached(org) {
+    if let Some(t) = tiers.cache.get(&org) {
         return t;
     }
     let cfg = &state.config().tiers;
@@ -90,11 +98,7 @@ pub async fn org_tier(state: &AppState, org: Uuid) -> Arc<OrgTier> {
             return Arc::new(from_row(cfg, org, None));
         }
     };
-    let mut cache = tiers.cache.write().unwrap_or_else(|e| e.into_inner());
-    if cache.len() >= CACHE_MAX {
-        cache.clear();
-    }
-    cache.insert(org, (Instant::now(), tier.clone()));
+    tiers.cache.insert(org, tier.clone());
     tier
 }
 
@@ -143,7 +147,7 @@ pub async fn lock_limits(state: &AppState, conn: &mut PgConnection, org: Uuid) -
 /// Tells every instance (this one included) that an organization's tier changed.
 pub async fn announce(state: &AppState, org: Uuid) {
     state.tiers().forget(org);
-    crate::auth::credentials::publish(state.redis(), &format!("tier:{org}")).await;
+    crate::cache::invalidation::publish(state.redis(), "tier", &org.to_string()).await;
 }
 
 /// Charges one issued access token to the organization (and one request to the client's rate);

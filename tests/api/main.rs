@@ -7,4 +7,5 @@ mod foundation;
 mod identity;
 mod oauth;
 mod policy;
+mod retention;
 mod tiers;

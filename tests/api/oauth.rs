@@ -521,7 +521,7 @@ async fn revoked_tokens_stay_revoked_across_instances_flush_and_outage() {
     assert_eq!(app1.me_status(&t2).await, StatusCode::UNAUTHORIZED);
     // app2 missed that broadcast (app1 could not publish); its periodic sync from Postgres (every
     // 30 s) is the safety net. Run it now rather than wait.
-    app2.state.auth().revocations.sync(&app2.db, &app2.redis, 900).await.unwrap();
+    agentidp::auth::revocation::catch_up(&app2.state).await.unwrap();
     assert_eq!(app2.me_status(&t2).await, StatusCode::UNAUTHORIZED);
     proxy.up();
 }
@@ -654,8 +654,12 @@ async fn key_rotation_keeps_old_tokens_valid_and_publishes_both_keys() {
     let (admin, client) = setup(&app).await;
     let old = app.access_token(&client).await;
     let old_kid = claims_of(&old).0["kid"].as_str().unwrap().to_owned();
-    let rotated =
-        json_ok(app.as_(&admin, Method::POST, "/api/v1/keys/rotate").send().await.unwrap(), StatusCode::OK).await;
+    let rotated = json_ok(
+        app.as_(&admin, Method::POST, "/api/v1/keys/rotate?emergency=true").send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(rotated["emergency"], true);
     let new_kid = rotated["kid"].as_str().unwrap();
     assert_ne!(new_kid, old_kid);
     let jwks: Value = app.get("/.well-known/jwks.json").await.json().await.unwrap();
@@ -736,4 +740,228 @@ async fn a_wrong_kek_cannot_unseal_the_keys() {
     let redis = agentidp::redis::Redis::new(&cfg.redis).unwrap();
     let err = agentidp::app::Application::with_parts(cfg, db, redis).await.err().expect("refuses to start");
     assert!(format!("{err:#}").contains("unseal"), "{err:#}");
+}
+
+#[tokio::test]
+async fn a_revocation_that_lands_during_a_sync_is_kept() {
+    let app = spawn_app().await;
+    let (_, client) = setup(&app).await;
+    let token = app.access_token(&client).await;
+    // A sync reads Postgres...
+    let snapshot = agentidp::auth::revocation::Snapshot::load(&app.db, 900).await.unwrap();
+    // ...the token is revoked before it has installed what it read...
+    assert_eq!(revoke(&app, &client, &token).await, StatusCode::OK);
+    assert_eq!(app.me_status(&token).await, StatusCode::UNAUTHORIZED);
+    // ...and installing the older read must not bring the token back.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    app.state.auth().revocations.install(snapshot, now, 900);
+    assert_eq!(app.me_status(&token).await, StatusCode::UNAUTHORIZED, "a sync forgot a revocation");
+}
+
+/// Waits until `app` has heard of a watermark on the credential.
+async fn heard_of_credential_revocation(app: &TestApp, credential_id: &str) {
+    let subject = agentidp::auth::revocation::Subject::Credential(credential_id.parse().unwrap());
+    let started = Instant::now();
+    while app.state.auth().revocations.newest_watermark(std::slice::from_ref(&subject)).is_none() {
+        assert!(started.elapsed() < Duration::from_secs(2), "the revocation never reached the instance");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_lost_invalidation_does_not_let_revoked_clients_get_tokens_on_another_instance() {
+    let app1 = spawn_app().await;
+    let app2 = spawn_on(app1.config.clone(), Some(app1.redis.prefix().to_owned())).await;
+    let (admin, client) = setup(&app1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // both subscribers attached
+    app2.access_token(&client).await;
+    let stale = app2.state.auth().clients.get(&client.client_id).expect("the second instance cached the client");
+
+    let resp = app1
+        .as_(
+            &admin,
+            Method::DELETE,
+            &format!("/api/v1/agents/{}/credentials/{}", client.agent_id, client.credential_id),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    heard_of_credential_revocation(&app2, &client.credential_id).await;
+    // The cache invalidation is lost, or a record read just before it is cached just after it.
+    app2.state.auth().clients.put(stale);
+    oauth_error(
+        app2.token_request(&client, &[("grant_type", "client_credentials")]).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // The same for a suspended agent.
+    let other = app1.agent_client(&admin, &["tools:read"]).await;
+    app2.access_token(&other).await;
+    let stale = app2.state.auth().clients.get(&other.client_id).unwrap();
+    let resp = app1
+        .as_(&admin, Method::PATCH, &format!("/api/v1/agents/{}", other.agent_id))
+        .json(&json!({ "status": "suspended" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let agent = agentidp::auth::revocation::Subject::Agent(other.agent_id.parse().unwrap());
+    let started = Instant::now();
+    while app2.state.auth().revocations.newest_watermark(std::slice::from_ref(&agent)).is_none() {
+        assert!(started.elapsed() < Duration::from_secs(2), "the suspension never reached the instance");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    app2.state.auth().clients.put(stale);
+    oauth_error(
+        app2.token_request(&other, &[("grant_type", "client_credentials")]).await,
+        StatusCode::BAD_REQUEST,
+        "unauthorized_client",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn while_it_may_miss_changes_the_token_endpoint_asks_postgres() {
+    let app = spawn_app().await;
+    let (_, client) = setup(&app).await;
+    app.access_token(&client).await;
+    assert!(app.state.auth().clients.get(&client.client_id).is_some(), "the client is cached");
+    // As while the change feed is disconnected: this instance may be missing messages.
+    app.state.auth().revocations.set_live(false);
+    // A revocation this instance is never told of.
+    sqlx::query("update agent_credential set revoked_at = now() where client_id = $1")
+        .bind(&client.client_id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    oauth_error(
+        app.token_request(&client, &[("grant_type", "client_credentials")]).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bulk_revocation_cuts_off_on_the_clock_that_stamps_iat() {
+    let app = spawn_app().await;
+    let (admin, client) = setup(&app).await;
+    // This instance's clock runs two minutes ahead of Postgres's.
+    let ahead = time::OffsetDateTime::now_utc() + time::Duration::seconds(120);
+    app.state.clock().set(ahead);
+    let token = app.access_token(&client).await;
+    let iat = claims_of(&token).1["iat"].as_i64().unwrap();
+    assert!(iat >= ahead.unix_timestamp(), "iat is read from the application's clock");
+    assert_eq!(app.me_status(&token).await, StatusCode::OK);
+
+    let resp = app
+        .as_(&admin, Method::POST, &format!("/api/v1/agents/{}/revoke-tokens", client.agent_id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let not_before: time::OffsetDateTime =
+        sqlx::query_scalar("select not_before from revocation_watermark where subject = $1")
+            .bind(format!("agent:{}", client.agent_id))
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(not_before.unix_timestamp() >= iat, "the cutoff is stamped by the clock that stamped iat");
+    assert_eq!(app.me_status(&token).await, StatusCode::UNAUTHORIZED);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // watermarks have one-second resolution
+    let fresh = app.access_token(&client).await;
+    assert_eq!(app.me_status(&fresh).await, StatusCode::OK, "tokens issued after the cutoff work");
+}
+
+#[tokio::test]
+async fn a_scheduled_rotation_publishes_the_next_key_before_it_signs() {
+    let app = spawn_app().await;
+    let (admin, client) = setup(&app).await;
+    let old_kid = claims_of(&app.access_token(&client).await).0["kid"].as_str().unwrap().to_owned();
+    let rotated =
+        json_ok(app.as_(&admin, Method::POST, "/api/v1/keys/rotate").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(rotated["emergency"], false);
+    let next_kid = rotated["kid"].as_str().unwrap().to_owned();
+    let activates_at = time::OffsetDateTime::parse(
+        rotated["activates_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let wait = activates_at - time::OffsetDateTime::now_utc();
+    assert!(wait >= time::Duration::seconds(300), "published at least the JWKS max-age ahead, got {wait}");
+
+    // Published at once, here and on another instance...
+    let app2 = spawn_on(app.config.clone(), Some(app.redis.prefix().to_owned())).await;
+    for a in [&app, &app2] {
+        let jwks: Value = a.get("/.well-known/jwks.json").await.json().await.unwrap();
+        let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
+        assert!(kids.contains(&next_kid.as_str()) && kids.contains(&old_kid.as_str()), "{kids:?}");
+    }
+    // ...but the old key still signs.
+    let token = app.access_token(&client).await;
+    assert_eq!(claims_of(&token).0["kid"], old_kid.as_str());
+    // A second rotation while one is waiting keeps the waiting key.
+    let again =
+        json_ok(app.as_(&admin, Method::POST, "/api/v1/keys/rotate").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(again["kid"], next_kid.as_str());
+
+    // When its time comes, every instance signs with it, on its own clock, before any row changes.
+    for a in [&app, &app2] {
+        a.state.clock().set(activates_at + time::Duration::seconds(1));
+        let token = a.access_token(&client).await;
+        assert_eq!(claims_of(&token).0["kid"], next_kid.as_str());
+        assert_eq!(a.me_status(&token).await, StatusCode::OK);
+    }
+    assert_eq!(app.me_status(&token).await, StatusCode::OK, "tokens of the old key still verify");
+
+    // An emergency rotation signs at once, and says so.
+    let emergency = json_ok(
+        app.as_(&admin, Method::POST, "/api/v1/keys/rotate?emergency=true").send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(emergency["emergency"], true);
+    let token = app.access_token(&client).await;
+    assert_eq!(claims_of(&token).0["kid"], emergency["kid"]);
+}
+
+#[tokio::test]
+async fn unknown_credentials_cost_one_lookup_and_lookups_are_limited_per_ip() {
+    let app = spawn_app_with(&[("auth.lookups_per_minute_ip", json!(10))]).await;
+    let admin = app.bootstrap().await;
+    let me = |key: String| app.client.get(app.url("/auth/me")).header("x-api-key", key).send();
+
+    let before = app.state.auth().lookups.lookups();
+    for _ in 0..20 {
+        assert_eq!(me("aidp_key_made-up".into()).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(app.state.auth().lookups.lookups() - before, 1, "an unknown secret is looked up once");
+
+    let mut refused = 0;
+    for i in 0..20 {
+        let resp = me(format!("aidp_key_made-up-{i}")).await.unwrap();
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(resp.headers().contains_key("retry-after"));
+            assert_problem(resp, StatusCode::TOO_MANY_REQUESTS, "credential_lookups_exceeded").await;
+            refused += 1;
+        } else {
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        }
+    }
+    assert!(refused >= 10, "at most 10 lookups a minute from one address; {refused} of 20 refused");
+    // Unknown clients at the token endpoint are charged to the same address.
+    let resp = app
+        .client
+        .post(app.url("/api/v1/token"))
+        .basic_auth("no-such-client", Some("x"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    oauth_error(resp, StatusCode::TOO_MANY_REQUESTS, "too_many_requests").await;
+    // A credential already resolved is not a lookup, and keeps working.
+    assert_eq!(app.as_(&admin, Method::GET, "/auth/me").send().await.unwrap().status(), StatusCode::OK);
 }

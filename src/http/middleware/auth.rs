@@ -41,6 +41,14 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
             .into_response();
         }
         Err(Failure::Unavailable) => return ApiError::Unavailable("credential store".into()).into_response(),
+        Err(Failure::Throttled) => {
+            return ApiError::TooManyRequests {
+                code: "credential_lookups_exceeded",
+                detail: "Too many unknown credentials from this address; slow down.".into(),
+                retry_after: 60,
+            }
+            .into_response();
+        }
     };
     let org_id = match identified.org {
         OrgChoice::Chosen(o) => o,

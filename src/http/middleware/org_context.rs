@@ -68,7 +68,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         let principal = if crate::auth::tokens::looks_like_jwt(&secret) {
             crate::auth::oauth::resolve_access_token(&state, &secret).await
         } else {
-            credentials::resolve(state.db(), &state.auth().cache, &secret).await
+            credentials::resolve(state.db(), &state.auth().cache, &state.auth().lookups, &secret).await
         };
         let org = match &principal {
             Ok(p) => choose_org(p, req.headers().get("x-org-id").map(|v| v.to_str().unwrap_or("-"))),
