@@ -758,9 +758,8 @@ async fn a_revocation_that_lands_during_a_sync_is_kept() {
     assert_eq!(app.me_status(&token).await, StatusCode::UNAUTHORIZED, "a sync forgot a revocation");
 }
 
-/// Waits until `app` has heard of a watermark on the credential.
-async fn heard_of_credential_revocation(app: &TestApp, credential_id: &str) {
-    let subject = agentidp::auth::revocation::Subject::Credential(credential_id.parse().unwrap());
+/// Waits until `app` has heard of a watermark on `subject`.
+async fn heard_of(app: &TestApp, subject: agentidp::auth::revocation::Subject) {
     let started = Instant::now();
     while app.state.auth().revocations.newest_watermark(std::slice::from_ref(&subject)).is_none() {
         assert!(started.elapsed() < Duration::from_secs(2), "the revocation never reached the instance");
@@ -787,7 +786,7 @@ async fn a_lost_invalidation_does_not_let_revoked_clients_get_tokens_on_another_
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    heard_of_credential_revocation(&app2, &client.credential_id).await;
+    heard_of(&app2, agentidp::auth::revocation::Subject::Credential(client.credential_id.parse().unwrap())).await;
     // The cache invalidation is lost, or a record read just before it is cached just after it.
     app2.state.auth().clients.put(stale);
     oauth_error(
@@ -808,12 +807,7 @@ async fn a_lost_invalidation_does_not_let_revoked_clients_get_tokens_on_another_
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let agent = agentidp::auth::revocation::Subject::Agent(other.agent_id.parse().unwrap());
-    let started = Instant::now();
-    while app2.state.auth().revocations.newest_watermark(std::slice::from_ref(&agent)).is_none() {
-        assert!(started.elapsed() < Duration::from_secs(2), "the suspension never reached the instance");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    heard_of(&app2, agentidp::auth::revocation::Subject::Agent(other.agent_id.parse().unwrap())).await;
     app2.state.auth().clients.put(stale);
     oauth_error(
         app2.token_request(&other, &[("grant_type", "client_credentials")]).await,

@@ -15,60 +15,43 @@ async fn rows_past_their_retention_are_pruned_and_recent_ones_kept() {
     let org = &admin.org_id;
     let db = &app.db;
     // Old and recent rows of every pruned table.
+    let user = &admin.user_id;
     for age in ["1000 days", "1 minute"] {
-        sqlx::query(&format!(
-            "insert into analytics_event (organization_id, kind, method, route, status, occurred_at, request_count,
-                                          latency_sum_us, latency_max_us, latency_buckets)
-             values ('{org}', 'request', 'GET', '/x', 200, now() - interval '{age}', 1, 1, 1, array[1]::bigint[])"
-        ))
-        .execute(db)
-        .await
-        .unwrap();
-        sqlx::query(&format!(
-            "insert into decision_log (decision_id, organization_id, actor_id, action, resource_type, resource_id,
-                                       effect, reason, policy_version, determining_policies, decided_at)
-             values (gen_random_uuid(), '{org}', 'user:x', 'read', 'Agent', 'a', 'permit', 'r', 'v1', '{{}}',
-                     now() - interval '{age}')"
-        ))
-        .execute(db)
-        .await
-        .unwrap();
-        sqlx::query(&format!(
-            "insert into session (session_id, user_id, token_hash, created_at, expires_at, user_agent)
-             values (gen_random_uuid(), '{}', gen_random_uuid()::text::bytea, now() - interval '{age}',
-                     now() - interval '{age}' + interval '1 hour', 'retention-test')",
-            admin.user_id
-        ))
-        .execute(db)
-        .await
-        .unwrap();
-        sqlx::query(&format!(
-            "insert into password_token (token_hash, user_id, created_at, expires_at)
-             values (gen_random_uuid()::text::bytea, '{}', now() - interval '{age}', now() - interval '{age}' + interval '1 hour')",
-            admin.user_id
-        ))
-        .execute(db)
-        .await
-        .unwrap();
-        sqlx::query(&format!(
-            "insert into stripe_event (event_id, event_type, outcome, received_at)
-             values (gen_random_uuid()::text, 'checkout.session.completed', 'applied', now() - interval '{age}')"
-        ))
-        .execute(db)
-        .await
-        .unwrap();
-        sqlx::query(&format!(
-            "insert into token_revocation (jti, organization_id, expires_at) values (gen_random_uuid(), '{org}', now() - interval '{age}' + interval '2 hours')"
-        ))
-        .execute(db)
-        .await
-        .unwrap();
-        sqlx::query(&format!(
-            "insert into revocation_watermark (subject, not_before) values ('agent:' || gen_random_uuid(), now() - interval '{age}')"
-        ))
-        .execute(db)
-        .await
-        .unwrap();
+        let at = format!("now() - interval '{age}'");
+        for insert in [
+            format!(
+                "insert into analytics_event (organization_id, kind, method, route, status, occurred_at, request_count,
+                                              latency_sum_us, latency_max_us, latency_buckets)
+                 values ('{org}', 'request', 'GET', '/x', 200, {at}, 1, 1, 1, array[1]::bigint[])"
+            ),
+            format!(
+                "insert into decision_log (decision_id, organization_id, actor_id, action, resource_type, resource_id,
+                                           effect, reason, policy_version, determining_policies, decided_at)
+                 values (gen_random_uuid(), '{org}', 'user:x', 'read', 'Agent', 'a', 'permit', 'r', 'v1', '{{}}', {at})"
+            ),
+            format!(
+                "insert into session (session_id, user_id, token_hash, created_at, expires_at, user_agent)
+                 values (gen_random_uuid(), '{user}', gen_random_uuid()::text::bytea, {at}, {at} + interval '1 hour',
+                         'retention-test')"
+            ),
+            format!(
+                "insert into password_token (token_hash, user_id, created_at, expires_at)
+                 values (gen_random_uuid()::text::bytea, '{user}', {at}, {at} + interval '1 hour')"
+            ),
+            format!(
+                "insert into stripe_event (event_id, event_type, outcome, received_at)
+                 values (gen_random_uuid()::text, 'checkout.session.completed', 'applied', {at})"
+            ),
+            format!(
+                "insert into token_revocation (jti, organization_id, expires_at)
+                 values (gen_random_uuid(), '{org}', {at} + interval '2 hours')"
+            ),
+            format!(
+                "insert into revocation_watermark (subject, not_before) values ('agent:' || gen_random_uuid(), {at})"
+            ),
+        ] {
+            sqlx::query(&insert).execute(db).await.unwrap();
+        }
     }
     // Each table: what the old row is, and what marks the rows this test wrote.
     let tables = [
