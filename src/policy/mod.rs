@@ -67,7 +67,7 @@ pub fn query_for(actor: &Actor, action: &str, resource: Resource, resource_id: S
     Query {
         actor_id: actor.actor_id(),
         actor_type: actor.actor_type.as_str().to_owned(),
-        system_admin: actor.is_system_admin(),
+        system_admin: actor.is_system_admin_for(resource.org_id()),
         org_role: org_role(actor, resource.org_id()).to_owned(),
         scopes,
         required_scope: scope.to_owned(),

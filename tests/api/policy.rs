@@ -425,3 +425,33 @@ async fn service_keys_are_service_actors_that_may_ask_the_pdp() {
         .unwrap();
     assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_role").await;
 }
+
+#[tokio::test]
+async fn a_system_admins_key_bound_to_one_org_acts_only_there() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let other = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    // The system admin's session reaches every organization...
+    let resp = app.as_(&admin, Method::GET, &format!("/api/v1/organizations/{}", other.org_id)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // ...but a key made in Acme is bound to Acme: elsewhere it is an outsider.
+    let key = app.api_key(&admin, None).await;
+    let resp = app.as_(&key, Method::GET, &format!("/api/v1/organizations/{}", admin.org_id)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    for path in
+        [format!("/api/v1/organizations/{}", other.org_id), format!("/api/v1/organizations/{}/members", other.org_id)]
+    {
+        let resp = app.as_(&key, Method::GET, &path).send().await.unwrap();
+        assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    let resp = app
+        .as_(&key, Method::POST, &format!("/api/v1/organizations/{}/revoke-tokens", other.org_id))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    // Nor does it act on the platform, beyond every organization.
+    let resp =
+        app.as_(&key, Method::POST, "/api/v1/organizations").json(&json!({ "name": "Gamma" })).send().await.unwrap();
+    assert_problem(resp, StatusCode::FORBIDDEN, "system_admin_required").await;
+}
