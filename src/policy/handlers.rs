@@ -162,15 +162,32 @@ fn bad(e: QueryError) -> ApiError {
     ApiError::bad_request("invalid_pdp_request", e.0)
 }
 
+/// The decision point answers about the caller's own organization only: a credential bound to an
+/// organization (a service key, an API key, an agent's token) asks about that one, a session about
+/// those its human belongs to; a system admin not bound to one asks about any. Another
+/// organization is 404, like every object of another organization (its existence must not
+/// leak). Questions about the platform name no organization and are open to every caller the
+/// route admits.
+fn may_ask_about(actor: &Actor, q: &Query) -> ApiResult<()> {
+    let Some(org) = q.resource.org_id() else { return Ok(()) };
+    let allowed = match actor.principal.credential.bound_org() {
+        Some(bound) => bound == org,
+        None => actor.is_system_admin() || actor.role_in(org).is_some(),
+    };
+    if allowed { Ok(()) } else { Err(ApiError::NotFound) }
+}
+
 /// Decides one request with the baseline and the resource organization's active policies.
 #[utoipa::path(post, path = "/internal/pdp/evaluate", tag = "policy", request_body = PdpRequest,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 200, body = Decision), (status = 400, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = Decision), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, description = "The resource is in another organization than the caller's", body = Problem), (status = 422, body = Problem)))]
 pub(super) async fn evaluate(
     State(state): State<AppState>,
+    actor: Actor,
     ApiJson(req): ApiJson<PdpRequest>,
 ) -> ApiResult<Json<Decision>> {
     let q = to_query(&req).map_err(bad)?;
+    may_ask_about(&actor, &q)?;
     let d = state.policy().evaluate(&q).map_err(bad)?;
     log_decision(&state, &q, &d);
     Ok(Json(d))
@@ -191,23 +208,30 @@ pub struct BatchResponse {
 /// Decides many requests at once.
 #[utoipa::path(post, path = "/internal/pdp/evaluate/batch", tag = "policy", request_body = BatchRequest,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 200, body = BatchResponse), (status = 400, body = Problem), (status = 403, body = Problem)))]
+    responses((status = 200, body = BatchResponse), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, description = "A request names another organization than the caller's", body = Problem)))]
 pub(super) async fn evaluate_batch(
     State(state): State<AppState>,
+    actor: Actor,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> ApiResult<Json<BatchResponse>> {
     if req.requests.is_empty() || req.requests.len() > 100 {
         return Err(ApiError::field("requests", "length", "1 to 100 requests"));
     }
-    let mut results = Vec::with_capacity(req.requests.len());
+    // Every request is checked before any is decided: a refused batch decides (and logs) nothing.
+    let mut queries = Vec::with_capacity(req.requests.len());
     for (i, r) in req.requests.iter().enumerate() {
         let q =
             to_query(r).map_err(|e| ApiError::bad_request("invalid_pdp_request", format!("requests[{i}]: {}", e.0)))?;
+        may_ask_about(&actor, &q)?;
+        queries.push(q);
+    }
+    let mut results = Vec::with_capacity(queries.len());
+    for (i, q) in queries.iter().enumerate() {
         let d = state
             .policy()
-            .evaluate(&q)
+            .evaluate(q)
             .map_err(|e| ApiError::bad_request("invalid_pdp_request", format!("requests[{i}]: {}", e.0)))?;
-        log_decision(&state, &q, &d);
+        log_decision(&state, q, &d);
         results.push(d);
     }
     Ok(Json(BatchResponse { results }))
@@ -387,7 +411,7 @@ pub struct TestReport {
 #[utoipa::path(post, path = "/api/v1/policies/versions/{version}/test", tag = "policy", params(("version" = i32, Path)),
     request_body = TestRequest,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 200, body = TestReport), (status = 400, body = Problem), (status = 404, body = Problem)))]
+    responses((status = 200, body = TestReport), (status = 400, body = Problem), (status = 404, description = "No such version, or an example names another organization than the caller's", body = Problem)))]
 pub(super) async fn test_version(
     State(state): State<AppState>,
     actor: Actor,
@@ -408,6 +432,7 @@ pub(super) async fn test_version(
         }
         let q = to_query(&ex.request)
             .map_err(|e| ApiError::bad_request("invalid_pdp_request", format!("{name}: {}", e.0)))?;
+        may_ask_about(&actor, &q)?;
         let d = state
             .policy()
             .evaluate_with(&q, &set, format!("draft:v{version}"))

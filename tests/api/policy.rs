@@ -455,3 +455,102 @@ async fn a_system_admins_key_bound_to_one_org_acts_only_there() {
         app.as_(&key, Method::POST, "/api/v1/organizations").json(&json!({ "name": "Gamma" })).send().await.unwrap();
     assert_problem(resp, StatusCode::FORBIDDEN, "system_admin_required").await;
 }
+
+/// A service key of `owner`'s organization, asking the PDP.
+async fn service_key(app: &TestApp, owner: &Caller) -> Caller {
+    let created = json_ok(
+        app.as_(owner, Method::POST, "/auth/api-keys")
+            .json(&json!({ "description": "gateway", "service": true, "scopes": ["pdp:evaluate"] }))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    Caller { token: created["key"].as_str().unwrap().to_owned(), org_id: owner.org_id.clone(), user_id: String::new() }
+}
+
+/// Waits until the decision log holds a decision made for `org_id` about `resource_id`.
+async fn wait_logged(app: &TestApp, org_id: &str, resource_id: &str) {
+    let started = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from decision_log where organization_id = $1::uuid and resource_id = $2",
+        )
+        .bind(org_id)
+        .bind(resource_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        if n > 0 {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "no decision logged for {resource_id} in {org_id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_pdp_answers_org_bound_callers_about_their_own_org_only() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let a = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    let b = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    let service = service_key(&app, &a).await;
+    let about = |org: &str, id: &str| {
+        pdp(
+            json!({ "actor_id": "user:1", "actor_type": "human", "org_ids": [org], "roles": ["owner"] }),
+            "read",
+            json!({ "type": "tool", "id": id, "attributes": { "org_id": org, "allowed_agents": [] } }),
+        )
+    };
+    let organization = |org: &str| {
+        pdp(
+            json!({ "actor_id": "user:1", "actor_type": "human", "org_ids": [org], "roles": ["owner"] }),
+            "manage",
+            json!({ "type": "microdao", "id": org }),
+        )
+    };
+    // Its own organization: answered.
+    let d = evaluate(&app, &service, &organization(&a.org_id)).await;
+    assert_eq!(d["reason"], "microdao_owner", "{d}");
+    // Another one: 404, whether one request, a batch with one such request, or a dry-run example.
+    let resp =
+        app.as_(&service, Method::POST, "/internal/pdp/evaluate").json(&organization(&b.org_id)).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    let resp = app
+        .as_(&service, Method::POST, "/internal/pdp/evaluate")
+        .json(&about(&b.org_id, "b-single"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    let batch = json!({ "requests": [about(&a.org_id, "a-batch"), about(&b.org_id, "b-batch")] });
+    let resp = app.as_(&service, Method::POST, "/internal/pdp/evaluate/batch").json(&batch).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    json_ok(draft(&app, &a, "// nothing beyond the baseline\n").await, StatusCode::CREATED).await;
+    let examples = json!({ "examples": [{ "expect": "permit", "request": about(&b.org_id, "b-dry") }] });
+    let resp = app.as_(&a, Method::POST, "/api/v1/policies/versions/1/test").json(&examples).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    // A system admin's session (bound to no organization) asks about any.
+    let d = evaluate(&app, &admin, &organization(&b.org_id)).await;
+    assert_eq!(d["reason"], "microdao_owner", "{d}");
+    // Decisions are logged in the organization they were made for, and none was made for Beta
+    // by Alpha's key (the log is written in order: Alpha's last decision comes after them).
+    evaluate(&app, &service, &about(&a.org_id, "a-last")).await;
+    wait_logged(&app, &a.org_id, "a-last").await;
+    wait_logged(&app, &b.org_id, &b.org_id).await;
+    let from_alpha: i64 = sqlx::query_scalar(
+        "select count(*) from decision_log where organization_id = $1::uuid and resource_id like 'b-%'",
+    )
+    .bind(&b.org_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(from_alpha, 0, "Alpha's key had decisions made for Beta");
+    let a_batch: i64 = sqlx::query_scalar("select count(*) from decision_log where resource_id = 'a-batch'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(a_batch, 0, "a refused batch decides nothing");
+}
