@@ -554,3 +554,67 @@ async fn the_pdp_answers_org_bound_callers_about_their_own_org_only() {
         .unwrap();
     assert_eq!(a_batch, 0, "a refused batch decides nothing");
 }
+
+#[tokio::test]
+async fn the_pdp_takes_microdao_slugs_and_org_prefixed_ids() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let dao = app.org_with_owner(&admin, "DAARION", "owner@daarion.test").await;
+    let owner_of = |ids: Value| json!({ "actor_id": "user:7", "actor_type": "human", "microdao_ids": ids, "roles": ["microdao_owner"] });
+    // The original example, verbatim, and the same organization named every other way.
+    for (resource_id, member_of) in [
+        ("microdao:daarion".to_owned(), json!(["microdao:daarion"])),
+        (format!("org:{}", dao.org_id), json!(["microdao:daarion"])),
+        (dao.org_id.clone(), json!([format!("org:{}", dao.org_id)])),
+        ("microdao:daarion".to_owned(), json!([dao.org_id])),
+    ] {
+        let body = pdp(owner_of(member_of), "manage", json!({ "type": "microdao", "id": resource_id }));
+        let d = evaluate(&app, &admin, &body).await;
+        assert_eq!((d["effect"].as_str(), d["reason"].as_str()), (Some("permit"), Some("microdao_owner")), "{d}");
+    }
+    let channel = json!({ "type": "channel", "id": "general", "attributes": { "microdao_id": "microdao:daarion", "members": ["user:7"] } });
+    let d = evaluate(&app, &admin, &pdp(owner_of(json!(["microdao:daarion"])), "send_message", channel)).await;
+    assert_eq!(d["reason"], "channel_member", "{d}");
+    // The decision is logged in the organization the slug names.
+    wait_logged(&app, &dao.org_id, "general").await;
+
+    // A slug no organization has answers as an organization id no organization has.
+    let unknown_id = uuid::Uuid::new_v4().to_string();
+    for (resource_id, member_of) in
+        [("microdao:nowhere".to_owned(), json!(["microdao:nowhere"])), (unknown_id.clone(), json!([unknown_id]))]
+    {
+        let d = evaluate(
+            &app,
+            &admin,
+            &pdp(owner_of(member_of), "manage", json!({ "type": "microdao", "id": resource_id })),
+        )
+        .await;
+        assert_eq!(d["reason"], "microdao_owner", "{d}");
+    }
+    for resource_id in ["microdao:nowhere", &unknown_id] {
+        let d =
+            evaluate(&app, &admin, &pdp(owner_of(json!([])), "read", json!({ "type": "microdao", "id": resource_id })))
+                .await;
+        assert_eq!(d["reason"], "not_microdao_member", "{d}");
+    }
+    let service = service_key(&app, &dao).await;
+    for resource_id in ["microdao:nowhere", &unknown_id] {
+        let body = pdp(owner_of(json!([])), "read", json!({ "type": "microdao", "id": resource_id }));
+        let resp = app.as_(&service, Method::POST, "/internal/pdp/evaluate").json(&body).send().await.unwrap();
+        assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    // A service key of the organization names it by its slug too.
+    let d = evaluate(
+        &app,
+        &service,
+        &pdp(owner_of(json!(["microdao:daarion"])), "read", json!({ "type": "microdao", "id": "microdao:daarion" })),
+    )
+    .await;
+    assert_eq!(d["reason"], "microdao_owner", "{d}");
+    // What is not an organization reference at all is a 400.
+    for bad in ["microdao:Not A Slug!", "user:7", "daarion"] {
+        let body = pdp(owner_of(json!([])), "read", json!({ "type": "microdao", "id": bad }));
+        let resp = app.as_(&admin, Method::POST, "/internal/pdp/evaluate").json(&body).send().await.unwrap();
+        assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_pdp_request").await;
+    }
+}
