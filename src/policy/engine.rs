@@ -133,6 +133,10 @@ pub struct Decision {
     /// `baseline:<hash>`, plus `+org:v<N>` when the organization has an active version.
     pub policy_version: String,
     pub determining_policies: Vec<String>,
+    /// A deny that must look like a missing resource (404, not 403): a policy marked `@hide`
+    /// (the baseline's "not a member of the resource's organization") took part in it.
+    #[serde(skip)]
+    pub hide: bool,
 }
 
 impl Decision {
@@ -409,9 +413,11 @@ impl Engine {
         let mut determining: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
         determining.sort();
         let permit = response.decision() == CedarDecision::Allow;
+        let policy = |id: &String| set.policy(&PolicyId::new(id));
+        let hide = !permit && determining.iter().any(|id| policy(id).is_some_and(|p| p.annotation("hide").is_some()));
         let reason = determining
             .iter()
-            .find_map(|id| set.policy(&PolicyId::new(id)).and_then(|p| p.annotation("reason")).map(str::to_owned))
+            .find_map(|id| policy(id).and_then(|p| p.annotation("reason")).map(str::to_owned))
             .unwrap_or_else(|| {
                 // No policy decided: default deny. Say whether a higher role would have helped.
                 if response.diagnostics().errors().next().is_some() {
@@ -429,6 +435,7 @@ impl Engine {
             decision_id: Uuid::now_v7(),
             policy_version: version,
             determining_policies: determining,
+            hide,
         })
     }
 }
@@ -459,7 +466,14 @@ mod tests {
         let d = e.evaluate(&query("owner", "manage", org.clone())).unwrap();
         assert_eq!((d.effect, d.reason.as_str()), ("permit", "microdao_owner"));
         let d = e.evaluate(&query("none", "read", org.clone())).unwrap();
-        assert_eq!((d.effect, d.reason.as_str()), ("deny", "not_microdao_member"));
+        assert_eq!((d.effect, d.reason.as_str(), d.hide), ("deny", "not_microdao_member", true));
+        // An outsider is hidden from whatever else denies too (here: a missing scope).
+        let mut q = query("none", "read", org.clone());
+        q.scopes = Some(vec![]);
+        let d = e.evaluate(&q).unwrap();
+        assert_eq!((d.reason.as_str(), d.hide), ("insufficient_scope", true));
+        let d = e.evaluate(&query("member", "delete", org.clone())).unwrap();
+        assert_eq!((d.effect, d.hide), ("deny", false));
         let channel = Resource::Channel { org_id: Uuid::nil(), members: vec!["user:u1".into()] };
         let d = e.evaluate(&query("member", "send_message", channel)).unwrap();
         assert_eq!((d.effect, d.reason.as_str()), ("permit", "channel_member"));
@@ -536,8 +550,8 @@ mod tests {
     fn same(a: &Result<Decision, QueryError>, b: &Result<Decision, QueryError>) -> bool {
         match (a, b) {
             (Ok(a), Ok(b)) => {
-                (a.effect, &a.reason, &a.policy_version, &a.determining_policies)
-                    == (b.effect, &b.reason, &b.policy_version, &b.determining_policies)
+                (a.effect, &a.reason, &a.policy_version, &a.determining_policies, a.hide)
+                    == (b.effect, &b.reason, &b.policy_version, &b.determining_policies, b.hide)
             }
             (Err(a), Err(b)) => a.0 == b.0,
             _ => false,

@@ -79,15 +79,16 @@ pub fn query_for(actor: &Actor, action: &str, resource: Resource, resource_id: S
     }
 }
 
-/// Decides, logs the decision, and turns a deny into the API's answer: 404 when the resource's
-/// organization is not the caller's (its existence must not leak), else 403 with the reason.
+/// Decides, logs the decision, and turns a deny into the API's answer: 404 when the decision hides
+/// the resource (its organization is not the caller's: its existence must not leak), else 403
+/// with the reason.
 pub fn enforce(state: &AppState, query: &Query) -> ApiResult<Decision> {
     let decision = state.policy().evaluate(query).map_err(|e| ApiError::Internal(anyhow::anyhow!("policy: {e}")))?;
     log_decision(state, query, &decision);
     if decision.permitted() {
         return Ok(decision);
     }
-    if decision.reason == "not_microdao_member" {
+    if decision.hide {
         return Err(ApiError::NotFound);
     }
     Err(ApiError::forbidden(decision.reason.clone(), format!("Denied by policy ({}).", decision.reason)))

@@ -412,8 +412,10 @@ async fn service_keys_are_service_actors_that_may_ask_the_pdp() {
     let resp = app.as_(&service, Method::POST, "/api/v1/keys/rotate").send().await.unwrap();
     let body = assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_scope").await;
     assert!(body["detail"].is_string());
+    // A service holds no role in any organization: its objects are hidden from it, as from
+    // any outsider.
     let resp = app.as_(&service, Method::GET, &format!("/api/v1/organizations/{}", owner.org_id)).send().await.unwrap();
-    assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_scope").await;
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
     // Members cannot make service keys.
     app.add_member(&owner, &owner.org_id, "dev@beta.test", "member").await;
     let dev = app.sign_in("dev@beta.test", crate::helpers::PASSWORD).await;
