@@ -343,27 +343,61 @@ async fn decisions_are_logged_with_filters() {
     assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_query").await;
 }
 
+/// Every method axum routes (HEAD by the GET handler), and one nobody defines.
+fn all_methods() -> Vec<Method> {
+    let mut m = vec![
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::TRACE,
+    ];
+    m.push(Method::from_bytes(b"XABCDEF").unwrap());
+    m
+}
+
+/// Every route template: the documented ones and every declared one.
+fn all_routes() -> Vec<String> {
+    let doc = agentidp::http::openapi::document();
+    let mut routes: Vec<String> = doc.paths.paths.keys().cloned().collect();
+    routes.extend(agentidp::policy::routes::RULES.iter().map(|r| r.path.to_owned()));
+    routes.sort();
+    routes.dedup();
+    routes
+}
+
 #[test]
 fn every_protected_route_declares_its_action() {
+    use agentidp::policy::routes::rule_for_method;
     let doc = agentidp::http::openapi::document();
     let mut seen = Vec::new();
     for (path, item) in &doc.paths.paths {
-        let methods = [
-            ("GET", item.get.is_some()),
-            ("POST", item.post.is_some()),
-            ("PUT", item.put.is_some()),
-            ("PATCH", item.patch.is_some()),
-            ("DELETE", item.delete.is_some()),
-        ];
-        for (method, present) in methods {
-            if !present || agentidp::auth::is_public(Some(path)) {
-                continue;
+        if agentidp::auth::is_public(Some(path)) {
+            continue;
+        }
+        let documented = |m: &Method| match m.as_str() {
+            "GET" | "HEAD" => item.get.is_some(),
+            "POST" => item.post.is_some(),
+            "PUT" => item.put.is_some(),
+            "PATCH" => item.patch.is_some(),
+            "DELETE" => item.delete.is_some(),
+            "OPTIONS" => item.options.is_some(),
+            "TRACE" => item.trace.is_some(),
+            _ => false,
+        };
+        // Every method, not only the documented ones: a method is checked exactly when the route
+        // serves it (HEAD as GET); any other is refused by the layer, never let through.
+        for method in all_methods() {
+            let rule = rule_for_method(&method, path);
+            if documented(&method) {
+                assert!(rule.is_some(), "{method} {path} is protected but declares no action in policy::routes::RULES");
+                seen.push((rule.unwrap().method, path.clone()));
+            } else {
+                assert!(rule.is_none(), "{method} {path} is declared but not served");
             }
-            assert!(
-                agentidp::policy::routes::rule_for(method, path).is_some(),
-                "{method} {path} is protected but declares no action in policy::routes::RULES"
-            );
-            seen.push((method, path.clone()));
         }
     }
     // And no declaration names a route that does not exist.
@@ -376,6 +410,208 @@ fn every_protected_route_declares_its_action() {
         );
     }
     assert!(seen.len() >= 30, "{}", seen.len());
+}
+
+#[tokio::test]
+async fn a_protected_route_missing_from_the_table_answers_no_method() {
+    // A route the table does not declare (and the OpenAPI document does not list), behind the
+    // real stack: whatever the method, its handler never runs.
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let router = axum::Router::new()
+        .route("/api/v1/undeclared", axum::routing::any(|| async { "the handler ran" }))
+        .route("/auth/me", axum::routing::any(|| async { "the handler ran" }));
+    let router = agentidp::http::middleware::stack(router, &app.state).with_state(app.state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    });
+    for method in all_methods() {
+        let resp = app
+            .client
+            .request(method.clone(), format!("{base}/api/v1/undeclared"))
+            .bearer_auth(&admin.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} /api/v1/undeclared");
+        // A declared route serves its declared methods (GET, and HEAD as GET) and no other.
+        let resp = app
+            .client
+            .request(method.clone(), format!("{base}/auth/me"))
+            .bearer_auth(&admin.token)
+            .send()
+            .await
+            .unwrap();
+        if method == Method::GET || method == Method::HEAD {
+            assert_eq!(resp.status(), StatusCode::OK, "{method} /auth/me");
+        } else {
+            assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} /auth/me");
+            assert_eq!(resp.headers()["allow"], "GET, HEAD", "{method} /auth/me");
+        }
+    }
+}
+
+/// The ids a route template's parameters take.
+struct Ids {
+    org: String,
+    user: String,
+    agent: String,
+    credential: String,
+    api_key: String,
+    version: String,
+}
+
+impl Ids {
+    fn made_up() -> Self {
+        let id = || uuid::Uuid::new_v4().to_string();
+        Self { org: id(), user: id(), agent: id(), credential: id(), api_key: id(), version: "999".into() }
+    }
+
+    fn path(&self, template: &str) -> String {
+        let id = if template.starts_with("/api/v1/organizations/") {
+            &self.org
+        } else if template.starts_with("/api/v1/agents/") {
+            &self.agent
+        } else {
+            &self.api_key
+        };
+        template
+            .replace("{id}", id)
+            .replace("{user_id}", &self.user)
+            .replace("{cred_id}", &self.credential)
+            .replace("{version}", &self.version)
+    }
+
+    /// A request body that passes the route's extractor, naming this organization where the
+    /// route takes one in the body.
+    fn body(&self, template: &str) -> Value {
+        let ask = pdp(
+            json!({ "actor_id": "user:1", "actor_type": "human", "org_ids": [self.org], "roles": ["owner"] }),
+            "read",
+            json!({ "type": "microdao", "id": self.org }),
+        );
+        match template {
+            "/internal/pdp/evaluate" => ask,
+            "/internal/pdp/evaluate/batch" => json!({ "requests": [ask] }),
+            "/api/v1/policies/versions/{version}/test" => {
+                json!({ "examples": [{ "expect": "permit", "request": ask }] })
+            }
+            "/api/v1/organizations/{id}/members" => json!({ "email": "new@member.test", "role": "member" }),
+            "/api/v1/organizations/{id}/members/{user_id}" => json!({ "role": "admin" }),
+            "/api/v1/agents/{id}" => json!({ "name": "renamed" }),
+            _ => json!({}),
+        }
+    }
+}
+
+/// Whether a route names another organization's objects (in its path or, for the decision
+/// point, its body); the others act in the caller's own organization.
+fn names_an_object(template: &str) -> bool {
+    template.contains('{') || template.starts_with("/internal/pdp/")
+}
+
+#[tokio::test]
+async fn org_a_credentials_find_nothing_of_org_b_by_any_method() {
+    use agentidp::policy::routes::{allowed_methods, rule_for_method};
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let a = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    let b = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    // Org B's objects.
+    let b_agent = app.agent_client(&b, &["agents:read"]).await;
+    app.api_key(&b, None).await;
+    let b_key: uuid::Uuid = sqlx::query_scalar("select api_key_id from api_key where organization_id = $1::uuid")
+        .bind(&b.org_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    json_ok(draft(&app, &b, LET_MEMBERS_MANAGE).await, StatusCode::CREATED).await;
+    let b_ids = Ids {
+        org: b.org_id.clone(),
+        user: b.user_id.clone(),
+        agent: b_agent.agent_id.clone(),
+        credential: b_agent.credential_id.clone(),
+        api_key: b_key.to_string(),
+        version: "1".into(),
+    };
+    // Org A's credentials of every type.
+    let a_agent = app.agent_client(&a, &["agents:read", "orgs:read", "members:read"]).await;
+    let a_agent_token =
+        Caller { token: app.access_token(&a_agent).await, org_id: a.org_id.clone(), user_id: a_agent.agent_id.clone() };
+    let credentials = [
+        ("session", a.clone()),
+        ("api key", app.api_key(&a, None).await),
+        ("service key", service_key(&app, &a).await),
+        ("agent token", a_agent_token),
+    ];
+    let send = |by: &Caller, method: &Method, template: &str, ids: &Ids| {
+        let mut req = app.as_(by, method.clone(), &ids.path(template));
+        if [Method::POST, Method::PUT, Method::PATCH].contains(method) {
+            req = req.json(&ids.body(template));
+        }
+        req.send()
+    };
+    let mut checked = 0;
+    for template in all_routes() {
+        if agentidp::auth::is_public(Some(&template)) {
+            continue;
+        }
+        for method in all_methods() {
+            for (kind, by) in &credentials {
+                let what = format!("{kind}: {method} {template}");
+                if rule_for_method(&method, &template).is_none() {
+                    // Not served: refused with what is, whatever the credential.
+                    let resp = send(by, &method, &template, &b_ids).await.unwrap();
+                    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{what}");
+                    let mut allow: Vec<String> =
+                        resp.headers()["allow"].to_str().unwrap().split(',').map(|m| m.trim().to_owned()).collect();
+                    allow.sort();
+                    let mut expected = allowed_methods(&template);
+                    expected.sort();
+                    assert_eq!(allow, expected, "{what}");
+                    checked += 1;
+                    continue;
+                }
+                if !names_an_object(&template) {
+                    continue;
+                }
+                let of_b = send(by, &method, &template, &b_ids).await.unwrap();
+                let status = of_b.status();
+                let headers_only = method == Method::HEAD;
+                let body_b: Value = if headers_only { Value::Null } else { of_b.json().await.unwrap_or(Value::Null) };
+                assert!(!status.is_success(), "{what}: {status} {body_b}");
+                // B's objects look exactly like objects that do not exist.
+                let made_up = send(by, &method, &template, &Ids::made_up()).await.unwrap();
+                assert_eq!(status, made_up.status(), "{what}");
+                if !headers_only {
+                    let body_x: Value = made_up.json().await.unwrap_or(Value::Null);
+                    assert_eq!(body_b["code"], body_x["code"], "{what}");
+                }
+                // And where the credential may use the route at all, they are not found.
+                let usable = match (*kind, template.starts_with("/internal/pdp/")) {
+                    ("service key", pdp) => pdp || template.starts_with("/api/v1/organizations/{id}"),
+                    ("session", pdp) => !pdp,
+                    (_, pdp) => !pdp && template.starts_with("/api/v1/organizations/{id}"),
+                };
+                if usable {
+                    assert_eq!(status, StatusCode::NOT_FOUND, "{what}: {body_b}");
+                } else {
+                    assert!(status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN, "{what}: {status}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 500, "{checked}");
+    // Nothing of B changed.
+    let agent = json_ok(
+        app.as_(&b, Method::GET, &format!("/api/v1/agents/{}", b_agent.agent_id)).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(agent["name"], "worker");
 }
 
 #[tokio::test]
