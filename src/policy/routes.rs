@@ -175,6 +175,16 @@ fn org_of(rule: &Rule, uri_path: &str, actor: &Actor) -> Result<Option<Uuid>, Ap
     Ok(actor.org_id)
 }
 
+/// The id of the resource a route acts on: the agent of `/api/v1/agents/{id}/...` (as
+/// `agent:<id>`, an agent's actor id, so that policies can tell an agent's own record), else the
+/// organization (or the platform).
+fn resource_id(rule: &Rule, uri_path: &str, resource: &Resource) -> String {
+    if rule.path.starts_with("/api/v1/agents/{id}") {
+        return format!("agent:{}", uri_path.split('/').nth(4).unwrap_or_default());
+    }
+    resource.org_id().map(|o| o.to_string()).unwrap_or_else(|| "platform".into())
+}
+
 /// Layer 6, policy: every protected route is declared; the declared check runs before the handler,
 /// and a method without a declaration is refused, never let through.
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -221,7 +231,7 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
                         Err(ApiError::bad_request("org_required", "Choose an organization with the X-Org-Id header."))
                     }
                     Some(resource) => {
-                        let id = resource.org_id().map(|o| o.to_string()).unwrap_or_else(|| "platform".into());
+                        let id = resource_id(rule, req.uri().path(), &resource);
                         let query = query_for(&actor, rule.action, resource, id, rule.scope);
                         enforce(&state, &query).map(|_| ())
                     }

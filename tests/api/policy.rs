@@ -856,3 +856,38 @@ async fn the_pdp_takes_microdao_slugs_and_org_prefixed_ids() {
         assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_pdp_request").await;
     }
 }
+
+#[tokio::test]
+async fn an_agent_reads_its_own_record_only() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let me = app.agent_client(&admin, &["agents:read"]).await;
+    let other = app.agent_client(&admin, &["agents:read"]).await;
+    let token =
+        Caller { token: app.access_token(&me).await, org_id: admin.org_id.clone(), user_id: me.agent_id.clone() };
+    let own = json_ok(
+        app.as_(&token, Method::GET, &format!("/api/v1/agents/{}", me.agent_id)).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(own["id"], me.agent_id.as_str());
+    let creds = json_ok(
+        app.as_(&token, Method::GET, &format!("/api/v1/agents/{}/credentials", me.agent_id)).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert!(creds.to_string().contains(&me.client_id), "{creds}");
+    // Not the other agents of its organization, nor their client ids, nor the list of them.
+    for path in [
+        format!("/api/v1/agents/{}", other.agent_id),
+        format!("/api/v1/agents/{}/credentials", other.agent_id),
+        "/api/v1/agents".to_owned(),
+    ] {
+        let resp = app.as_(&token, Method::GET, &path).send().await.unwrap();
+        let body = assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_role").await;
+        assert!(!body.to_string().contains(&other.client_id));
+    }
+    // Humans of the organization still list them all.
+    let list = json_ok(app.as_(&admin, Method::GET, "/api/v1/agents").send().await.unwrap(), StatusCode::OK).await;
+    assert!(list.to_string().contains(&other.agent_id), "{list}");
+}
