@@ -5,7 +5,8 @@
 //! - [`routes`]: what every protected route asks (action, resource type, scope), in one table; the
 //!   policy layer enforces it.
 //! - [`require`]: the PEP helper for handlers that must load the resource first.
-//! - the decision log: every decision queued in memory and written in batches, off the request path.
+//! - the decision log ([`DecisionLog`]): every decision queued in memory and written in batches,
+//!   off the request path; on shutdown what is still queued is written before the pool closes.
 //! - [`store`] routes: versioned policy sets per organization (draft, validate, dry-run, activate,
 //!   roll back), the PDP over HTTP, and the decision log's listing.
 
@@ -13,8 +14,10 @@ pub mod engine;
 mod handlers;
 pub mod routes;
 
+use std::sync::Mutex;
+
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use utoipa_axum::{router::OpenApiRouter, routes as api_routes};
 use uuid::Uuid;
 
@@ -137,14 +140,59 @@ pub fn log_decision(state: &AppState, q: &Query, d: &Decision) {
         resource_id: q.resource_id.clone(),
         at: OffsetDateTime::now_utc(),
     };
-    if state.decision_log().try_send(entry).is_err() {
+    if state.decision_log().queue.try_send(entry).is_err() {
         metrics::counter!("decision_log_dropped_total").increment(1);
     }
 }
 
-/// Writes queued decisions in batches until the queue closes.
-pub async fn run_decision_writer(db: sqlx::PgPool, mut rx: mpsc::Receiver<LoggedDecision>, batch: usize) {
+/// The queue between decisions and the decision log's writer, which writes them in batches and,
+/// asked to stop, writes what is still queued before it ends.
+pub struct DecisionLog {
+    queue: mpsc::Sender<LoggedDecision>,
+    rx: Mutex<Option<mpsc::Receiver<LoggedDecision>>>,
+    stop: watch::Sender<bool>,
+    batch: usize,
+}
+
+impl DecisionLog {
+    pub fn new(capacity: usize, batch: usize) -> Self {
+        let (queue, rx) = mpsc::channel(capacity);
+        Self { queue, rx: Mutex::new(Some(rx)), stop: watch::channel(false).0, batch: batch.max(1) }
+    }
+
+    /// Starts the writer (once per process; later calls return `None`).
+    pub fn spawn_writer(&self, db: sqlx::PgPool) -> Option<tokio::task::JoinHandle<()>> {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        Some(tokio::spawn(run_decision_writer(db, rx, self.batch, self.stop.subscribe())))
+    }
+
+    /// Asks the writer to write what is queued and stop; decisions made after this are dropped
+    /// (and counted).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Writes queued decisions in batches until asked to stop, then what is still queued.
+async fn run_decision_writer(
+    db: sqlx::PgPool,
+    mut rx: mpsc::Receiver<LoggedDecision>,
+    batch: usize,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut buf = Vec::with_capacity(batch);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut buf, batch) => {
+                if n == 0 {
+                    return;
+                }
+                write_decisions(&db, &mut buf).await;
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    rx.close();
     while rx.recv_many(&mut buf, batch).await > 0 {
         write_decisions(&db, &mut buf).await;
     }

@@ -891,3 +891,53 @@ async fn an_agent_reads_its_own_record_only() {
     let list = json_ok(app.as_(&admin, Method::GET, "/api/v1/agents").send().await.unwrap(), StatusCode::OK).await;
     assert!(list.to_string().contains(&other.agent_id), "{list}");
 }
+
+/// The ids of requests whose decisions are in the decision log.
+async fn logged_requests(db: &mut sqlx::PgConnection, request_ids: &[String]) -> i64 {
+    sqlx::query_scalar("select count(distinct request_id) from decision_log where request_id = any($1)")
+        .bind(request_ids)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+async fn decided_request(app: &TestApp, by: &Caller) -> String {
+    let resp = app.as_(by, Method::GET, "/api/v1/agents").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.headers()["x-request-id"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn decisions_still_queued_at_shutdown_are_written_before_exit() {
+    use sqlx::Connection;
+    let mut app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let mut db = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    let first = decided_request(&app, &admin).await;
+    let started = Instant::now();
+    while logged_requests(&mut db, std::slice::from_ref(&first)).await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the decision log writer is not writing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Postgres holds the writer's next insert, so that decisions are still queued when the
+    // server stops.
+    let mut blocker = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    let mut lock = blocker.begin().await.unwrap();
+    sqlx::query("lock table decision_log in exclusive mode").execute(&mut *lock).await.unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        queued.push(decided_request(&app, &admin).await);
+    }
+    let server = app.begin_shutdown();
+    // Once the server no longer accepts connections it is stopping; then Postgres lets go.
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(app.addr).await.is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the server keeps accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(15), server).await.expect("stops in time").unwrap().unwrap();
+    // The app's pool closed with it.
+    assert_eq!(logged_requests(&mut db, &queued).await, 5, "decisions queued at shutdown were lost");
+}
