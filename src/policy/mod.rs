@@ -264,6 +264,7 @@ pub async fn write_decisions(db: &sqlx::PgPool, buf: &mut Vec<LoggedDecision>) {
 
 /// Loads (or unloads) an organization's active version from Postgres into the engine.
 pub async fn reload_org(state: &AppState, org_id: Uuid) -> anyhow::Result<()> {
+    let read = state.policy().begin_read();
     let active = sqlx::query!(
         "select version, source from policy_version where organization_id = $1 and status = 'active'",
         org_id
@@ -271,12 +272,14 @@ pub async fn reload_org(state: &AppState, org_id: Uuid) -> anyhow::Result<()> {
     .fetch_optional(state.db())
     .await?;
     match active {
-        None => state.policy().install(org_id, None),
+        None => {
+            state.policy().install(org_id, None, read);
+        }
         Some(r) => {
             let set = state.policy().compile(&r.source).map_err(|e| {
                 anyhow::anyhow!("stored policy v{} of {org_id} no longer compiles: {}", r.version, e.join("; "))
             })?;
-            state.policy().install(org_id, Some((r.version, set)));
+            state.policy().install(org_id, Some((r.version, set)), read);
         }
     }
     Ok(())
@@ -285,6 +288,16 @@ pub async fn reload_org(state: &AppState, org_id: Uuid) -> anyhow::Result<()> {
 /// Brings every organization's installed version in line with Postgres (start-up, reconnects,
 /// and every 30 s as a safety net under pub/sub).
 pub async fn sync_all(state: &AppState) -> anyhow::Result<()> {
+    sync_all_pausing(state, async {}).await
+}
+
+/// [`sync_all`] with a pause between its read of Postgres and what it does with it, where tests
+/// land an activation.
+#[doc(hidden)]
+pub async fn sync_all_pausing(state: &AppState, pause: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // What this read finds may be older than what an activation installs meanwhile: the engine
+    // keeps the newer (see `Engine::install`).
+    let read = state.policy().begin_read();
     let active: std::collections::HashMap<Uuid, i32> =
         sqlx::query!("select organization_id, version from policy_version where status = 'active'")
             .fetch_all(state.db())
@@ -292,6 +305,7 @@ pub async fn sync_all(state: &AppState) -> anyhow::Result<()> {
             .into_iter()
             .map(|r| (r.organization_id, r.version))
             .collect();
+    pause.await;
     let installed = state.policy().installed();
     for (org, version) in &active {
         if installed.get(org) != Some(version) {
@@ -299,7 +313,7 @@ pub async fn sync_all(state: &AppState) -> anyhow::Result<()> {
         }
     }
     for org in installed.keys().filter(|o| !active.contains_key(o)) {
-        state.policy().install(*org, None);
+        state.policy().install(*org, None, read);
     }
     Ok(())
 }

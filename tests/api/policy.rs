@@ -941,3 +941,30 @@ async fn decisions_still_queued_at_shutdown_are_written_before_exit() {
     // The app's pool closed with it.
     assert_eq!(logged_requests(&mut db, &queued).await, 5, "decisions queued at shutdown were lost");
 }
+
+#[tokio::test]
+async fn an_activation_during_a_slow_sync_stays_installed() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let owner = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    app.add_member(&owner, &owner.org_id, "dev@beta.test", "member").await;
+    let dev = app.sign_in("dev@beta.test", crate::helpers::PASSWORD).await;
+    json_ok(draft(&app, &owner, LET_MEMBERS_MANAGE).await, StatusCode::CREATED).await;
+    // The sync reads Postgres (no active version yet); the activation lands before it applies
+    // what it read.
+    agentidp::policy::sync_all_pausing(&app.state, async {
+        json_ok(
+            app.as_(&owner, Method::POST, "/api/v1/policies/versions/1/activate").send().await.unwrap(),
+            StatusCode::OK,
+        )
+        .await;
+    })
+    .await
+    .unwrap();
+    let org: uuid::Uuid = owner.org_id.parse().unwrap();
+    assert_eq!(app.state.policy().installed().get(&org), Some(&1), "the sync uninstalled the newer activation");
+    assert_eq!(add_member_as(&app, &dev, &owner.org_id, "a@beta.test").await, StatusCode::CREATED);
+    // A sync that reads after it agrees, and one that reads an older state changes nothing.
+    agentidp::policy::sync_all(&app.state).await.unwrap();
+    assert_eq!(app.state.policy().installed().get(&org), Some(&1));
+}
