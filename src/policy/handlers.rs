@@ -369,10 +369,9 @@ pub(super) async fn create_version(
     }
     state.policy().compile(&req.source).map_err(invalid_policy)?;
     let mut tx = state.db().begin().await?;
-    sqlx::query!("select organization_id from organization where organization_id = $1 for update", org_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    if !crate::auth::directory::lock(&mut tx, org_id).await? {
+        return Err(ApiError::NotFound);
+    }
     let r = sqlx::query!(
         r#"insert into policy_version (organization_id, version, source, created_by)
            values ($1, coalesce((select max(version) from policy_version where organization_id = $1), 0) + 1, $2, $3)
@@ -546,9 +545,9 @@ async fn activate(
     // Compiles before it goes live: a schema change could have made an old version invalid.
     state.policy().compile(v.source.as_deref().unwrap_or_default()).map_err(invalid_policy)?;
     let mut tx = state.db().begin().await?;
-    sqlx::query!("select organization_id from organization where organization_id = $1 for update", org_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    if !crate::auth::directory::lock(&mut tx, org_id).await? {
+        return Err(ApiError::NotFound);
+    }
     sqlx::query!(
         "update policy_version set status = 'inactive' where organization_id = $1 and status = 'active'",
         org_id
