@@ -115,6 +115,7 @@ impl Application {
         let retention = crate::retention::spawn(&state);
         let settler = spawn_settler(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
+        let decisions = state.decision_log().spawn_writer(state.db().clone());
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
         match tls {
@@ -126,32 +127,46 @@ impl Application {
         if let Some(r) = retention {
             r.abort();
         }
-        // Leases go back and counts made in memory reach Redis, for the instances that stay.
-        let _ =
-            tokio::time::timeout(grace, state.tiers().limiter.settle(state.redis(), crate::tiers::Giveback::All)).await;
-        // What was buffered in memory goes out before the pool closes.
-        state.auth().last_used.flush(state.db()).await;
+        // What was buffered in memory goes out before the pool closes, all of it within one grace
+        // period: leases go back and counts made in memory reach Redis (for the instances that
+        // stay), `last_used` times, analytics records and decisions reach Postgres.
+        let deadline = tokio::time::Instant::now() + grace;
         state.analytics().stop();
-        if let Some(mut writer) = analytics
-            && tokio::time::timeout(grace, &mut writer).await.is_err()
-        {
-            tracing::warn!("analytics records still unwritten after the grace period; dropping them");
-            writer.abort();
-        }
+        state.decision_log().stop();
+        let settle = async {
+            let giveback = state.tiers().limiter.settle(state.redis(), crate::tiers::Giveback::All);
+            let _ = tokio::time::timeout_at(deadline, giveback).await;
+        };
+        let last_used = async {
+            let _ = tokio::time::timeout_at(deadline, state.auth().last_used.flush(state.db())).await;
+        };
+        tokio::join!(
+            settle,
+            last_used,
+            drain(analytics, deadline, "analytics records"),
+            drain(decisions, deadline, "decisions for the decision log"),
+        );
         state.db().close().await;
         tracing::info!("stopped");
         Ok(())
     }
 }
 
-/// Background work of one instance: cache invalidations from other instances, batched writes.
+/// Waits for a writer asked to stop until `deadline`, then gives up on what it still holds.
+async fn drain(writer: Option<tokio::task::JoinHandle<()>>, deadline: tokio::time::Instant, what: &str) {
+    if let Some(mut writer) = writer
+        && tokio::time::timeout_at(deadline, &mut writer).await.is_err()
+    {
+        tracing::warn!("{what} still unwritten after the grace period; dropping them");
+        writer.abort();
+    }
+}
+
+/// Background work of one instance: cache invalidations from other instances, the safety-net
+/// syncs, scheduled key rotation.
 fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
     let listeners = vec![crate::auth::credentials::listener(), crate::policy::listener(), crate::tiers::listener()];
     let subscriber = tokio::spawn(crate::cache::invalidation::run(state.clone(), listeners));
-    let rx = state.take_decision_receiver();
-    let writer = rx.map(|rx| {
-        tokio::spawn(crate::policy::run_decision_writer(state.db().clone(), rx, state.config().policy.log_batch_size))
-    });
     let state = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(15));
@@ -159,7 +174,7 @@ fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             ticks += 1;
-            if subscriber.is_finished() || writer.as_ref().is_some_and(|w| w.is_finished()) {
+            if subscriber.is_finished() {
                 tracing::error!("a background task stopped");
             }
             state.auth().last_used.flush(state.db()).await;

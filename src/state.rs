@@ -28,8 +28,7 @@ struct Inner {
     auth: AuthState,
     keys: KeyRing,
     policy: crate::policy::Engine,
-    decisions: tokio::sync::mpsc::Sender<crate::policy::LoggedDecision>,
-    decisions_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>>>,
+    decisions: crate::policy::DecisionLog,
     tiers: crate::tiers::Tiers,
     analytics: Arc<crate::analytics::Recorder>,
     clock: crate::clock::Clock,
@@ -42,7 +41,7 @@ impl AppState {
         let auth = AuthState::new(&config.auth);
         let keys = KeyRing::new(config.kek());
         let policy = crate::policy::Engine::with_cache(config.policy.decision_cache_entries)?;
-        let (decisions, rx) = tokio::sync::mpsc::channel(config.policy.log_queue_capacity);
+        let decisions = crate::policy::DecisionLog::new(config.policy.log_queue_capacity, config.policy.log_batch_size);
         let tiers = crate::tiers::Tiers::new(&config.tiers);
         let analytics = Arc::new(crate::analytics::Recorder::new(&config.analytics));
         let http = reqwest::Client::builder()
@@ -59,7 +58,6 @@ impl AppState {
             keys,
             policy,
             decisions,
-            decisions_rx: std::sync::Mutex::new(Some(rx)),
             tiers,
             analytics,
             clock: crate::clock::Clock::default(),
@@ -88,7 +86,7 @@ impl AppState {
         &self.0.policy
     }
     /// Where decisions queue for the decision log.
-    pub fn decision_log(&self) -> &tokio::sync::mpsc::Sender<crate::policy::LoggedDecision> {
+    pub fn decision_log(&self) -> &crate::policy::DecisionLog {
         &self.0.decisions
     }
     pub fn tiers(&self) -> &crate::tiers::Tiers {
@@ -105,10 +103,6 @@ impl AppState {
     /// The outbound HTTP client (Stripe).
     pub fn http_client(&self) -> &reqwest::Client {
         &self.0.http
-    }
-    /// The decision-log receiver, taken once by the instance that runs the writer.
-    pub fn take_decision_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>> {
-        self.0.decisions_rx.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
     /// Whether our own listener speaks TLS (proxies may still tell us otherwise).
     pub fn listener_is_tls(&self) -> bool {

@@ -244,6 +244,16 @@ impl Recorder {
 
 /// Upserts buckets with one statement, adding to what is already stored for each.
 async fn write(db: &PgPool, buckets: &[(Bucket, Counts)]) -> Result<(), sqlx::Error> {
+    // Buckets of organizations deleted meanwhile are skipped rather than failing the batch (one
+    // deleted between this and the insert fails it once; the next flush skips it).
+    let mut org_ids: Vec<Uuid> = buckets.iter().map(|(b, _)| b.org_id).collect();
+    org_ids.sort_unstable();
+    org_ids.dedup();
+    let existing = crate::auth::directory::existing(db, &org_ids).await?;
+    let buckets: Vec<&(Bucket, Counts)> = buckets.iter().filter(|(b, _)| existing.contains(&b.org_id)).collect();
+    if buckets.is_empty() {
+        return Ok(());
+    }
     let n = buckets.len();
     let mut orgs = Vec::with_capacity(n);
     let mut kinds = Vec::with_capacity(n);
@@ -257,7 +267,7 @@ async fn write(db: &PgPool, buckets: &[(Bucket, Counts)]) -> Result<(), sqlx::Er
     let mut sums = Vec::with_capacity(n);
     let mut maxes = Vec::with_capacity(n);
     let mut histograms = Vec::with_capacity(n);
-    for (b, c) in buckets {
+    for (b, c) in buckets.iter().copied() {
         orgs.push(b.org_id);
         kinds.push(b.kind.as_str().to_owned());
         actors.push(b.actor_id.clone());
@@ -273,7 +283,6 @@ async fn write(db: &PgPool, buckets: &[(Bucket, Counts)]) -> Result<(), sqlx::Er
         histograms.push(c.histogram.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
     }
     let records: u64 = buckets.iter().map(|(_, c)| c.requests).sum();
-    // Buckets of organizations deleted meanwhile are skipped rather than failing the batch.
     sqlx::query!(
         "insert into analytics_event (organization_id, kind, actor_id, client_id, method, route, status, occurred_at,
                                       request_count, latency_sum_us, latency_max_us, latency_buckets)
@@ -282,7 +291,6 @@ async fn write(db: &PgPool, buckets: &[(Bucket, Counts)]) -> Result<(), sqlx::Er
          from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int2[],
                      $8::timestamptz[], $9::int8[], $10::int8[], $11::int4[], $12::text[])
               as e(org, kind, actor, client, method, route, status, at, n, sum, max, hist)
-         where exists (select 1 from organization o where o.organization_id = e.org)
          on conflict on constraint analytics_event_bucket do update set
              request_count = analytics_event.request_count + excluded.request_count,
              latency_sum_us = analytics_event.latency_sum_us + excluded.latency_sum_us,

@@ -129,6 +129,18 @@ impl Actor {
         self.principal.system_admin
     }
 
+    /// Whether the system-admin role applies to a request about `org_id` (`None`: the platform,
+    /// beyond any one organization). A credential bound to an organization acts only there,
+    /// whoever holds it: a system admin's API key or token is an admin of its own organization
+    /// and an outsider everywhere else.
+    pub fn is_system_admin_for(&self, org_id: Option<Uuid>) -> bool {
+        self.is_system_admin()
+            && match self.principal.credential.bound_org() {
+                None => true,
+                Some(bound) => org_id == Some(bound),
+            }
+    }
+
     /// The caller's role in `org_id`, if a member.
     pub fn role_in(&self, org_id: Uuid) -> Option<Role> {
         self.principal.memberships.iter().find(|(o, _)| *o == org_id).map(|(_, r)| *r)
@@ -167,12 +179,12 @@ impl Actor {
     /// 404 when the caller is not in `org_id` (its existence must not leak), 403 when the role is
     /// too low. System admins pass.
     pub fn require_role(&self, org_id: Uuid, min: Role) -> ApiResult<()> {
-        if self.is_system_admin() {
-            return Ok(());
-        }
-        // An API key or a token acts only inside its own organization.
+        // An API key or a token acts only inside its own organization, a system admin's too.
         if self.principal.credential.bound_org().is_some_and(|bound| bound != org_id) {
             return Err(ApiError::NotFound);
+        }
+        if self.is_system_admin() {
+            return Ok(());
         }
         match self.role_in(org_id) {
             None => Err(ApiError::NotFound),

@@ -5,6 +5,7 @@ mod actor;
 pub mod agents;
 pub mod bootstrap;
 pub mod credentials;
+pub mod directory;
 pub mod keys;
 pub mod model;
 pub mod oauth;

@@ -133,6 +133,10 @@ pub struct Decision {
     /// `baseline:<hash>`, plus `+org:v<N>` when the organization has an active version.
     pub policy_version: String,
     pub determining_policies: Vec<String>,
+    /// A deny that must look like a missing resource (404, not 403): a policy marked `@hide`
+    /// (the baseline's "not a member of the resource's organization") took part in it.
+    #[serde(skip)]
+    pub hide: bool,
 }
 
 impl Decision {
@@ -205,6 +209,10 @@ pub struct Engine {
     actions: HashMap<String, EntityUid>,
     baseline_version: String,
     orgs: RwLock<HashMap<Uuid, Arc<OrgPolicies>>>,
+    /// Per organization, the read of Postgres its installed state (a version, or none) came from:
+    /// a later read may replace it, an earlier one may not (see [`Engine::begin_read`]).
+    read_of: RwLock<HashMap<Uuid, u64>>,
+    reads: AtomicU64,
     authorizer: Authorizer,
     /// Query → (generation of the policies that decided, the decision). The baseline alone is
     /// generation 0.
@@ -289,6 +297,8 @@ impl Engine {
             actions,
             baseline_version: format!("baseline:{}", &hash[..12]),
             orgs: RwLock::new(HashMap::new()),
+            read_of: RwLock::new(HashMap::new()),
+            reads: AtomicU64::new(1),
             authorizer: Authorizer::new(),
             decisions: (cache > 0).then(|| {
                 moka::sync::Cache::builder().max_capacity(cache).time_to_idle(Duration::from_secs(600)).build()
@@ -313,9 +323,23 @@ impl Engine {
         }
     }
 
-    /// Installs an organization's active version (or removes it with `None`).
-    pub fn install(&self, org_id: Uuid, active: Option<(i32, Partitioned)>) {
+    /// A ticket for a read of the active versions, taken before the read is sent: a read that
+    /// starts later sees at least what an earlier one saw, so the later ticket holds the newer
+    /// state.
+    pub fn begin_read(&self) -> u64 {
+        self.reads.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Installs an organization's active version (or removes it with `None`) as read with ticket
+    /// `read`; what a later read installed is kept (an activation that lands while a sync is
+    /// under way is never undone by the sync's older read). Returns whether it was applied.
+    pub fn install(&self, org_id: Uuid, active: Option<(i32, Partitioned)>, read: u64) -> bool {
         let mut orgs = self.orgs.write().unwrap_or_else(|e| e.into_inner());
+        let mut read_of = self.read_of.write().unwrap_or_else(|e| e.into_inner());
+        if read_of.get(&org_id).is_some_and(|newer| *newer > read) {
+            return false;
+        }
+        read_of.insert(org_id, read);
         match active {
             Some((version, set)) => {
                 let generation = self.generations.fetch_add(1, Ordering::Relaxed);
@@ -325,6 +349,7 @@ impl Engine {
                 orgs.remove(&org_id);
             }
         }
+        true
     }
 
     /// The installed version per organization, to compare with the database.
@@ -409,9 +434,11 @@ impl Engine {
         let mut determining: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
         determining.sort();
         let permit = response.decision() == CedarDecision::Allow;
+        let policy = |id: &String| set.policy(&PolicyId::new(id));
+        let hide = !permit && determining.iter().any(|id| policy(id).is_some_and(|p| p.annotation("hide").is_some()));
         let reason = determining
             .iter()
-            .find_map(|id| set.policy(&PolicyId::new(id)).and_then(|p| p.annotation("reason")).map(str::to_owned))
+            .find_map(|id| policy(id).and_then(|p| p.annotation("reason")).map(str::to_owned))
             .unwrap_or_else(|| {
                 // No policy decided: default deny. Say whether a higher role would have helped.
                 if response.diagnostics().errors().next().is_some() {
@@ -429,6 +456,7 @@ impl Engine {
             decision_id: Uuid::now_v7(),
             policy_version: version,
             determining_policies: determining,
+            hide,
         })
     }
 }
@@ -459,7 +487,14 @@ mod tests {
         let d = e.evaluate(&query("owner", "manage", org.clone())).unwrap();
         assert_eq!((d.effect, d.reason.as_str()), ("permit", "microdao_owner"));
         let d = e.evaluate(&query("none", "read", org.clone())).unwrap();
-        assert_eq!((d.effect, d.reason.as_str()), ("deny", "not_microdao_member"));
+        assert_eq!((d.effect, d.reason.as_str(), d.hide), ("deny", "not_microdao_member", true));
+        // An outsider is hidden from whatever else denies too (here: a missing scope).
+        let mut q = query("none", "read", org.clone());
+        q.scopes = Some(vec![]);
+        let d = e.evaluate(&q).unwrap();
+        assert_eq!((d.reason.as_str(), d.hide), ("insufficient_scope", true));
+        let d = e.evaluate(&query("member", "delete", org.clone())).unwrap();
+        assert_eq!((d.effect, d.hide), ("deny", false));
         let channel = Resource::Channel { org_id: Uuid::nil(), members: vec!["user:u1".into()] };
         let d = e.evaluate(&query("member", "send_message", channel)).unwrap();
         assert_eq!((d.effect, d.reason.as_str()), ("permit", "channel_member"));
@@ -536,8 +571,8 @@ mod tests {
     fn same(a: &Result<Decision, QueryError>, b: &Result<Decision, QueryError>) -> bool {
         match (a, b) {
             (Ok(a), Ok(b)) => {
-                (a.effect, &a.reason, &a.policy_version, &a.determining_policies)
-                    == (b.effect, &b.reason, &b.policy_version, &b.determining_policies)
+                (a.effect, &a.reason, &a.policy_version, &a.determining_policies, a.hide)
+                    == (b.effect, &b.reason, &b.policy_version, &b.determining_policies, b.hide)
             }
             (Err(a), Err(b)) => a.0 == b.0,
             _ => false,
@@ -575,14 +610,22 @@ mod tests {
         let org = Uuid::new_v4();
         let q = query("member", "delete", Resource::Organization { org_id: org });
         assert!(!e.evaluate(&q).unwrap().permitted());
-        e.install(org, Some((1, e.compile("@reason(\"anyone\") permit(principal, action, resource);").unwrap())));
+        e.install(
+            org,
+            Some((1, e.compile("@reason(\"anyone\") permit(principal, action, resource);").unwrap())),
+            e.begin_read(),
+        );
         let d = e.evaluate(&q).unwrap();
         assert_eq!((d.effect, d.reason.as_str()), ("permit", "anyone"));
         // The same version number again (a rollback to it) is a new installation too.
-        e.install(org, Some((1, e.compile("@reason(\"nobody\") forbid(principal, action, resource);").unwrap())));
+        e.install(
+            org,
+            Some((1, e.compile("@reason(\"nobody\") forbid(principal, action, resource);").unwrap())),
+            e.begin_read(),
+        );
         let d = e.evaluate(&q).unwrap();
         assert_eq!((d.effect, d.reason.as_str()), ("deny", "nobody"));
-        e.install(org, None);
+        e.install(org, None, e.begin_read());
         assert!(same(&e.evaluate(&q), &e.evaluate_uncached(&q)));
         assert!(!e.evaluate(&q).unwrap().permitted());
         for q in generated_queries(org) {
@@ -591,11 +634,25 @@ mod tests {
     }
 
     #[test]
+    fn an_older_read_never_replaces_a_newer_one() {
+        let e = Engine::new().unwrap();
+        let org = Uuid::new_v4();
+        let (older, newer) = (e.begin_read(), e.begin_read());
+        assert!(e.install(org, Some((2, e.compile("").unwrap())), newer));
+        assert!(!e.install(org, None, older), "an older read of no active version");
+        assert!(!e.install(org, Some((1, e.compile("").unwrap())), older), "an older read of version 1");
+        assert_eq!(e.installed().get(&org), Some(&2));
+        assert!(e.install(org, None, e.begin_read()));
+        assert_eq!(e.installed().get(&org), None);
+        assert!(!e.install(org, Some((2, e.compile("").unwrap())), newer), "removed by a later read");
+    }
+
+    #[test]
     fn an_org_cannot_override_a_baseline_forbid() {
         let e = Engine::new().unwrap();
         let set = e.compile("@reason(\"anyone\") permit(principal, action, resource);").unwrap();
         let org = Uuid::new_v4();
-        e.install(org, Some((1, set)));
+        e.install(org, Some((1, set)), e.begin_read());
         let d = e.evaluate(&query("none", "read", Resource::Organization { org_id: org })).unwrap();
         assert_eq!((d.effect, d.reason.as_str()), ("deny", "not_microdao_member"));
         let d = e.evaluate(&query("member", "delete", Resource::Organization { org_id: org })).unwrap();

@@ -1,9 +1,12 @@
 //! The PDP over HTTP (the original security layer's request shape), the per-organization policy
 //! store, and the decision log's listing.
 
+use std::collections::HashMap;
+
 use axum::{Json, extract::State, http::StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -28,7 +31,8 @@ pub struct PdpActor {
     pub actor_id: String,
     /// `human`, `agent` or `service`.
     pub actor_type: String,
-    /// The organizations the actor belongs to (`microdao_ids` is accepted as an alias).
+    /// The organizations the actor belongs to (`microdao_ids` is accepted as an alias), each a
+    /// UUID, `org:<uuid>` or `microdao:<slug>`.
     #[serde(default, alias = "microdao_ids")]
     pub org_ids: Vec<String>,
     /// `owner`, `admin`, `member` (or `microdao_owner`, ...), `agent`, `system_admin`.
@@ -44,8 +48,10 @@ pub struct PdpResource {
     /// `api_key`, `policy_set`, `platform`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// For a `microdao`: the organization, as a UUID, `org:<uuid>` or `microdao:<slug>`.
     pub id: String,
-    /// What the resource's policies read: `microdao_id`/`org_id`, `members`, `allowed_agents`,
+    /// What the resource's policies read: `microdao_id`/`org_id` (an organization as in `id`),
+    /// `members`, `allowed_agents`,
     /// `owner_id`, `subject_id`, `created_by`.
     #[serde(default)]
     pub attributes: Map<String, Value>,
@@ -93,11 +99,88 @@ fn attr_list(attrs: &Map<String, Value>, key: &str) -> Result<Vec<String>, Query
 fn uuid_of(value: Option<String>, what: &str) -> Result<Uuid, QueryError> {
     let v = value.ok_or_else(|| QueryError(format!("{what} is required for this resource type")))?;
     let bare = v.rsplit(':').next().unwrap_or(&v);
-    bare.parse().map_err(|_| QueryError(format!("{what} must be an organization id (UUID)")))
+    bare.parse().map_err(|_| QueryError(format!("{what} must be a UUID")))
 }
 
-/// Turns the wire shape into an engine query.
-pub fn to_query(r: &PdpRequest) -> Result<Query, QueryError> {
+/// An organization as the original shape names it: a bare UUID, `org:<uuid>`, `microdao:<uuid>`
+/// or `microdao:<slug>`.
+enum OrgRef<'a> {
+    Id(Uuid),
+    Slug(&'a str),
+}
+
+fn org_ref(v: &str) -> Option<OrgRef<'_>> {
+    let (prefix, rest) = match v.split_once(':') {
+        Some((p, rest)) => (Some(p), rest),
+        None => (None, v),
+    };
+    if matches!(prefix, None | Some("org" | "microdao" | "organization"))
+        && let Ok(id) = rest.parse::<Uuid>()
+    {
+        return Some(OrgRef::Id(id));
+    }
+    match prefix {
+        Some("microdao") if crate::auth::valid_slug(rest) => Some(OrgRef::Slug(rest)),
+        _ => None,
+    }
+}
+
+/// Every slug a request names where it names an organization.
+fn slugs_of(r: &PdpRequest) -> impl Iterator<Item = &str> {
+    let a = &r.resource.attributes;
+    let resource_org =
+        matches!(r.resource.kind.as_str(), "microdao" | "organization" | "org").then_some(r.resource.id.as_str());
+    let attrs = ["org_id", "microdao_id"].into_iter().filter_map(|k| a.get(k).and_then(Value::as_str));
+    resource_org.into_iter().chain(attrs).chain(r.actor.org_ids.iter().map(String::as_str)).filter_map(
+        |v| match org_ref(v) {
+            Some(OrgRef::Slug(s)) => Some(s),
+            _ => None,
+        },
+    )
+}
+
+/// The organizations these requests' slugs name, looked up through `auth` in one query (none
+/// when no request names a slug).
+pub async fn resolve_slugs<'a>(
+    state: &AppState,
+    requests: impl IntoIterator<Item = &'a PdpRequest>,
+) -> ApiResult<HashMap<String, Uuid>> {
+    let mut slugs: Vec<String> = requests.into_iter().flat_map(slugs_of).map(str::to_owned).collect();
+    slugs.sort_unstable();
+    slugs.dedup();
+    Ok(crate::auth::directory::ids_by_slug(state.db(), &slugs).await?)
+}
+
+/// The id a slug no organization has stands for. Derived from the slug, so that a request about an
+/// unknown slug gets the answer a request about an unknown organization id gets (the baseline's,
+/// for an organization nobody is in unless the actor names the same slug; 404 for an org-bound
+/// caller), and never the id of a real organization (those are random or time-ordered; this is a
+/// custom, version 8, UUID).
+fn unknown_slug_id(slug: &str) -> Uuid {
+    let hash = Sha256::digest(format!("agentidp:unknown-microdao:{slug}"));
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hash[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// Resolves one organization reference; `None`: not an organization reference at all.
+fn org_id_of(v: &str, slugs: &HashMap<String, Uuid>) -> Option<Uuid> {
+    match org_ref(v)? {
+        OrgRef::Id(id) => Some(id),
+        OrgRef::Slug(s) => Some(slugs.get(s).copied().unwrap_or_else(|| unknown_slug_id(s))),
+    }
+}
+
+fn org_of(value: Option<String>, what: &str, slugs: &HashMap<String, Uuid>) -> Result<Uuid, QueryError> {
+    let v = value.ok_or_else(|| QueryError(format!("{what} is required for this resource type")))?;
+    org_id_of(&v, slugs).ok_or_else(|| {
+        QueryError(format!("{what} must name an organization: a UUID, org:<uuid>, microdao:<uuid> or microdao:<slug>"))
+    })
+}
+
+/// Turns the wire shape into an engine query; `slugs` are the organizations the request's slugs
+/// name (see [`resolve_slugs`]).
+pub fn to_query(r: &PdpRequest, slugs: &HashMap<String, Uuid>) -> Result<Query, QueryError> {
     if !["human", "agent", "service"].contains(&r.actor.actor_type.as_str()) {
         return Err(QueryError("actor.actor_type must be human, agent or service".into()));
     }
@@ -105,10 +188,10 @@ pub fn to_query(r: &PdpRequest) -> Result<Query, QueryError> {
         return Err(QueryError("actor.actor_id and action must be 1 to 200 characters".into()));
     }
     let a = &r.resource.attributes;
-    let org = || uuid_of(attr_str(a, &["org_id", "microdao_id"]), "resource.attributes.org_id");
+    let org = || org_of(attr_str(a, &["org_id", "microdao_id"]), "resource.attributes.org_id", slugs);
     let resource = match r.resource.kind.as_str() {
         "microdao" | "organization" | "org" => {
-            Resource::Organization { org_id: uuid_of(Some(r.resource.id.clone()), "resource.id")? }
+            Resource::Organization { org_id: org_of(Some(r.resource.id.clone()), "resource.id", slugs)? }
         }
         "channel" => Resource::Channel { org_id: org()?, members: attr_list(a, "members")? },
         "tool" => Resource::Tool { org_id: org()?, allowed_agents: attr_list(a, "allowed_agents")? },
@@ -135,8 +218,7 @@ pub fn to_query(r: &PdpRequest) -> Result<Query, QueryError> {
             return Err(QueryError(format!("unknown resource type {:?}", other.chars().take(50).collect::<String>())));
         }
     };
-    let in_org =
-        resource.org_id().is_some_and(|o| r.actor.org_ids.iter().any(|x| x.rsplit(':').next() == Some(&o.to_string())));
+    let in_org = resource.org_id().is_some_and(|o| r.actor.org_ids.iter().any(|x| org_id_of(x, slugs) == Some(o)));
     let org_role = if !in_org {
         "none"
     } else if r.actor.actor_type == "agent" {
@@ -162,15 +244,33 @@ fn bad(e: QueryError) -> ApiError {
     ApiError::bad_request("invalid_pdp_request", e.0)
 }
 
+/// The decision point answers about the caller's own organization only: a credential bound to an
+/// organization (a service key, an API key, an agent's token) asks about that one, a session about
+/// those its human belongs to; a system admin not bound to one asks about any. Another
+/// organization is 404, like every object of another organization (its existence must not
+/// leak). Questions about the platform name no organization and are open to every caller the
+/// route admits.
+fn may_ask_about(actor: &Actor, q: &Query) -> ApiResult<()> {
+    let Some(org) = q.resource.org_id() else { return Ok(()) };
+    let allowed = match actor.principal.credential.bound_org() {
+        Some(bound) => bound == org,
+        None => actor.is_system_admin() || actor.role_in(org).is_some(),
+    };
+    if allowed { Ok(()) } else { Err(ApiError::NotFound) }
+}
+
 /// Decides one request with the baseline and the resource organization's active policies.
 #[utoipa::path(post, path = "/internal/pdp/evaluate", tag = "policy", request_body = PdpRequest,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 200, body = Decision), (status = 400, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = Decision), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, description = "The resource is in another organization than the caller's", body = Problem), (status = 422, body = Problem)))]
 pub(super) async fn evaluate(
     State(state): State<AppState>,
+    actor: Actor,
     ApiJson(req): ApiJson<PdpRequest>,
 ) -> ApiResult<Json<Decision>> {
-    let q = to_query(&req).map_err(bad)?;
+    let slugs = resolve_slugs(&state, [&req]).await?;
+    let q = to_query(&req, &slugs).map_err(bad)?;
+    may_ask_about(&actor, &q)?;
     let d = state.policy().evaluate(&q).map_err(bad)?;
     log_decision(&state, &q, &d);
     Ok(Json(d))
@@ -191,23 +291,31 @@ pub struct BatchResponse {
 /// Decides many requests at once.
 #[utoipa::path(post, path = "/internal/pdp/evaluate/batch", tag = "policy", request_body = BatchRequest,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 200, body = BatchResponse), (status = 400, body = Problem), (status = 403, body = Problem)))]
+    responses((status = 200, body = BatchResponse), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, description = "A request names another organization than the caller's", body = Problem)))]
 pub(super) async fn evaluate_batch(
     State(state): State<AppState>,
+    actor: Actor,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> ApiResult<Json<BatchResponse>> {
     if req.requests.is_empty() || req.requests.len() > 100 {
         return Err(ApiError::field("requests", "length", "1 to 100 requests"));
     }
-    let mut results = Vec::with_capacity(req.requests.len());
+    // Every request is checked before any is decided: a refused batch decides (and logs) nothing.
+    let slugs = resolve_slugs(&state, &req.requests).await?;
+    let mut queries = Vec::with_capacity(req.requests.len());
     for (i, r) in req.requests.iter().enumerate() {
-        let q =
-            to_query(r).map_err(|e| ApiError::bad_request("invalid_pdp_request", format!("requests[{i}]: {}", e.0)))?;
+        let q = to_query(r, &slugs)
+            .map_err(|e| ApiError::bad_request("invalid_pdp_request", format!("requests[{i}]: {}", e.0)))?;
+        may_ask_about(&actor, &q)?;
+        queries.push(q);
+    }
+    let mut results = Vec::with_capacity(queries.len());
+    for (i, q) in queries.iter().enumerate() {
         let d = state
             .policy()
-            .evaluate(&q)
+            .evaluate(q)
             .map_err(|e| ApiError::bad_request("invalid_pdp_request", format!("requests[{i}]: {}", e.0)))?;
-        log_decision(&state, &q, &d);
+        log_decision(&state, q, &d);
         results.push(d);
     }
     Ok(Json(BatchResponse { results }))
@@ -261,10 +369,9 @@ pub(super) async fn create_version(
     }
     state.policy().compile(&req.source).map_err(invalid_policy)?;
     let mut tx = state.db().begin().await?;
-    sqlx::query!("select organization_id from organization where organization_id = $1 for update", org_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    if !crate::auth::directory::lock(&mut tx, org_id).await? {
+        return Err(ApiError::NotFound);
+    }
     let r = sqlx::query!(
         r#"insert into policy_version (organization_id, version, source, created_by)
            values ($1, coalesce((select max(version) from policy_version where organization_id = $1), 0) + 1, $2, $3)
@@ -387,7 +494,7 @@ pub struct TestReport {
 #[utoipa::path(post, path = "/api/v1/policies/versions/{version}/test", tag = "policy", params(("version" = i32, Path)),
     request_body = TestRequest,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 200, body = TestReport), (status = 400, body = Problem), (status = 404, body = Problem)))]
+    responses((status = 200, body = TestReport), (status = 400, body = Problem), (status = 404, description = "No such version, or an example names another organization than the caller's", body = Problem)))]
 pub(super) async fn test_version(
     State(state): State<AppState>,
     actor: Actor,
@@ -400,14 +507,16 @@ pub(super) async fn test_version(
     }
     let v = load_version(&state, org_id, version).await?;
     let set = state.policy().compile(v.source.as_deref().unwrap_or_default()).map_err(invalid_policy)?;
+    let slugs = resolve_slugs(&state, req.examples.iter().map(|e| &e.request)).await?;
     let mut results = Vec::new();
     for (i, ex) in req.examples.iter().enumerate() {
         let name = ex.name.clone().unwrap_or_else(|| format!("examples[{i}]"));
         if ex.expect != "permit" && ex.expect != "deny" {
             return Err(ApiError::field(format!("examples[{i}].expect"), "enum", "permit or deny"));
         }
-        let q = to_query(&ex.request)
+        let q = to_query(&ex.request, &slugs)
             .map_err(|e| ApiError::bad_request("invalid_pdp_request", format!("{name}: {}", e.0)))?;
+        may_ask_about(&actor, &q)?;
         let d = state
             .policy()
             .evaluate_with(&q, &set, format!("draft:v{version}"))
@@ -436,9 +545,9 @@ async fn activate(
     // Compiles before it goes live: a schema change could have made an old version invalid.
     state.policy().compile(v.source.as_deref().unwrap_or_default()).map_err(invalid_policy)?;
     let mut tx = state.db().begin().await?;
-    sqlx::query!("select organization_id from organization where organization_id = $1 for update", org_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    if !crate::auth::directory::lock(&mut tx, org_id).await? {
+        return Err(ApiError::NotFound);
+    }
     sqlx::query!(
         "update policy_version set status = 'inactive' where organization_id = $1 and status = 'active'",
         org_id

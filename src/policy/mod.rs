@@ -5,7 +5,8 @@
 //! - [`routes`]: what every protected route asks (action, resource type, scope), in one table; the
 //!   policy layer enforces it.
 //! - [`require`]: the PEP helper for handlers that must load the resource first.
-//! - the decision log: every decision queued in memory and written in batches, off the request path.
+//! - the decision log ([`DecisionLog`]): every decision queued in memory and written in batches,
+//!   off the request path; on shutdown what is still queued is written before the pool closes.
 //! - [`store`] routes: versioned policy sets per organization (draft, validate, dry-run, activate,
 //!   roll back), the PDP over HTTP, and the decision log's listing.
 
@@ -13,8 +14,10 @@ pub mod engine;
 mod handlers;
 pub mod routes;
 
+use std::sync::Mutex;
+
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use utoipa_axum::{router::OpenApiRouter, routes as api_routes};
 use uuid::Uuid;
 
@@ -67,7 +70,7 @@ pub fn query_for(actor: &Actor, action: &str, resource: Resource, resource_id: S
     Query {
         actor_id: actor.actor_id(),
         actor_type: actor.actor_type.as_str().to_owned(),
-        system_admin: actor.is_system_admin(),
+        system_admin: actor.is_system_admin_for(resource.org_id()),
         org_role: org_role(actor, resource.org_id()).to_owned(),
         scopes,
         required_scope: scope.to_owned(),
@@ -79,15 +82,16 @@ pub fn query_for(actor: &Actor, action: &str, resource: Resource, resource_id: S
     }
 }
 
-/// Decides, logs the decision, and turns a deny into the API's answer: 404 when the resource's
-/// organization is not the caller's (its existence must not leak), else 403 with the reason.
+/// Decides, logs the decision, and turns a deny into the API's answer: 404 when the decision hides
+/// the resource (its organization is not the caller's: its existence must not leak), else 403
+/// with the reason.
 pub fn enforce(state: &AppState, query: &Query) -> ApiResult<Decision> {
     let decision = state.policy().evaluate(query).map_err(|e| ApiError::Internal(anyhow::anyhow!("policy: {e}")))?;
     log_decision(state, query, &decision);
     if decision.permitted() {
         return Ok(decision);
     }
-    if decision.reason == "not_microdao_member" {
+    if decision.hide {
         return Err(ApiError::NotFound);
     }
     Err(ApiError::forbidden(decision.reason.clone(), format!("Denied by policy ({}).", decision.reason)))
@@ -136,14 +140,59 @@ pub fn log_decision(state: &AppState, q: &Query, d: &Decision) {
         resource_id: q.resource_id.clone(),
         at: OffsetDateTime::now_utc(),
     };
-    if state.decision_log().try_send(entry).is_err() {
+    if state.decision_log().queue.try_send(entry).is_err() {
         metrics::counter!("decision_log_dropped_total").increment(1);
     }
 }
 
-/// Writes queued decisions in batches until the queue closes.
-pub async fn run_decision_writer(db: sqlx::PgPool, mut rx: mpsc::Receiver<LoggedDecision>, batch: usize) {
+/// The queue between decisions and the decision log's writer, which writes them in batches and,
+/// asked to stop, writes what is still queued before it ends.
+pub struct DecisionLog {
+    queue: mpsc::Sender<LoggedDecision>,
+    rx: Mutex<Option<mpsc::Receiver<LoggedDecision>>>,
+    stop: watch::Sender<bool>,
+    batch: usize,
+}
+
+impl DecisionLog {
+    pub fn new(capacity: usize, batch: usize) -> Self {
+        let (queue, rx) = mpsc::channel(capacity);
+        Self { queue, rx: Mutex::new(Some(rx)), stop: watch::channel(false).0, batch: batch.max(1) }
+    }
+
+    /// Starts the writer (once per process; later calls return `None`).
+    pub fn spawn_writer(&self, db: sqlx::PgPool) -> Option<tokio::task::JoinHandle<()>> {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        Some(tokio::spawn(run_decision_writer(db, rx, self.batch, self.stop.subscribe())))
+    }
+
+    /// Asks the writer to write what is queued and stop; decisions made after this are dropped
+    /// (and counted).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Writes queued decisions in batches until asked to stop, then what is still queued.
+async fn run_decision_writer(
+    db: sqlx::PgPool,
+    mut rx: mpsc::Receiver<LoggedDecision>,
+    batch: usize,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut buf = Vec::with_capacity(batch);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut buf, batch) => {
+                if n == 0 {
+                    return;
+                }
+                write_decisions(&db, &mut buf).await;
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    rx.close();
     while rx.recv_many(&mut buf, batch).await > 0 {
         write_decisions(&db, &mut buf).await;
     }
@@ -215,6 +264,7 @@ pub async fn write_decisions(db: &sqlx::PgPool, buf: &mut Vec<LoggedDecision>) {
 
 /// Loads (or unloads) an organization's active version from Postgres into the engine.
 pub async fn reload_org(state: &AppState, org_id: Uuid) -> anyhow::Result<()> {
+    let read = state.policy().begin_read();
     let active = sqlx::query!(
         "select version, source from policy_version where organization_id = $1 and status = 'active'",
         org_id
@@ -222,12 +272,14 @@ pub async fn reload_org(state: &AppState, org_id: Uuid) -> anyhow::Result<()> {
     .fetch_optional(state.db())
     .await?;
     match active {
-        None => state.policy().install(org_id, None),
+        None => {
+            state.policy().install(org_id, None, read);
+        }
         Some(r) => {
             let set = state.policy().compile(&r.source).map_err(|e| {
                 anyhow::anyhow!("stored policy v{} of {org_id} no longer compiles: {}", r.version, e.join("; "))
             })?;
-            state.policy().install(org_id, Some((r.version, set)));
+            state.policy().install(org_id, Some((r.version, set)), read);
         }
     }
     Ok(())
@@ -236,6 +288,16 @@ pub async fn reload_org(state: &AppState, org_id: Uuid) -> anyhow::Result<()> {
 /// Brings every organization's installed version in line with Postgres (start-up, reconnects,
 /// and every 30 s as a safety net under pub/sub).
 pub async fn sync_all(state: &AppState) -> anyhow::Result<()> {
+    sync_all_pausing(state, async {}).await
+}
+
+/// [`sync_all`] with a pause between its read of Postgres and what it does with it, where tests
+/// land an activation.
+#[doc(hidden)]
+pub async fn sync_all_pausing(state: &AppState, pause: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // What this read finds may be older than what an activation installs meanwhile: the engine
+    // keeps the newer (see `Engine::install`).
+    let read = state.policy().begin_read();
     let active: std::collections::HashMap<Uuid, i32> =
         sqlx::query!("select organization_id, version from policy_version where status = 'active'")
             .fetch_all(state.db())
@@ -243,6 +305,7 @@ pub async fn sync_all(state: &AppState) -> anyhow::Result<()> {
             .into_iter()
             .map(|r| (r.organization_id, r.version))
             .collect();
+    pause.await;
     let installed = state.policy().installed();
     for (org, version) in &active {
         if installed.get(org) != Some(version) {
@@ -250,7 +313,7 @@ pub async fn sync_all(state: &AppState) -> anyhow::Result<()> {
         }
     }
     for org in installed.keys().filter(|o| !active.contains_key(o)) {
-        state.policy().install(*org, None);
+        state.policy().install(*org, None, read);
     }
     Ok(())
 }

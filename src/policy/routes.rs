@@ -8,6 +8,7 @@
 
 use axum::{
     extract::{MatchedPath, Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -124,6 +125,37 @@ pub fn rule_for(method: &str, path: &str) -> Option<&'static Rule> {
     RULES.iter().find(|r| r.method == method && r.path == path)
 }
 
+/// The declaration that applies to a request: HEAD is a GET without the body (axum answers it
+/// with the GET handler), so it is checked as one. Any other method without a declaration has
+/// none, and is refused.
+pub fn rule_for_method(method: &Method, path: &str) -> Option<&'static Rule> {
+    let method = if method == Method::HEAD { "GET" } else { method.as_str() };
+    rule_for(method, path)
+}
+
+/// The methods a protected route serves, as an `Allow` header lists them.
+pub fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let mut methods: Vec<&'static str> = RULES.iter().filter(|r| r.path == path).map(|r| r.method).collect();
+    if methods.contains(&"GET") {
+        methods.push("HEAD");
+    }
+    methods
+}
+
+/// The answer to a method a protected route has no declaration for: 405 with the methods it has,
+/// or 404 when it has none (a route missing from the table is not served).
+fn refuse_method(path: &str) -> Response {
+    let allowed = allowed_methods(path);
+    if allowed.is_empty() {
+        return ApiError::NotFound.into_response();
+    }
+    let mut resp = crate::http::error::problem_for_status(StatusCode::METHOD_NOT_ALLOWED, None);
+    if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    resp
+}
+
 tokio::task_local! {
     static SCOPE: String;
 }
@@ -143,7 +175,18 @@ fn org_of(rule: &Rule, uri_path: &str, actor: &Actor) -> Result<Option<Uuid>, Ap
     Ok(actor.org_id)
 }
 
-/// Layer 6, policy: every protected route is declared; the declared check runs before the handler.
+/// The id of the resource a route acts on: the agent of `/api/v1/agents/{id}/...` (as
+/// `agent:<id>`, an agent's actor id, so that policies can tell an agent's own record), else the
+/// organization (or the platform).
+fn resource_id(rule: &Rule, uri_path: &str, resource: &Resource) -> String {
+    if rule.path.starts_with("/api/v1/agents/{id}") {
+        return format!("agent:{}", uri_path.split('/').nth(4).unwrap_or_default());
+    }
+    resource.org_id().map(|o| o.to_string()).unwrap_or_else(|| "platform".into())
+}
+
+/// Layer 6, policy: every protected route is declared; the declared check runs before the handler,
+/// and a method without a declaration is refused, never let through.
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(path) = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()) else {
         return next.run(req).await;
@@ -151,9 +194,10 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     if is_public(Some(&path)) {
         return next.run(req).await;
     }
-    let Some(rule) = rule_for(req.method().as_str(), &path) else {
-        // A method the route does not serve: the router answers 405.
-        return next.run(req).await;
+    let Some(rule) = rule_for_method(req.method(), &path) else {
+        // Never let through what no declaration checks: the handler for another method of this
+        // path could answer it (as axum answers HEAD with GET's).
+        return refuse_method(&path);
     };
     let Some(actor) = req.extensions().get::<Actor>().cloned() else {
         return ApiError::unauthorized("Authentication is required.").into_response();
@@ -187,7 +231,7 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
                         Err(ApiError::bad_request("org_required", "Choose an organization with the X-Org-Id header."))
                     }
                     Some(resource) => {
-                        let id = resource.org_id().map(|o| o.to_string()).unwrap_or_else(|| "platform".into());
+                        let id = resource_id(rule, req.uri().path(), &resource);
                         let query = query_for(&actor, rule.action, resource, id, rule.scope);
                         enforce(&state, &query).map(|_| ())
                     }

@@ -343,27 +343,61 @@ async fn decisions_are_logged_with_filters() {
     assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_query").await;
 }
 
+/// Every method axum routes (HEAD by the GET handler), and one nobody defines.
+fn all_methods() -> Vec<Method> {
+    let mut m = vec![
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::TRACE,
+    ];
+    m.push(Method::from_bytes(b"XABCDEF").unwrap());
+    m
+}
+
+/// Every route template: the documented ones and every declared one.
+fn all_routes() -> Vec<String> {
+    let doc = agentidp::http::openapi::document();
+    let mut routes: Vec<String> = doc.paths.paths.keys().cloned().collect();
+    routes.extend(agentidp::policy::routes::RULES.iter().map(|r| r.path.to_owned()));
+    routes.sort();
+    routes.dedup();
+    routes
+}
+
 #[test]
 fn every_protected_route_declares_its_action() {
+    use agentidp::policy::routes::rule_for_method;
     let doc = agentidp::http::openapi::document();
     let mut seen = Vec::new();
     for (path, item) in &doc.paths.paths {
-        let methods = [
-            ("GET", item.get.is_some()),
-            ("POST", item.post.is_some()),
-            ("PUT", item.put.is_some()),
-            ("PATCH", item.patch.is_some()),
-            ("DELETE", item.delete.is_some()),
-        ];
-        for (method, present) in methods {
-            if !present || agentidp::auth::is_public(Some(path)) {
-                continue;
+        if agentidp::auth::is_public(Some(path)) {
+            continue;
+        }
+        let documented = |m: &Method| match m.as_str() {
+            "GET" | "HEAD" => item.get.is_some(),
+            "POST" => item.post.is_some(),
+            "PUT" => item.put.is_some(),
+            "PATCH" => item.patch.is_some(),
+            "DELETE" => item.delete.is_some(),
+            "OPTIONS" => item.options.is_some(),
+            "TRACE" => item.trace.is_some(),
+            _ => false,
+        };
+        // Every method, not only the documented ones: a method is checked exactly when the route
+        // serves it (HEAD as GET); any other is refused by the layer, never let through.
+        for method in all_methods() {
+            let rule = rule_for_method(&method, path);
+            if documented(&method) {
+                assert!(rule.is_some(), "{method} {path} is protected but declares no action in policy::routes::RULES");
+                seen.push((rule.unwrap().method, path.clone()));
+            } else {
+                assert!(rule.is_none(), "{method} {path} is declared but not served");
             }
-            assert!(
-                agentidp::policy::routes::rule_for(method, path).is_some(),
-                "{method} {path} is protected but declares no action in policy::routes::RULES"
-            );
-            seen.push((method, path.clone()));
         }
     }
     // And no declaration names a route that does not exist.
@@ -376,6 +410,208 @@ fn every_protected_route_declares_its_action() {
         );
     }
     assert!(seen.len() >= 30, "{}", seen.len());
+}
+
+#[tokio::test]
+async fn a_protected_route_missing_from_the_table_answers_no_method() {
+    // A route the table does not declare (and the OpenAPI document does not list), behind the
+    // real stack: whatever the method, its handler never runs.
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let router = axum::Router::new()
+        .route("/api/v1/undeclared", axum::routing::any(|| async { "the handler ran" }))
+        .route("/auth/me", axum::routing::any(|| async { "the handler ran" }));
+    let router = agentidp::http::middleware::stack(router, &app.state).with_state(app.state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    });
+    for method in all_methods() {
+        let resp = app
+            .client
+            .request(method.clone(), format!("{base}/api/v1/undeclared"))
+            .bearer_auth(&admin.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} /api/v1/undeclared");
+        // A declared route serves its declared methods (GET, and HEAD as GET) and no other.
+        let resp = app
+            .client
+            .request(method.clone(), format!("{base}/auth/me"))
+            .bearer_auth(&admin.token)
+            .send()
+            .await
+            .unwrap();
+        if method == Method::GET || method == Method::HEAD {
+            assert_eq!(resp.status(), StatusCode::OK, "{method} /auth/me");
+        } else {
+            assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} /auth/me");
+            assert_eq!(resp.headers()["allow"], "GET, HEAD", "{method} /auth/me");
+        }
+    }
+}
+
+/// The ids a route template's parameters take.
+struct Ids {
+    org: String,
+    user: String,
+    agent: String,
+    credential: String,
+    api_key: String,
+    version: String,
+}
+
+impl Ids {
+    fn made_up() -> Self {
+        let id = || uuid::Uuid::new_v4().to_string();
+        Self { org: id(), user: id(), agent: id(), credential: id(), api_key: id(), version: "999".into() }
+    }
+
+    fn path(&self, template: &str) -> String {
+        let id = if template.starts_with("/api/v1/organizations/") {
+            &self.org
+        } else if template.starts_with("/api/v1/agents/") {
+            &self.agent
+        } else {
+            &self.api_key
+        };
+        template
+            .replace("{id}", id)
+            .replace("{user_id}", &self.user)
+            .replace("{cred_id}", &self.credential)
+            .replace("{version}", &self.version)
+    }
+
+    /// A request body that passes the route's extractor, naming this organization where the
+    /// route takes one in the body.
+    fn body(&self, template: &str) -> Value {
+        let ask = pdp(
+            json!({ "actor_id": "user:1", "actor_type": "human", "org_ids": [self.org], "roles": ["owner"] }),
+            "read",
+            json!({ "type": "microdao", "id": self.org }),
+        );
+        match template {
+            "/internal/pdp/evaluate" => ask,
+            "/internal/pdp/evaluate/batch" => json!({ "requests": [ask] }),
+            "/api/v1/policies/versions/{version}/test" => {
+                json!({ "examples": [{ "expect": "permit", "request": ask }] })
+            }
+            "/api/v1/organizations/{id}/members" => json!({ "email": "new@member.test", "role": "member" }),
+            "/api/v1/organizations/{id}/members/{user_id}" => json!({ "role": "admin" }),
+            "/api/v1/agents/{id}" => json!({ "name": "renamed" }),
+            _ => json!({}),
+        }
+    }
+}
+
+/// Whether a route names another organization's objects (in its path or, for the decision
+/// point, its body); the others act in the caller's own organization.
+fn names_an_object(template: &str) -> bool {
+    template.contains('{') || template.starts_with("/internal/pdp/")
+}
+
+#[tokio::test]
+async fn org_a_credentials_find_nothing_of_org_b_by_any_method() {
+    use agentidp::policy::routes::{allowed_methods, rule_for_method};
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let a = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    let b = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    // Org B's objects.
+    let b_agent = app.agent_client(&b, &["agents:read"]).await;
+    app.api_key(&b, None).await;
+    let b_key: uuid::Uuid = sqlx::query_scalar("select api_key_id from api_key where organization_id = $1::uuid")
+        .bind(&b.org_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    json_ok(draft(&app, &b, LET_MEMBERS_MANAGE).await, StatusCode::CREATED).await;
+    let b_ids = Ids {
+        org: b.org_id.clone(),
+        user: b.user_id.clone(),
+        agent: b_agent.agent_id.clone(),
+        credential: b_agent.credential_id.clone(),
+        api_key: b_key.to_string(),
+        version: "1".into(),
+    };
+    // Org A's credentials of every type.
+    let a_agent = app.agent_client(&a, &["agents:read", "orgs:read", "members:read"]).await;
+    let a_agent_token =
+        Caller { token: app.access_token(&a_agent).await, org_id: a.org_id.clone(), user_id: a_agent.agent_id.clone() };
+    let credentials = [
+        ("session", a.clone()),
+        ("api key", app.api_key(&a, None).await),
+        ("service key", service_key(&app, &a).await),
+        ("agent token", a_agent_token),
+    ];
+    let send = |by: &Caller, method: &Method, template: &str, ids: &Ids| {
+        let mut req = app.as_(by, method.clone(), &ids.path(template));
+        if [Method::POST, Method::PUT, Method::PATCH].contains(method) {
+            req = req.json(&ids.body(template));
+        }
+        req.send()
+    };
+    let mut checked = 0;
+    for template in all_routes() {
+        if agentidp::auth::is_public(Some(&template)) {
+            continue;
+        }
+        for method in all_methods() {
+            for (kind, by) in &credentials {
+                let what = format!("{kind}: {method} {template}");
+                if rule_for_method(&method, &template).is_none() {
+                    // Not served: refused with what is, whatever the credential.
+                    let resp = send(by, &method, &template, &b_ids).await.unwrap();
+                    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{what}");
+                    let mut allow: Vec<String> =
+                        resp.headers()["allow"].to_str().unwrap().split(',').map(|m| m.trim().to_owned()).collect();
+                    allow.sort();
+                    let mut expected = allowed_methods(&template);
+                    expected.sort();
+                    assert_eq!(allow, expected, "{what}");
+                    checked += 1;
+                    continue;
+                }
+                if !names_an_object(&template) {
+                    continue;
+                }
+                let of_b = send(by, &method, &template, &b_ids).await.unwrap();
+                let status = of_b.status();
+                let headers_only = method == Method::HEAD;
+                let body_b: Value = if headers_only { Value::Null } else { of_b.json().await.unwrap_or(Value::Null) };
+                assert!(!status.is_success(), "{what}: {status} {body_b}");
+                // B's objects look exactly like objects that do not exist.
+                let made_up = send(by, &method, &template, &Ids::made_up()).await.unwrap();
+                assert_eq!(status, made_up.status(), "{what}");
+                if !headers_only {
+                    let body_x: Value = made_up.json().await.unwrap_or(Value::Null);
+                    assert_eq!(body_b["code"], body_x["code"], "{what}");
+                }
+                // And where the credential may use the route at all, they are not found.
+                let usable = match (*kind, template.starts_with("/internal/pdp/")) {
+                    ("service key", pdp) => pdp || template.starts_with("/api/v1/organizations/{id}"),
+                    ("session", pdp) => !pdp,
+                    (_, pdp) => !pdp && template.starts_with("/api/v1/organizations/{id}"),
+                };
+                if usable {
+                    assert_eq!(status, StatusCode::NOT_FOUND, "{what}: {body_b}");
+                } else {
+                    assert!(status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN, "{what}: {status}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 500, "{checked}");
+    // Nothing of B changed.
+    let agent = json_ok(
+        app.as_(&b, Method::GET, &format!("/api/v1/agents/{}", b_agent.agent_id)).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(agent["name"], "worker");
 }
 
 #[tokio::test]
@@ -412,8 +648,10 @@ async fn service_keys_are_service_actors_that_may_ask_the_pdp() {
     let resp = app.as_(&service, Method::POST, "/api/v1/keys/rotate").send().await.unwrap();
     let body = assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_scope").await;
     assert!(body["detail"].is_string());
+    // A service holds no role in any organization: its objects are hidden from it, as from
+    // any outsider.
     let resp = app.as_(&service, Method::GET, &format!("/api/v1/organizations/{}", owner.org_id)).send().await.unwrap();
-    assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_scope").await;
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
     // Members cannot make service keys.
     app.add_member(&owner, &owner.org_id, "dev@beta.test", "member").await;
     let dev = app.sign_in("dev@beta.test", crate::helpers::PASSWORD).await;
@@ -424,4 +662,309 @@ async fn service_keys_are_service_actors_that_may_ask_the_pdp() {
         .await
         .unwrap();
     assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_role").await;
+}
+
+#[tokio::test]
+async fn a_system_admins_key_bound_to_one_org_acts_only_there() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let other = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    // The system admin's session reaches every organization...
+    let resp = app.as_(&admin, Method::GET, &format!("/api/v1/organizations/{}", other.org_id)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // ...but a key made in Acme is bound to Acme: elsewhere it is an outsider.
+    let key = app.api_key(&admin, None).await;
+    let resp = app.as_(&key, Method::GET, &format!("/api/v1/organizations/{}", admin.org_id)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    for path in
+        [format!("/api/v1/organizations/{}", other.org_id), format!("/api/v1/organizations/{}/members", other.org_id)]
+    {
+        let resp = app.as_(&key, Method::GET, &path).send().await.unwrap();
+        assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    let resp = app
+        .as_(&key, Method::POST, &format!("/api/v1/organizations/{}/revoke-tokens", other.org_id))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    // Nor does it act on the platform, beyond every organization.
+    let resp =
+        app.as_(&key, Method::POST, "/api/v1/organizations").json(&json!({ "name": "Gamma" })).send().await.unwrap();
+    assert_problem(resp, StatusCode::FORBIDDEN, "system_admin_required").await;
+}
+
+/// A service key of `owner`'s organization, asking the PDP.
+async fn service_key(app: &TestApp, owner: &Caller) -> Caller {
+    let created = json_ok(
+        app.as_(owner, Method::POST, "/auth/api-keys")
+            .json(&json!({ "description": "gateway", "service": true, "scopes": ["pdp:evaluate"] }))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    Caller { token: created["key"].as_str().unwrap().to_owned(), org_id: owner.org_id.clone(), user_id: String::new() }
+}
+
+/// Waits until the decision log holds a decision made for `org_id` about `resource_id`.
+async fn wait_logged(app: &TestApp, org_id: &str, resource_id: &str) {
+    let started = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from decision_log where organization_id = $1::uuid and resource_id = $2",
+        )
+        .bind(org_id)
+        .bind(resource_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        if n > 0 {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "no decision logged for {resource_id} in {org_id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_pdp_answers_org_bound_callers_about_their_own_org_only() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let a = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    let b = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    let service = service_key(&app, &a).await;
+    let about = |org: &str, id: &str| {
+        pdp(
+            json!({ "actor_id": "user:1", "actor_type": "human", "org_ids": [org], "roles": ["owner"] }),
+            "read",
+            json!({ "type": "tool", "id": id, "attributes": { "org_id": org, "allowed_agents": [] } }),
+        )
+    };
+    let organization = |org: &str| {
+        pdp(
+            json!({ "actor_id": "user:1", "actor_type": "human", "org_ids": [org], "roles": ["owner"] }),
+            "manage",
+            json!({ "type": "microdao", "id": org }),
+        )
+    };
+    // Its own organization: answered.
+    let d = evaluate(&app, &service, &organization(&a.org_id)).await;
+    assert_eq!(d["reason"], "microdao_owner", "{d}");
+    // Another one: 404, whether one request, a batch with one such request, or a dry-run example.
+    let resp =
+        app.as_(&service, Method::POST, "/internal/pdp/evaluate").json(&organization(&b.org_id)).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    let resp = app
+        .as_(&service, Method::POST, "/internal/pdp/evaluate")
+        .json(&about(&b.org_id, "b-single"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    let batch = json!({ "requests": [about(&a.org_id, "a-batch"), about(&b.org_id, "b-batch")] });
+    let resp = app.as_(&service, Method::POST, "/internal/pdp/evaluate/batch").json(&batch).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    json_ok(draft(&app, &a, "// nothing beyond the baseline\n").await, StatusCode::CREATED).await;
+    let examples = json!({ "examples": [{ "expect": "permit", "request": about(&b.org_id, "b-dry") }] });
+    let resp = app.as_(&a, Method::POST, "/api/v1/policies/versions/1/test").json(&examples).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    // A system admin's session (bound to no organization) asks about any.
+    let d = evaluate(&app, &admin, &organization(&b.org_id)).await;
+    assert_eq!(d["reason"], "microdao_owner", "{d}");
+    // Decisions are logged in the organization they were made for, and none was made for Beta
+    // by Alpha's key (the log is written in order: Alpha's last decision comes after them).
+    evaluate(&app, &service, &about(&a.org_id, "a-last")).await;
+    wait_logged(&app, &a.org_id, "a-last").await;
+    wait_logged(&app, &b.org_id, &b.org_id).await;
+    let from_alpha: i64 = sqlx::query_scalar(
+        "select count(*) from decision_log where organization_id = $1::uuid and resource_id like 'b-%'",
+    )
+    .bind(&b.org_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(from_alpha, 0, "Alpha's key had decisions made for Beta");
+    let a_batch: i64 = sqlx::query_scalar("select count(*) from decision_log where resource_id = 'a-batch'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(a_batch, 0, "a refused batch decides nothing");
+}
+
+#[tokio::test]
+async fn the_pdp_takes_microdao_slugs_and_org_prefixed_ids() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let dao = app.org_with_owner(&admin, "DAARION", "owner@daarion.test").await;
+    let owner_of = |ids: Value| json!({ "actor_id": "user:7", "actor_type": "human", "microdao_ids": ids, "roles": ["microdao_owner"] });
+    // The original example, verbatim, and the same organization named every other way.
+    for (resource_id, member_of) in [
+        ("microdao:daarion".to_owned(), json!(["microdao:daarion"])),
+        (format!("org:{}", dao.org_id), json!(["microdao:daarion"])),
+        (dao.org_id.clone(), json!([format!("org:{}", dao.org_id)])),
+        ("microdao:daarion".to_owned(), json!([dao.org_id])),
+    ] {
+        let body = pdp(owner_of(member_of), "manage", json!({ "type": "microdao", "id": resource_id }));
+        let d = evaluate(&app, &admin, &body).await;
+        assert_eq!((d["effect"].as_str(), d["reason"].as_str()), (Some("permit"), Some("microdao_owner")), "{d}");
+    }
+    let channel = json!({ "type": "channel", "id": "general", "attributes": { "microdao_id": "microdao:daarion", "members": ["user:7"] } });
+    let d = evaluate(&app, &admin, &pdp(owner_of(json!(["microdao:daarion"])), "send_message", channel)).await;
+    assert_eq!(d["reason"], "channel_member", "{d}");
+    // The decision is logged in the organization the slug names.
+    wait_logged(&app, &dao.org_id, "general").await;
+
+    // A slug no organization has answers as an organization id no organization has.
+    let unknown_id = uuid::Uuid::new_v4().to_string();
+    for (resource_id, member_of) in
+        [("microdao:nowhere".to_owned(), json!(["microdao:nowhere"])), (unknown_id.clone(), json!([unknown_id]))]
+    {
+        let d = evaluate(
+            &app,
+            &admin,
+            &pdp(owner_of(member_of), "manage", json!({ "type": "microdao", "id": resource_id })),
+        )
+        .await;
+        assert_eq!(d["reason"], "microdao_owner", "{d}");
+    }
+    for resource_id in ["microdao:nowhere", &unknown_id] {
+        let d =
+            evaluate(&app, &admin, &pdp(owner_of(json!([])), "read", json!({ "type": "microdao", "id": resource_id })))
+                .await;
+        assert_eq!(d["reason"], "not_microdao_member", "{d}");
+    }
+    let service = service_key(&app, &dao).await;
+    for resource_id in ["microdao:nowhere", &unknown_id] {
+        let body = pdp(owner_of(json!([])), "read", json!({ "type": "microdao", "id": resource_id }));
+        let resp = app.as_(&service, Method::POST, "/internal/pdp/evaluate").json(&body).send().await.unwrap();
+        assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    // A service key of the organization names it by its slug too.
+    let d = evaluate(
+        &app,
+        &service,
+        &pdp(owner_of(json!(["microdao:daarion"])), "read", json!({ "type": "microdao", "id": "microdao:daarion" })),
+    )
+    .await;
+    assert_eq!(d["reason"], "microdao_owner", "{d}");
+    // What is not an organization reference at all is a 400.
+    for bad in ["microdao:Not A Slug!", "user:7", "daarion"] {
+        let body = pdp(owner_of(json!([])), "read", json!({ "type": "microdao", "id": bad }));
+        let resp = app.as_(&admin, Method::POST, "/internal/pdp/evaluate").json(&body).send().await.unwrap();
+        assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_pdp_request").await;
+    }
+}
+
+#[tokio::test]
+async fn an_agent_reads_its_own_record_only() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let me = app.agent_client(&admin, &["agents:read"]).await;
+    let other = app.agent_client(&admin, &["agents:read"]).await;
+    let token =
+        Caller { token: app.access_token(&me).await, org_id: admin.org_id.clone(), user_id: me.agent_id.clone() };
+    let own = json_ok(
+        app.as_(&token, Method::GET, &format!("/api/v1/agents/{}", me.agent_id)).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(own["id"], me.agent_id.as_str());
+    let creds = json_ok(
+        app.as_(&token, Method::GET, &format!("/api/v1/agents/{}/credentials", me.agent_id)).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert!(creds.to_string().contains(&me.client_id), "{creds}");
+    // Not the other agents of its organization, nor their client ids, nor the list of them.
+    for path in [
+        format!("/api/v1/agents/{}", other.agent_id),
+        format!("/api/v1/agents/{}/credentials", other.agent_id),
+        "/api/v1/agents".to_owned(),
+    ] {
+        let resp = app.as_(&token, Method::GET, &path).send().await.unwrap();
+        let body = assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_role").await;
+        assert!(!body.to_string().contains(&other.client_id));
+    }
+    // Humans of the organization still list them all.
+    let list = json_ok(app.as_(&admin, Method::GET, "/api/v1/agents").send().await.unwrap(), StatusCode::OK).await;
+    assert!(list.to_string().contains(&other.agent_id), "{list}");
+}
+
+/// The ids of requests whose decisions are in the decision log.
+async fn logged_requests(db: &mut sqlx::PgConnection, request_ids: &[String]) -> i64 {
+    sqlx::query_scalar("select count(distinct request_id) from decision_log where request_id = any($1)")
+        .bind(request_ids)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+async fn decided_request(app: &TestApp, by: &Caller) -> String {
+    let resp = app.as_(by, Method::GET, "/api/v1/agents").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.headers()["x-request-id"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn decisions_still_queued_at_shutdown_are_written_before_exit() {
+    use sqlx::Connection;
+    let mut app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let mut db = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    let first = decided_request(&app, &admin).await;
+    let started = Instant::now();
+    while logged_requests(&mut db, std::slice::from_ref(&first)).await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the decision log writer is not writing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Postgres holds the writer's next insert, so that decisions are still queued when the
+    // server stops.
+    let mut blocker = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    let mut lock = blocker.begin().await.unwrap();
+    sqlx::query("lock table decision_log in exclusive mode").execute(&mut *lock).await.unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        queued.push(decided_request(&app, &admin).await);
+    }
+    let server = app.begin_shutdown();
+    // Once the server no longer accepts connections it is stopping; then Postgres lets go.
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(app.addr).await.is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the server keeps accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(15), server).await.expect("stops in time").unwrap().unwrap();
+    // The app's pool closed with it.
+    assert_eq!(logged_requests(&mut db, &queued).await, 5, "decisions queued at shutdown were lost");
+}
+
+#[tokio::test]
+async fn an_activation_during_a_slow_sync_stays_installed() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let owner = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
+    app.add_member(&owner, &owner.org_id, "dev@beta.test", "member").await;
+    let dev = app.sign_in("dev@beta.test", crate::helpers::PASSWORD).await;
+    json_ok(draft(&app, &owner, LET_MEMBERS_MANAGE).await, StatusCode::CREATED).await;
+    // The sync reads Postgres (no active version yet); the activation lands before it applies
+    // what it read.
+    agentidp::policy::sync_all_pausing(&app.state, async {
+        json_ok(
+            app.as_(&owner, Method::POST, "/api/v1/policies/versions/1/activate").send().await.unwrap(),
+            StatusCode::OK,
+        )
+        .await;
+    })
+    .await
+    .unwrap();
+    let org: uuid::Uuid = owner.org_id.parse().unwrap();
+    assert_eq!(app.state.policy().installed().get(&org), Some(&1), "the sync uninstalled the newer activation");
+    assert_eq!(add_member_as(&app, &dev, &owner.org_id, "a@beta.test").await, StatusCode::CREATED);
+    // A sync that reads after it agrees, and one that reads an older state changes nothing.
+    agentidp::policy::sync_all(&app.state).await.unwrap();
+    assert_eq!(app.state.policy().installed().get(&org), Some(&1));
 }
