@@ -195,11 +195,6 @@ impl Actor {
             )),
         }
     }
-
-    /// Whether the caller may see `org_id` at all.
-    pub fn can_see_org(&self, org_id: Uuid) -> bool {
-        self.require_role(org_id, Role::Member).is_ok()
-    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Actor {

@@ -29,6 +29,11 @@ where
         Self { inner }
     }
 
+    /// Whether anything is kept (a zero size or TTL keeps nothing).
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
     pub fn get(&self, key: &K) -> Option<V> {
         self.inner.as_ref()?.get(key)
     }

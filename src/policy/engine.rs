@@ -24,6 +24,8 @@ use cedar_policy::{
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::cache::Cache;
+
 /// The schema, in Cedar's schema syntax.
 pub const SCHEMA: &str = include_str!("../../config/policies/schema.cedarschema");
 /// The baseline policies every organization gets.
@@ -216,7 +218,7 @@ pub struct Engine {
     authorizer: Authorizer,
     /// Query → (generation of the policies that decided, the decision). The baseline alone is
     /// generation 0.
-    decisions: Option<moka::sync::Cache<Query, (u64, Arc<Decision>)>>,
+    decisions: Cache<Query, (u64, Arc<Decision>)>,
     generations: AtomicU64,
 }
 
@@ -300,9 +302,7 @@ impl Engine {
             read_of: RwLock::new(HashMap::new()),
             reads: AtomicU64::new(1),
             authorizer: Authorizer::new(),
-            decisions: (cache > 0).then(|| {
-                moka::sync::Cache::builder().max_capacity(cache).time_to_idle(Duration::from_secs(600)).build()
-            }),
+            decisions: Cache::new(cache, Duration::from_secs(600)),
             generations: AtomicU64::new(1),
         })
     }
@@ -362,7 +362,10 @@ impl Engine {
     pub fn evaluate(&self, q: &Query) -> Result<Decision, QueryError> {
         let org = self.org_policies(q);
         let generation = org.as_ref().map_or(0, |o| o.generation);
-        let Some(cache) = &self.decisions else { return self.decide(q, org.as_deref()) };
+        let cache = &self.decisions;
+        if !cache.enabled() {
+            return self.decide(q, org.as_deref());
+        }
         if let Some((made_by, d)) = cache.get(q)
             && made_by == generation
         {
