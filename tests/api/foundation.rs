@@ -68,6 +68,19 @@ async fn metrics_use_route_templates() {
 }
 
 #[tokio::test]
+async fn made_up_methods_add_no_metric_series() {
+    let app = spawn_app().await;
+    for i in 0..20 {
+        let method = reqwest::Method::from_bytes(format!("XABCDEF{i}").as_bytes()).unwrap();
+        let resp = app.client.request(method, app.url("/health")).send().await.unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(!text.contains("XABCDEF"), "a made-up method became a label: {text}");
+    assert!(text.contains(r#"method="other""#), "{text}");
+}
+
+#[tokio::test]
 async fn swagger_ui_is_served_from_local_assets() {
     let app = spawn_app().await;
     let resp = app.get("/docs/").await;
