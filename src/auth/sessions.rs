@@ -52,8 +52,8 @@ pub(super) async fn login(
     let auth = state.auth();
     let ip = current_client_ip();
     let subjects = auth.throttle.subjects(&req.email, ip.as_deref());
-    let wait = auth.throttle.retry_after(state.redis(), &subjects).await;
-    if wait > 0 {
+    // Counted before the password is checked, so parallel attempts cannot all slip past the limit.
+    if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects).await {
         return Err(ApiError::TooManyRequests {
             code: "login_throttled",
             detail: "Too many failed logins; wait before trying again.".into(),
@@ -77,7 +77,6 @@ pub(super) async fn login(
     let ok = crypto::verify_password(req.password, hash).await?;
     let audit_org = org.unwrap_or(audit::SYSTEM_CHAIN);
     let (Some(user_id), true) = (user_id, ok) else {
-        auth.throttle.failed(state.redis(), &subjects).await;
         let mut event = Event::anonymous(audit_org, "auth.login.failed")
             .details(json!({ "email": req.email.chars().take(254).collect::<String>() }));
         if let Some(id) = user_id {

@@ -162,6 +162,43 @@ async fn ten_wrong_passwords_give_429_then_the_right_one_works_after_the_wait() 
 }
 
 #[tokio::test]
+async fn parallel_wrong_passwords_are_counted_before_they_are_checked() {
+    let app = spawn_app_with(&[
+        ("auth.login_max_failures_account", json!(5)),
+        ("auth.login_max_failures_ip", json!(1000)),
+        ("auth.login_backoff_base_secs", json!(60)),
+        ("auth.login_backoff_max_secs", json!(120)),
+    ])
+    .await;
+    app.bootstrap().await;
+    let attempts = (0..30).map(|_| app.login(ADMIN_EMAIL, "wrong-password-123"));
+    let statuses: Vec<u16> = futures_util::future::join_all(attempts).await.iter().map(|r| r.status().as_u16()).collect();
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(checked <= 5, "at most the limit is verified: {statuses:?}");
+    assert_eq!(checked + refused, 30, "{statuses:?}");
+}
+
+#[tokio::test]
+async fn the_client_ip_is_the_rightmost_forwarded_address_that_is_not_a_trusted_proxy() {
+    let app = spawn_app_with(&[("tls.trusted_proxies", json!(["127.0.0.1/32", "::1/128", "10.0.0.0/8"]))]).await;
+    app.bootstrap().await;
+    let login_via = |xff: &'static str| {
+        app.client
+            .post(app.url("/auth/login"))
+            .header("x-forwarded-for", xff)
+            .json(&json!({ "email": ADMIN_EMAIL, "password": PASSWORD }))
+            .send()
+    };
+    // The client put 6.6.6.6 there; the proxies appended the address they saw, and their own.
+    assert_eq!(login_via("6.6.6.6, 203.0.113.7, 10.0.0.2").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(login_via("198.51.100.9").await.unwrap().status(), StatusCode::OK);
+    let ips: Vec<Option<String>> =
+        sqlx::query_scalar("select client_ip from session order by created_at").fetch_all(&app.db).await.unwrap();
+    assert_eq!(ips[ips.len() - 2..], [Some("203.0.113.7".to_owned()), Some("198.51.100.9".to_owned())], "{ips:?}");
+}
+
+#[tokio::test]
 async fn api_keys_are_shown_once_listed_without_secret_and_revocable() {
     let app = spawn_app().await;
     let admin = app.bootstrap().await;
