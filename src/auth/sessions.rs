@@ -158,25 +158,52 @@ pub(super) async fn logout(
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, session_cookie("", 0, secure))]).into_response())
 }
 
-/// Sets a password with a one-time token issued when an admin created the user.
+/// Sets a password with a one-time token issued when an admin created the user. The token is
+/// looked up before anything is hashed, and attempts are throttled per client IP, so anonymous
+/// requests cannot spend the argon2 permits logins need.
 #[utoipa::path(post, path = "/auth/set-password", tag = "auth", request_body = SetPasswordRequest,
-    responses((status = 204, description = "Password set"), (status = 400, body = Problem), (status = 422, body = Problem)))]
+    responses(
+        (status = 204, description = "Password set"),
+        (status = 400, body = Problem),
+        (status = 422, body = Problem),
+        (status = 429, description = "Too many attempts from this address; see Retry-After", body = Problem)))]
 pub(super) async fn set_password(
     State(state): State<AppState>,
     ValidatedJson(req): ValidatedJson<SetPasswordRequest>,
 ) -> ApiResult<StatusCode> {
+    let auth = state.auth();
+    let ip = current_client_ip();
+    let subjects =
+        auth.throttle.ip_subject("setpw", ip.as_deref(), state.config().auth.set_password_max_attempts_ip);
+    if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects).await {
+        return Err(ApiError::TooManyRequests {
+            code: "set_password_throttled",
+            detail: "Too many set-password attempts from this address; wait before trying again.".into(),
+            retry_after: wait,
+        });
+    }
+    let token_hash = crypto::sha256(&req.token);
+    let invalid = || ApiError::bad_request("invalid_token", "The token is unknown, used or expired.");
+    let live = sqlx::query_scalar!(
+        "select user_id from password_token where token_hash = $1 and used_at is null and expires_at > now()",
+        &token_hash[..]
+    )
+    .fetch_optional(state.db())
+    .await?;
+    if live.is_none() {
+        return Err(invalid());
+    }
     let hash = crypto::hash_password(req.password).await?;
     let mut tx = state.db().begin().await?;
-    let Some(row) = sqlx::query!(
+    // Redeemed by whoever gets here first; a concurrent redemption finds it used.
+    let row = sqlx::query!(
         "update password_token set used_at = now()
          where token_hash = $1 and used_at is null and expires_at > now() returning user_id",
-        &crypto::sha256(&req.token)[..]
+        &token_hash[..]
     )
     .fetch_optional(&mut *tx)
     .await?
-    else {
-        return Err(ApiError::bad_request("invalid_token", "The token is unknown, used or expired."));
-    };
+    .ok_or_else(invalid)?;
     sqlx::query!("update app_user set password_hash = $2 where user_id = $1", row.user_id, hash)
         .execute(&mut *tx)
         .await?;
@@ -195,6 +222,7 @@ pub(super) async fn set_password(
     )
     .await?;
     tx.commit().await?;
+    auth.throttle.succeeded(state.redis(), &subjects).await;
     credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(row.user_id)).await;
     Ok(StatusCode::NO_CONTENT)
 }

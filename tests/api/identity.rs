@@ -199,6 +199,37 @@ async fn the_client_ip_is_the_rightmost_forwarded_address_that_is_not_a_trusted_
 }
 
 #[tokio::test]
+async fn set_password_with_an_unknown_token_answers_without_hashing() {
+    let app = spawn_app().await;
+    let permits = agentidp::crypto::argon2_permits();
+    // With every argon2 permit held, a route that hashed would wait for one until the client gives up.
+    let held = permits.acquire_many(agentidp::crypto::argon2_permit_count()).await.unwrap();
+    let resp = app
+        .client
+        .post(app.url("/auth/set-password"))
+        .timeout(Duration::from_secs(10))
+        .json(&json!({ "token": "aidp_pwd_bogus", "password": "a-new-long-password" }))
+        .send()
+        .await;
+    drop(held);
+    assert_problem(resp.expect("answered without waiting for argon2"), StatusCode::BAD_REQUEST, "invalid_token").await;
+}
+
+#[tokio::test]
+async fn set_password_is_throttled_per_ip() {
+    let app = spawn_app_with(&[("auth.set_password_max_attempts_ip", json!(3))]).await;
+    let body = json!({ "token": "aidp_pwd_bogus", "password": "a-new-long-password" });
+    let attempt = || app.post_json("/auth/set-password", &body);
+    for _ in 0..3 {
+        assert_problem(attempt().await, StatusCode::BAD_REQUEST, "invalid_token").await;
+    }
+    let resp = attempt().await;
+    let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
+    assert_problem(resp, StatusCode::TOO_MANY_REQUESTS, "set_password_throttled").await;
+}
+
+#[tokio::test]
 async fn api_keys_are_shown_once_listed_without_secret_and_revocable() {
     let app = spawn_app().await;
     let admin = app.bootstrap().await;
