@@ -737,3 +737,67 @@ async fn a_wrong_kek_cannot_unseal_the_keys() {
     let err = agentidp::app::Application::with_parts(cfg, db, redis).await.err().expect("refuses to start");
     assert!(format!("{err:#}").contains("unseal"), "{err:#}");
 }
+
+/// Asserts that a response carrying a secret may not be stored by any cache.
+fn assert_not_stored(resp: &reqwest::Response, what: &str) {
+    let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert_eq!(header("cache-control"), "no-store", "{what}");
+    assert_eq!(header("pragma"), "no-cache", "{what}");
+}
+
+#[tokio::test]
+async fn responses_that_carry_a_secret_are_never_stored() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let login = app.login(crate::helpers::ADMIN_EMAIL, crate::helpers::PASSWORD).await;
+    assert_eq!(login.status(), StatusCode::OK);
+    assert_not_stored(&login, "login");
+
+    let key = app
+        .as_(&admin, Method::POST, "/auth/api-keys")
+        .json(&json!({ "description": "ci" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(key.status(), StatusCode::CREATED);
+    assert_not_stored(&key, "new API key");
+
+    let agent = app.create_agent(&admin, json!({ "name": "worker", "allowed_scopes": ["agents:read"] })).await;
+    let agent_id = agent["id"].as_str().unwrap();
+    let cred =
+        app.as_(&admin, Method::POST, &format!("/api/v1/agents/{agent_id}/credentials")).send().await.unwrap();
+    assert_eq!(cred.status(), StatusCode::CREATED);
+    assert_not_stored(&cred, "new client secret");
+    let cred = cred.json::<Value>().await.unwrap();
+    let client = Client {
+        agent_id: agent_id.to_owned(),
+        credential_id: cred["id"].as_str().unwrap().to_owned(),
+        client_id: cred["client_id"].as_str().unwrap().to_owned(),
+        secret: cred["client_secret"].as_str().unwrap().to_owned(),
+    };
+    let rotated = app
+        .as_(&admin, Method::POST, &format!("/api/v1/agents/{agent_id}/credentials/{}/rotate", client.credential_id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), StatusCode::OK);
+    assert_not_stored(&rotated, "rotated client secret");
+
+    let token = app.token_request(&client, &[("grant_type", "client_credentials")]).await;
+    assert_eq!(token.status(), StatusCode::OK);
+    assert_not_stored(&token, "access token");
+
+    let invited = app
+        .as_(&admin, Method::POST, &format!("/api/v1/organizations/{}/members", admin.org_id))
+        .json(&json!({ "email": "new@acme.test", "role": "member" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(invited.status().is_success(), "{}", invited.status());
+    assert_not_stored(&invited, "member invitation");
+
+    // Public metadata stays cacheable.
+    let jwks = app.get("/.well-known/jwks.json").await;
+    assert_eq!(jwks.headers()["cache-control"], "public, max-age=300");
+    assert!(jwks.headers().get("pragma").is_none());
+}
