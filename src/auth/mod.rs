@@ -5,6 +5,7 @@ mod actor;
 pub mod agents;
 pub mod bootstrap;
 pub mod credentials;
+mod invitations;
 pub mod keys;
 pub mod model;
 pub mod oauth;
@@ -60,6 +61,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(orgs::get_org))
         .routes(routes!(orgs::list_members, orgs::add_member))
         .routes(routes!(orgs::update_member, orgs::remove_member))
+        .routes(routes!(invitations::list_invitations))
+        .routes(routes!(invitations::accept))
+        .routes(routes!(invitations::decline))
         .routes(routes!(agents::create_agent, agents::list_agents))
         .routes(routes!(agents::get_agent, agents::update_agent, agents::delete_agent))
         .routes(routes!(agents::create_credential, agents::list_credentials))

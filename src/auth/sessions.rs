@@ -158,7 +158,8 @@ pub(super) async fn logout(
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, session_cookie("", 0, secure))]).into_response())
 }
 
-/// Sets a password with a one-time token issued when an admin created the user. The token is
+/// Sets a password with a one-time token: a password-reset token, or the invitation token of an
+/// email without an account (which creates the account and accepts the invitation). The token is
 /// looked up before anything is hashed, and attempts are throttled per client IP, so anonymous
 /// requests cannot spend the argon2 permits logins need.
 #[utoipa::path(post, path = "/auth/set-password", tag = "auth", request_body = SetPasswordRequest,
@@ -184,46 +185,52 @@ pub(super) async fn set_password(
     }
     let token_hash = crypto::sha256(&req.token);
     let invalid = || ApiError::bad_request("invalid_token", "The token is unknown, used or expired.");
+    let mut conn = state.db().acquire().await?;
     let live = sqlx::query_scalar!(
-        "select user_id from password_token where token_hash = $1 and used_at is null and expires_at > now()",
+        r#"select exists(select 1 from password_token where token_hash = $1 and used_at is null and expires_at > now()) as "e!""#,
         &token_hash[..]
     )
-    .fetch_optional(state.db())
+    .fetch_one(&mut *conn)
     .await?;
-    if live.is_none() {
+    if !live && !super::invitations::redeemable(&mut conn, &token_hash).await? {
         return Err(invalid());
     }
+    drop(conn);
     let hash = crypto::hash_password(req.password).await?;
     let mut tx = state.db().begin().await?;
     // Redeemed by whoever gets here first; a concurrent redemption finds it used.
-    let row = sqlx::query!(
+    let reset = sqlx::query_scalar!(
         "update password_token set used_at = now()
          where token_hash = $1 and used_at is null and expires_at > now() returning user_id",
         &token_hash[..]
     )
     .fetch_optional(&mut *tx)
-    .await?
-    .ok_or_else(invalid)?;
-    sqlx::query!("update app_user set password_hash = $2 where user_id = $1", row.user_id, hash)
-        .execute(&mut *tx)
-        .await?;
+    .await?;
+    let user_id = match reset {
+        Some(user_id) => {
+            sqlx::query!("update app_user set password_hash = $2 where user_id = $1", user_id, hash)
+                .execute(&mut *tx)
+                .await?;
+            user_id
+        }
+        // An invitation for an email without an account: the account is made now.
+        None => super::invitations::redeem(&mut tx, &token_hash, &hash).await?.ok_or_else(invalid)?,
+    };
     let org = sqlx::query_scalar!(
         "select organization_id from membership where user_id = $1 order by created_at limit 1",
-        row.user_id
+        user_id
     )
     .fetch_optional(&mut *tx)
     .await?
     .unwrap_or(audit::SYSTEM_CHAIN);
     audit::record(
         &mut tx,
-        Event::anonymous(org, "user.password_set")
-            .actor(format!("user:{}", row.user_id), "human")
-            .target("user", row.user_id),
+        Event::anonymous(org, "user.password_set").actor(format!("user:{user_id}"), "human").target("user", user_id),
     )
     .await?;
     tx.commit().await?;
     auth.throttle.succeeded(state.redis(), &subjects).await;
-    credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(row.user_id)).await;
+    credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(user_id)).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

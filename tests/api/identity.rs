@@ -318,6 +318,89 @@ async fn api_key_scopes_only_narrow() {
 }
 
 #[tokio::test]
+async fn another_orgs_user_is_invited_and_is_not_a_member_until_accepting() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let a = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    let b = app.org_with_owner(&admin, "Bravo", "owner@bravo.test").await;
+    app.add_member(&b, &b.org_id, "bob@bravo.test", "member").await;
+    let bob = app.sign_in("bob@bravo.test", PASSWORD).await;
+
+    let invited = app.invite(&a, &a.org_id, "bob@bravo.test", "admin").await;
+    assert!(invited.get("user_id").is_none() && invited.get("created_user").is_none(), "{invited}");
+    let members_url = format!("/api/v1/organizations/{}/members", a.org_id);
+    let members = json_ok(app.as_(&a, Method::GET, &members_url).send().await.unwrap(), StatusCode::OK).await;
+    assert!(!members.to_string().contains("bob@bravo.test"), "not a member before accepting: {members}");
+    let resp = app.as_(&bob, Method::GET, &members_url).header("x-org-id", &a.org_id).send().await.unwrap();
+    assert_problem(resp, StatusCode::FORBIDDEN, "org_not_member").await;
+    // The token cannot set the password of an account that exists.
+    let token = invited["invitation_token"].as_str().unwrap();
+    let resp = app.post_json("/auth/set-password", &json!({ "token": token, "password": "taken-over-password" })).await;
+    assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_token").await;
+
+    // Bob sees the invitation; nobody else can answer it.
+    let id = invited["id"].as_str().unwrap();
+    let mine = json_ok(app.as_(&bob, Method::GET, "/api/v1/invitations").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(mine[0]["id"], id);
+    let resp = app.as_(&a, Method::POST, &format!("/api/v1/invitations/{id}/accept")).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    let joined = json_ok(
+        app.as_(&bob, Method::POST, &format!("/api/v1/invitations/{id}/accept")).send().await.unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!((joined["email"].as_str(), joined["role"].as_str()), (Some("bob@bravo.test"), Some("admin")));
+    let members = json_ok(app.as_(&a, Method::GET, &members_url).send().await.unwrap(), StatusCode::OK).await;
+    assert!(members.to_string().contains("bob@bravo.test"), "{members}");
+
+    // A declined invitation never becomes a membership.
+    let c = app.org_with_owner(&admin, "Charlie", "owner@charlie.test").await;
+    let declined = app.invite(&c, &c.org_id, "bob@bravo.test", "member").await;
+    let id = declined["id"].as_str().unwrap();
+    let resp = app.as_(&bob, Method::POST, &format!("/api/v1/invitations/{id}/decline")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = app.as_(&bob, Method::POST, &format!("/api/v1/invitations/{id}/accept")).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    let members = format!("/api/v1/organizations/{}/members", c.org_id);
+    let members = json_ok(app.as_(&c, Method::GET, &members).send().await.unwrap(), StatusCode::OK).await;
+    assert!(!members.to_string().contains("bob@bravo.test"), "{members}");
+}
+
+#[tokio::test]
+async fn inviting_answers_the_same_whether_or_not_the_email_has_an_account() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let a = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    app.org_with_owner(&admin, "Bravo", "taken@bravo.test").await;
+    let invite = |email: &'static str| {
+        app.as_(&a, Method::POST, &format!("/api/v1/organizations/{}/members", a.org_id))
+            .json(&json!({ "email": email, "role": "member" }))
+            .send()
+    };
+    let (existing, fresh) = (invite("taken@bravo.test").await.unwrap(), invite("taken@bravo.tesu").await.unwrap());
+    assert_eq!(existing.status(), StatusCode::ACCEPTED);
+    assert_eq!(existing.status(), fresh.status());
+    let names = |r: &reqwest::Response| {
+        let mut h: Vec<String> = r.headers().keys().map(|k| k.to_string()).filter(|k| k != "x-request-id").collect();
+        h.sort();
+        h
+    };
+    assert_eq!(names(&existing), names(&fresh));
+    // Byte for byte the same once the ids, times, token and the email itself are masked.
+    let mask = |text: String, email: &str| {
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let mut masked = text.replace(email, "EMAIL");
+        for field in ["id", "invitation_token", "created_at", "expires_at"] {
+            masked = masked.replace(v[field].as_str().unwrap(), field);
+        }
+        masked
+    };
+    let (e, f) = (existing.text().await.unwrap(), fresh.text().await.unwrap());
+    assert_eq!(mask(e, "taken@bravo.test"), mask(f, "taken@bravo.tesu"));
+}
+
+#[tokio::test]
 async fn organizations_and_members_lifecycle() {
     let app = spawn_app().await;
     let admin = app.bootstrap().await;
@@ -355,19 +438,10 @@ async fn organizations_and_members_lifecycle() {
         .unwrap();
     assert_problem(resp, StatusCode::CONFLICT, "slug_taken").await;
 
-    // A member without a password gets a one-time token.
-    let added = json_ok(
-        app.as_(&owner, Method::POST, &format!("/api/v1/organizations/{}/members", owner.org_id))
-            .json(&json!({ "email": "Dev@Beta.test", "role": "member" }))
-            .send()
-            .await
-            .unwrap(),
-        StatusCode::CREATED,
-    )
-    .await;
-    assert_eq!(added["created_user"], true);
-    let token = added["set_password_token"].as_str().unwrap().to_owned();
-    let dev_id = added["user_id"].as_str().unwrap().to_owned();
+    // A new person redeems the invitation token once, choosing a password.
+    let invited = app.invite(&owner, &owner.org_id, "Dev@Beta.test", "member").await;
+    let token = invited["invitation_token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("aidp_inv_"), "{token}");
     assert_eq!(
         app.post_json("/auth/set-password", &json!({ "token": token, "password": "a-new-long-password" }))
             .await
@@ -379,9 +453,10 @@ async fn organizations_and_members_lifecycle() {
     assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_token").await;
     // Emails are unique without regard to case.
     let dev = app.sign_in("dev@beta.test", "a-new-long-password").await;
+    let dev_id = dev.user_id.clone();
+    let again = app.invite(&owner, &owner.org_id, "DEV@beta.test", "member").await;
     let resp = app
-        .as_(&owner, Method::POST, &format!("/api/v1/organizations/{}/members", owner.org_id))
-        .json(&json!({ "email": "DEV@beta.test", "role": "member" }))
+        .as_(&dev, Method::POST, &format!("/api/v1/invitations/{}/accept", again["id"].as_str().unwrap()))
         .send()
         .await
         .unwrap();
@@ -481,7 +556,7 @@ async fn another_orgs_objects_are_404() {
             (
                 Method::POST,
                 format!("/api/v1/organizations/{org_b}/members"),
-                Some(json!({ "email": "x@a.test", "role": "member", "password": PASSWORD })),
+                Some(json!({ "email": "x@a.test", "role": "member" })),
             ),
             (Method::PATCH, member_b.clone(), Some(json!({ "role": "member" }))),
             (Method::DELETE, member_b.clone(), None),
@@ -598,9 +673,10 @@ async fn bad_input_is_4xx_problem_json() {
             Method::POST,
             format!("/api/v1/organizations/{org}/members"),
             None,
-            Some(json!({ "email": "a@b.test", "role": "member", "password": "short" })),
+            // An admin no longer chooses anyone's password.
+            Some(json!({ "email": "a@b.test", "role": "member", "password": "correct-horse-battery" })),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
+            "invalid_body",
         ),
         (
             Method::PATCH,
