@@ -100,7 +100,14 @@ async fn join(conn: &mut PgConnection, id: Uuid, org_id: Uuid, user_id: Uuid, ro
             .details(json!({ "role": role.as_str(), "invitation": id })),
     )
     .await?;
-    Ok(Member { user_id, email: r.email, display_name: r.display_name, role, status: r.status, joined_at: r.created_at })
+    Ok(Member {
+        user_id,
+        email: r.email,
+        display_name: r.display_name,
+        role,
+        status: r.status,
+        joined_at: r.created_at,
+    })
 }
 
 /// Accepts an invitation: the caller becomes a member.

@@ -101,6 +101,9 @@ pub const PUBLIC_ROUTES: &[&str] = &[
     "/api/v1/billing/stripe/webhook",
 ];
 
+/// The OAuth endpoints: their errors are RFC 6749 JSON (`application/json`), not problem+json.
+pub const OAUTH_ROUTES: &[&str] = &["/api/v1/token", "/api/v1/token/introspect", "/api/v1/token/revoke"];
+
 /// Whether a matched route template is public (Swagger UI's assets and unknown paths are).
 pub fn is_public(route: Option<&str>) -> bool {
     match route {

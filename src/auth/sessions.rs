@@ -174,8 +174,7 @@ pub(super) async fn set_password(
 ) -> ApiResult<StatusCode> {
     let auth = state.auth();
     let ip = current_client_ip();
-    let subjects =
-        auth.throttle.ip_subject("setpw", ip.as_deref(), state.config().auth.set_password_max_attempts_ip);
+    let subjects = auth.throttle.ip_subject("setpw", ip.as_deref(), state.config().auth.set_password_max_attempts_ip);
     if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects).await {
         return Err(ApiError::TooManyRequests {
             code: "set_password_throttled",

@@ -172,7 +172,8 @@ async fn parallel_wrong_passwords_are_counted_before_they_are_checked() {
     .await;
     app.bootstrap().await;
     let attempts = (0..30).map(|_| app.login(ADMIN_EMAIL, "wrong-password-123"));
-    let statuses: Vec<u16> = futures_util::future::join_all(attempts).await.iter().map(|r| r.status().as_u16()).collect();
+    let statuses: Vec<u16> =
+        futures_util::future::join_all(attempts).await.iter().map(|r| r.status().as_u16()).collect();
     let checked = statuses.iter().filter(|s| **s == 401).count();
     let refused = statuses.iter().filter(|s| **s == 429).count();
     assert!(checked <= 5, "at most the limit is verified: {statuses:?}");

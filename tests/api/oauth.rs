@@ -751,19 +751,14 @@ async fn responses_that_carry_a_secret_are_never_stored() {
     assert_eq!(login.status(), StatusCode::OK);
     assert_not_stored(&login, "login");
 
-    let key = app
-        .as_(&admin, Method::POST, "/auth/api-keys")
-        .json(&json!({ "description": "ci" }))
-        .send()
-        .await
-        .unwrap();
+    let key =
+        app.as_(&admin, Method::POST, "/auth/api-keys").json(&json!({ "description": "ci" })).send().await.unwrap();
     assert_eq!(key.status(), StatusCode::CREATED);
     assert_not_stored(&key, "new API key");
 
     let agent = app.create_agent(&admin, json!({ "name": "worker", "allowed_scopes": ["agents:read"] })).await;
     let agent_id = agent["id"].as_str().unwrap();
-    let cred =
-        app.as_(&admin, Method::POST, &format!("/api/v1/agents/{agent_id}/credentials")).send().await.unwrap();
+    let cred = app.as_(&admin, Method::POST, &format!("/api/v1/agents/{agent_id}/credentials")).send().await.unwrap();
     assert_eq!(cred.status(), StatusCode::CREATED);
     assert_not_stored(&cred, "new client secret");
     let cred = cred.json::<Value>().await.unwrap();
@@ -824,8 +819,7 @@ async fn challenges_name_the_missing_scope_and_the_resource_metadata() {
     );
     assert_problem(refused, StatusCode::FORBIDDEN, "insufficient_scope").await;
     // Not a bearer token: nothing to challenge.
-    let by_header =
-        app.client.get(app.url("/api/v1/agents")).header("x-api-key", &weak.token).send().await.unwrap();
+    let by_header = app.client.get(app.url("/api/v1/agents")).header("x-api-key", &weak.token).send().await.unwrap();
     assert_eq!(by_header.status(), StatusCode::FORBIDDEN);
     assert!(by_header.headers().get("www-authenticate").is_none());
 

@@ -49,9 +49,9 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
             }),
         StatusCode::FORBIDDEN if bearer && response.extensions().get::<InsufficientScope>().is_some() => {
             Some(match needed {
-                Some(scope) => format!(
-                    "Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{metadata}\""
-                ),
+                Some(scope) => {
+                    format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{metadata}\"")
+                }
                 None => format!("Bearer error=\"insufficient_scope\", resource_metadata=\"{metadata}\""),
             })
         }

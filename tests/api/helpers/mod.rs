@@ -276,9 +276,8 @@ impl TestApp {
     pub async fn add_member(&self, by: &Caller, org_id: &str, email: &str, role: &str) -> Value {
         let invitation = self.invite(by, org_id, email, role).await;
         let token = invitation["invitation_token"].as_str().unwrap();
-        let redeemed = self
-            .post_json("/auth/set-password", &serde_json::json!({ "token": token, "password": PASSWORD }))
-            .await;
+        let redeemed =
+            self.post_json("/auth/set-password", &serde_json::json!({ "token": token, "password": PASSWORD })).await;
         if redeemed.status() == StatusCode::NO_CONTENT {
             let me = self.sign_in(email, PASSWORD).await;
             return serde_json::json!({ "user_id": me.user_id, "email": email, "role": role });
@@ -286,7 +285,10 @@ impl TestApp {
         let invitee = self.sign_in(email, PASSWORD).await;
         let id = invitation["id"].as_str().unwrap();
         json_ok(
-            self.as_(&invitee, reqwest::Method::POST, &format!("/api/v1/invitations/{id}/accept")).send().await.unwrap(),
+            self.as_(&invitee, reqwest::Method::POST, &format!("/api/v1/invitations/{id}/accept"))
+                .send()
+                .await
+                .unwrap(),
             StatusCode::CREATED,
         )
         .await
