@@ -136,6 +136,8 @@ pub struct AuthConfig {
     pub lookups_per_minute_ip: u32,
     pub login_max_failures_account: u32,
     pub login_max_failures_ip: u32,
+    /// `POST /auth/set-password` attempts per client IP within the login window before back-off.
+    pub set_password_max_attempts_ip: u32,
     pub login_window_secs: u64,
     pub login_backoff_base_secs: u64,
     pub login_backoff_max_secs: u64,
@@ -416,7 +418,7 @@ impl Config {
                 "must be at least 300, the JWKS max-age, so that relying parties see a key before it signs",
             ));
         }
-        if a.login_max_failures_account == 0 || a.login_max_failures_ip == 0 {
+        if a.login_max_failures_account == 0 || a.login_max_failures_ip == 0 || a.set_password_max_attempts_ip == 0 {
             return Err(invalid("auth.login_max_failures_account", "limits must be at least 1"));
         }
         if a.login_window_secs == 0 || a.login_backoff_base_secs == 0 {

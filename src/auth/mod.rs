@@ -6,6 +6,7 @@ pub mod agents;
 pub mod bootstrap;
 pub mod credentials;
 pub mod directory;
+mod invitations;
 pub mod keys;
 pub mod model;
 pub mod oauth;
@@ -66,6 +67,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(orgs::get_org))
         .routes(routes!(orgs::list_members, orgs::add_member))
         .routes(routes!(orgs::update_member, orgs::remove_member))
+        .routes(routes!(invitations::list_invitations))
+        .routes(routes!(invitations::accept))
+        .routes(routes!(invitations::decline))
         .routes(routes!(agents::create_agent, agents::list_agents))
         .routes(routes!(agents::get_agent, agents::update_agent, agents::delete_agent))
         .routes(routes!(agents::create_credential, agents::list_credentials))
@@ -102,6 +106,9 @@ pub const PUBLIC_ROUTES: &[&str] = &[
     "/.well-known/jwks.json",
     "/api/v1/billing/stripe/webhook",
 ];
+
+/// The OAuth endpoints: their errors are RFC 6749 JSON (`application/json`), not problem+json.
+pub const OAUTH_ROUTES: &[&str] = &["/api/v1/token", "/api/v1/token/introspect", "/api/v1/token/revoke"];
 
 /// Whether a matched route template is public (Swagger UI's assets and unknown paths are).
 pub fn is_public(route: Option<&str>) -> bool {

@@ -122,17 +122,16 @@ pub struct PageQuery {
     pub limit: Option<i64>,
 }
 
+/// An invitation to join an organization, by email.
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddMember {
     #[validate(email, length(max = 254))]
     pub email: String,
     pub role: Role,
+    /// The name a new account starts with, if the invitee has none yet.
     #[validate(length(min = 1, max = 200))]
     pub display_name: Option<String>,
-    /// An initial password for a new user. Without one, a one-time set-password token is returned.
-    #[validate(length(min = 12, max = 256, message = "must be 12 to 256 characters"))]
-    pub password: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -146,14 +145,30 @@ pub struct Member {
     pub joined_at: OffsetDateTime,
 }
 
+/// An invitation as its invitee and its organization's admins see it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct AddedMember {
+pub struct Invitation {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub email: String,
+    pub role: Role,
+    /// `pending`, `accepted` or `declined`.
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// The answer to an invitation, the same whether or not the email has an account.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedInvitation {
     #[serde(flatten)]
-    pub member: Member,
-    /// Whether the user was created by this call.
-    pub created_user: bool,
-    /// For a new user without a password: shown once; redeem at `POST /auth/set-password`.
-    pub set_password_token: Option<String>,
+    pub invitation: Invitation,
+    /// Shown once; hand it to the invitee. Someone without an account redeems it at
+    /// `POST /auth/set-password` (choosing a password); someone with one signs in and accepts at
+    /// `POST /api/v1/invitations/{id}/accept`.
+    pub invitation_token: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

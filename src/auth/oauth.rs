@@ -517,7 +517,16 @@ async fn introspector(
         }
         let org = actor.org_id.ok_or_else(OAuthError::invalid_client)?;
         let allowed = actor.has_scope(Scope::TokensIntrospect) && actor.require_role(org, Role::Admin).is_ok();
-        return if allowed { Ok(Introspector::Org(org)) } else { Err(OAuthError::invalid_client()) };
+        // The caller is authenticated, only not allowed: no Basic challenge (RFC 6750 §3.1).
+        return if allowed {
+            Ok(Introspector::Org(org))
+        } else {
+            Err(OAuthError::new(
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                "Introspection needs an owner's or admin's credential with the `tokens:introspect` scope.",
+            ))
+        };
     }
     let client = authenticate_client(state, headers, form).await?;
     Ok(Introspector::Org(client.org_id))
@@ -531,7 +540,8 @@ async fn introspector(
     responses(
         (status = 200, description = "`active` plus the claims of an active token", body = Value),
         (status = 400, body = OAuthErrorBody),
-        (status = 401, body = OAuthErrorBody)))]
+        (status = 401, body = OAuthErrorBody),
+        (status = 403, description = "An API key or session without `tokens:introspect` or the admin role", body = OAuthErrorBody)))]
 pub(super) async fn introspect(
     State(state): State<AppState>,
     actor: Option<Extension<Actor>>,

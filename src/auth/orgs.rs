@@ -216,93 +216,66 @@ fn check_owner_change(actor: &Actor, org_id: Uuid, touches_owner: bool) -> ApiRe
     Ok(())
 }
 
-/// Adds a member: an existing user by email, or a new user (with an initial password, or a
-/// one-time set-password token in the response).
+/// Invites someone to the organization by email. Nobody becomes a member until they accept, and
+/// the answer is the same whether or not the email has an account anywhere (no user id, nothing
+/// that tells them apart), so an admin can neither attach another organization's user nor probe
+/// which emails are registered.
 #[utoipa::path(post, path = "/api/v1/organizations/{id}/members", tag = "organizations", params(("id" = Uuid, Path)),
     request_body = AddMember,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses(
-        (status = 201, body = AddedMember),
+        (status = 202, description = "Invited; the invitee accepts", body = CreatedInvitation),
         (status = 403, body = Problem),
         (status = 404, body = Problem),
-        (status = 409, body = Problem),
         (status = 422, body = Problem)))]
 pub(super) async fn add_member(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(org_id): ApiPath<Uuid>,
     ValidatedJson(req): ValidatedJson<AddMember>,
-) -> ApiResult<(StatusCode, Json<AddedMember>)> {
+) -> ApiResult<(StatusCode, Json<CreatedInvitation>)> {
     check_owner_change(&actor, org_id, req.role == Role::Owner)?;
-    let password_hash = match req.password.clone() {
-        Some(p) => Some(crypto::hash_password(p).await?),
-        None => None,
-    };
+    let token = crypto::random_token(super::invitations::TOKEN_PREFIX);
+    let id = Uuid::now_v7();
+    let ttl = state.config().auth.password_token_ttl_secs as f64;
     let mut tx = state.db().begin().await?;
     lock_org(&mut tx, org_id).await?;
-    let existing = sqlx::query!(
-        "select user_id, email, display_name, status from app_user where lower(email) = lower($1)",
-        req.email
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    let (user_id, email, display_name, status, created) = match existing {
-        Some(u) => (u.user_id, u.email, u.display_name, u.status, false),
-        None => {
-            let id = Uuid::now_v7();
-            sqlx::query!(
-                "insert into app_user (user_id, email, display_name, password_hash) values ($1, $2, $3, $4)",
-                id,
-                req.email,
-                req.display_name,
-                password_hash
-            )
-            .execute(&mut *tx)
-            .await
-            .on_constraint("app_user_email_key", || ApiError::conflict("email_taken", "This email is in use."))?;
-            (id, req.email.clone(), req.display_name.clone(), "active".to_owned(), true)
-        }
-    };
-    let joined_at = sqlx::query_scalar!(
-        "insert into membership (organization_id, user_id, role) values ($1, $2, $3) returning created_at",
+    let row = sqlx::query!(
+        "insert into invitation (invitation_id, organization_id, email, role, display_name, invited_by, token_hash, expires_at)
+         values ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+         returning created_at, expires_at",
+        id,
         org_id,
-        user_id,
-        req.role.as_str()
+        req.email,
+        req.role.as_str(),
+        req.display_name,
+        actor.user_id(),
+        &crypto::sha256(&token)[..],
+        ttl
     )
     .fetch_one(&mut *tx)
-    .await
-    .on_constraint("membership_pkey", || ApiError::conflict("already_member", "This user is already a member."))?;
-    let set_password_token = if created && password_hash.is_none() {
-        let token = crypto::random_token("aidp_pwd_");
-        let ttl = state.config().auth.password_token_ttl_secs as i64;
-        sqlx::query!(
-            "insert into password_token (token_hash, user_id, expires_at) values ($1, $2, now() + make_interval(secs => $3))",
-            &crypto::sha256(&token)[..],
-            user_id,
-            ttl as f64
-        )
-        .execute(&mut *tx)
-        .await?;
-        Some(token)
-    } else {
-        None
-    };
-    if created {
-        audit::record(&mut tx, Event::by(&actor, org_id, "user.created").target("user", user_id)).await?;
-    }
+    .await?;
     audit::record(
         &mut tx,
-        Event::by(&actor, org_id, "member.added").target("user", user_id).details(json!({ "role": req.role.as_str() })),
+        Event::by(&actor, org_id, "member.invited")
+            .target("invitation", id)
+            .details(json!({ "role": req.role.as_str() })),
     )
     .await?;
     tx.commit().await?;
-    credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(user_id)).await;
     Ok((
-        StatusCode::CREATED,
-        Json(AddedMember {
-            member: Member { user_id, email, display_name, role: req.role, status, joined_at },
-            created_user: created,
-            set_password_token,
+        StatusCode::ACCEPTED,
+        Json(CreatedInvitation {
+            invitation: Invitation {
+                id,
+                organization_id: org_id,
+                email: req.email,
+                role: req.role,
+                status: "pending".into(),
+                created_at: row.created_at,
+                expires_at: row.expires_at,
+            },
+            invitation_token: token,
         }),
     ))
 }

@@ -52,8 +52,8 @@ pub(super) async fn login(
     let auth = state.auth();
     let ip = current_client_ip();
     let subjects = auth.throttle.subjects(&req.email, ip.as_deref());
-    let wait = auth.throttle.retry_after(state.redis(), &subjects).await;
-    if wait > 0 {
+    // Counted before the password is checked, so parallel attempts cannot all slip past the limit.
+    if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects).await {
         return Err(ApiError::TooManyRequests {
             code: "login_throttled",
             detail: "Too many failed logins; wait before trying again.".into(),
@@ -77,7 +77,6 @@ pub(super) async fn login(
     let ok = crypto::verify_password(req.password, hash).await?;
     let audit_org = org.unwrap_or(audit::SYSTEM_CHAIN);
     let (Some(user_id), true) = (user_id, ok) else {
-        auth.throttle.failed(state.redis(), &subjects).await;
         let mut event = Event::anonymous(audit_org, "auth.login.failed")
             .details(json!({ "email": req.email.chars().take(254).collect::<String>() }));
         if let Some(id) = user_id {
@@ -159,44 +158,78 @@ pub(super) async fn logout(
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, session_cookie("", 0, secure))]).into_response())
 }
 
-/// Sets a password with a one-time token issued when an admin created the user.
+/// Sets a password with a one-time token: a password-reset token, or the invitation token of an
+/// email without an account (which creates the account and accepts the invitation). The token is
+/// looked up before anything is hashed, and attempts are throttled per client IP, so anonymous
+/// requests cannot spend the argon2 permits logins need.
 #[utoipa::path(post, path = "/auth/set-password", tag = "auth", request_body = SetPasswordRequest,
-    responses((status = 204, description = "Password set"), (status = 400, body = Problem), (status = 422, body = Problem)))]
+    responses(
+        (status = 204, description = "Password set"),
+        (status = 400, body = Problem),
+        (status = 422, body = Problem),
+        (status = 429, description = "Too many attempts from this address; see Retry-After", body = Problem)))]
 pub(super) async fn set_password(
     State(state): State<AppState>,
     ValidatedJson(req): ValidatedJson<SetPasswordRequest>,
 ) -> ApiResult<StatusCode> {
+    let auth = state.auth();
+    let ip = current_client_ip();
+    let subjects = auth.throttle.ip_subject("setpw", ip.as_deref(), state.config().auth.set_password_max_attempts_ip);
+    if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects).await {
+        return Err(ApiError::TooManyRequests {
+            code: "set_password_throttled",
+            detail: "Too many set-password attempts from this address; wait before trying again.".into(),
+            retry_after: wait,
+        });
+    }
+    let token_hash = crypto::sha256(&req.token);
+    let invalid = || ApiError::bad_request("invalid_token", "The token is unknown, used or expired.");
+    let mut conn = state.db().acquire().await?;
+    let live = sqlx::query_scalar!(
+        r#"select exists(select 1 from password_token where token_hash = $1 and used_at is null and expires_at > now()) as "e!""#,
+        &token_hash[..]
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !live && !super::invitations::redeemable(&mut conn, &token_hash).await? {
+        return Err(invalid());
+    }
+    drop(conn);
     let hash = crypto::hash_password(req.password).await?;
     let mut tx = state.db().begin().await?;
-    let Some(row) = sqlx::query!(
+    // Redeemed by whoever gets here first; a concurrent redemption finds it used.
+    let reset = sqlx::query_scalar!(
         "update password_token set used_at = now()
          where token_hash = $1 and used_at is null and expires_at > now() returning user_id",
-        &crypto::sha256(&req.token)[..]
+        &token_hash[..]
     )
     .fetch_optional(&mut *tx)
-    .await?
-    else {
-        return Err(ApiError::bad_request("invalid_token", "The token is unknown, used or expired."));
+    .await?;
+    let user_id = match reset {
+        Some(user_id) => {
+            sqlx::query!("update app_user set password_hash = $2 where user_id = $1", user_id, hash)
+                .execute(&mut *tx)
+                .await?;
+            user_id
+        }
+        // An invitation for an email without an account: the account is made now.
+        None => super::invitations::redeem(&mut tx, &token_hash, &hash).await?.ok_or_else(invalid)?,
     };
-    sqlx::query!("update app_user set password_hash = $2 where user_id = $1", row.user_id, hash)
-        .execute(&mut *tx)
-        .await?;
     let org = sqlx::query_scalar!(
         "select organization_id from membership where user_id = $1 order by created_at limit 1",
-        row.user_id
+        user_id
     )
     .fetch_optional(&mut *tx)
     .await?
     .unwrap_or(audit::SYSTEM_CHAIN);
     audit::record(
         &mut tx,
-        Event::anonymous(org, "user.password_set")
-            .actor(format!("user:{}", row.user_id), "human")
-            .target("user", row.user_id),
+        Event::anonymous(org, "user.password_set").actor(format!("user:{user_id}"), "human").target("user", user_id),
     )
     .await?;
     tx.commit().await?;
-    credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(row.user_id)).await;
+    auth.throttle.succeeded(state.redis(), &subjects).await;
+    credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(user_id)).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

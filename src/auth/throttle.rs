@@ -1,11 +1,19 @@
-//! Brute-force protection for password login: failures are counted per account and per client IP
-//! within a window; past the limit each further failure doubles the wait, up to a cap.
+//! Brute-force protection for password login (and other unauthenticated, costly routes):
+//! attempts are counted per account and per client IP within a window; past the limit each further
+//! attempt doubles the wait, up to a cap.
+//!
+//! An attempt is reserved before the password is checked, in one atomic step that reads the
+//! counters, refuses if a subject must wait, and counts the attempt otherwise. So parallel attempts
+//! cannot all pass the check before any of them is counted: of N concurrent wrong passwords, at most
+//! the limit are ever verified. A success refunds its reservation (it clears the account's counter
+//! and gives the IP's attempt back).
 //!
 //! Counters live in Redis so that every instance sees the same numbers. When Redis is away, a
 //! per-process table keeps enforcing (per instance, so approximately).
 
 use std::{collections::HashMap, sync::Mutex};
 
+use deadpool_redis::redis::Script;
 use time::OffsetDateTime;
 
 use crate::{config::AuthConfig, redis::Redis};
@@ -14,119 +22,168 @@ use crate::{config::AuthConfig, redis::Redis};
 pub struct Subject {
     key: String,
     limit: u32,
+    /// Whether a success clears the counter (an account) or only gives its attempt back (an IP).
+    clear_on_success: bool,
 }
 
-/// Login failure counters.
+/// Attempt counters.
 pub struct LoginThrottle {
     cfg: AuthConfig,
     local: Mutex<HashMap<String, (u32, i64)>>,
+    reserve: Script,
 }
+
+/// Reads every subject's (count, last attempt); if any must wait, answers the longest wait and
+/// counts nothing; else counts the attempt against every subject and answers 0.
+/// KEYS: the subjects. ARGV: now, back-off base, back-off max, key TTL, then one limit per key.
+const RESERVE: &str = r#"
+local now, base, cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local n = tonumber(redis.call('HGET', key, 'n') or '0')
+  local last = tonumber(redis.call('HGET', key, 'last') or '0')
+  local limit = tonumber(ARGV[4 + i])
+  if n >= limit then
+    local backoff = math.min(base * 2 ^ math.min(n - limit, 30), cap)
+    wait = math.max(wait, last + backoff - now)
+  end
+end
+if wait > 0 then return wait end
+for _, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, 'n', 1)
+  redis.call('HSET', key, 'last', now)
+  redis.call('EXPIRE', key, ttl)
+end
+return 0
+"#;
 
 impl LoginThrottle {
     pub fn new(cfg: AuthConfig) -> Self {
-        Self { cfg, local: Mutex::new(HashMap::new()) }
+        Self { cfg, local: Mutex::new(HashMap::new()), reserve: Script::new(RESERVE) }
     }
 
-    /// The subjects of one attempt; the email is hashed so that no address sits in Redis.
+    /// The subjects of one login attempt; the email is hashed so that no address sits in Redis.
     pub fn subjects(&self, email: &str, ip: Option<&str>) -> Vec<Subject> {
         let mut out = vec![Subject {
             key: format!("login:acct:{}", hex::encode(crate::crypto::sha256(&email.to_lowercase()))),
             limit: self.cfg.login_max_failures_account,
+            clear_on_success: true,
         }];
         if let Some(ip) = ip {
-            out.push(Subject { key: format!("login:ip:{ip}"), limit: self.cfg.login_max_failures_ip });
+            out.push(Subject {
+                key: format!("login:ip:{ip}"),
+                limit: self.cfg.login_max_failures_ip,
+                clear_on_success: false,
+            });
         }
         out
     }
 
-    fn wait(&self, failures: u32, limit: u32, last: i64, now: i64) -> u64 {
-        if failures < limit {
+    /// The subject of an attempt on another unauthenticated route, counted per client IP under
+    /// `route`'s own name.
+    pub fn ip_subject(&self, route: &str, ip: Option<&str>, limit: u32) -> Vec<Subject> {
+        vec![Subject { key: format!("{route}:ip:{}", ip.unwrap_or("unknown")), limit, clear_on_success: false }]
+    }
+
+    fn wait(&self, attempts: u32, limit: u32, last: i64, now: i64) -> u64 {
+        if attempts < limit {
             return 0;
         }
-        let doublings = (failures - limit).min(30);
+        let doublings = (attempts - limit).min(30);
         let backoff =
             self.cfg.login_backoff_base_secs.saturating_mul(1 << doublings).min(self.cfg.login_backoff_max_secs);
         let until = last.saturating_add(backoff as i64);
         (until - now).max(0) as u64
     }
 
-    /// Seconds to wait before another attempt is allowed (0: go ahead).
-    pub async fn retry_after(&self, redis: &Redis, subjects: &[Subject]) -> u64 {
+    fn ttl(&self) -> u64 {
+        self.cfg.login_window_secs.max(self.cfg.login_backoff_max_secs)
+    }
+
+    /// Reserves one attempt: `Err(seconds)` if a subject must wait first (nothing is counted), else
+    /// the attempt is counted against every subject before the caller checks anything.
+    pub async fn reserve(&self, redis: &Redis, subjects: &[Subject]) -> Result<(), u64> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let counts = match self.read_redis(redis, subjects).await {
-            Ok(c) => c,
+        let wait = match self.reserve_redis(redis, subjects, now).await {
+            Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "login throttle: Redis unavailable, enforcing per instance");
-                let local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-                subjects.iter().map(|s| local.get(&s.key).copied().unwrap_or((0, 0))).collect()
+                self.reserve_local(subjects, now)
             }
         };
-        subjects.iter().zip(counts).map(|(s, (n, last))| self.wait(n, s.limit, last, now)).max().unwrap_or(0)
+        if wait > 0 { Err(wait) } else { Ok(()) }
     }
 
-    async fn read_redis(&self, redis: &Redis, subjects: &[Subject]) -> anyhow::Result<Vec<(u32, i64)>> {
+    async fn reserve_redis(&self, redis: &Redis, subjects: &[Subject], now: i64) -> anyhow::Result<u64> {
         let mut conn = redis.conn().await?;
-        let mut pipe = deadpool_redis::redis::pipe();
+        let mut inv = self.reserve.prepare_invoke();
         for s in subjects {
-            pipe.cmd("HMGET").arg(redis.key(&s.key)).arg("n").arg("last");
+            inv.key(redis.key(&s.key));
         }
-        let rows: Vec<(Option<u32>, Option<i64>)> =
-            tokio::time::timeout(redis.timeout(), pipe.query_async(&mut *conn)).await??;
-        Ok(rows.into_iter().map(|(n, l)| (n.unwrap_or(0), l.unwrap_or(0))).collect())
+        inv.arg(now).arg(self.cfg.login_backoff_base_secs).arg(self.cfg.login_backoff_max_secs).arg(self.ttl());
+        for s in subjects {
+            inv.arg(s.limit);
+        }
+        let wait: i64 = tokio::time::timeout(redis.timeout(), inv.invoke_async(&mut *conn)).await??;
+        Ok(wait.max(0) as u64)
     }
 
-    /// Counts a failed attempt against every subject.
-    pub async fn failed(&self, redis: &Redis, subjects: &[Subject]) {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
+    fn reserve_local(&self, subjects: &[Subject], now: i64) -> u64 {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        if local.len() > 100_000 {
+            local.clear();
+        }
+        let window = self.ttl() as i64;
+        let wait = subjects
+            .iter()
+            .map(|s| match local.get(&s.key) {
+                Some(&(n, last)) if now - last <= window => self.wait(n, s.limit, last, now),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        if wait > 0 {
+            return wait;
+        }
+        for s in subjects {
+            let e = local.entry(s.key.clone()).or_insert((0, now));
+            if now - e.1 > window {
+                *e = (0, now);
+            }
+            *e = (e.0 + 1, now);
+        }
+        0
+    }
+
+    /// A successful attempt refunds its reservation: the account's counter is cleared, the IP's
+    /// attempt is given back.
+    pub async fn succeeded(&self, redis: &Redis, subjects: &[Subject]) {
         {
             let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            if local.len() > 100_000 {
-                local.clear();
-            }
             for s in subjects {
-                let e = local.entry(s.key.clone()).or_insert((0, now));
-                if now - e.1 > self.cfg.login_window_secs as i64 {
-                    *e = (0, now);
+                if s.clear_on_success {
+                    local.remove(&s.key);
+                } else if let Some(e) = local.get_mut(&s.key) {
+                    e.0 = e.0.saturating_sub(1);
                 }
-                *e = (e.0 + 1, now);
             }
         }
-        let write = async {
+        let refund = async {
             let mut conn = redis.conn().await?;
             let mut pipe = deadpool_redis::redis::pipe();
-            pipe.atomic();
             for s in subjects {
                 let key = redis.key(&s.key);
-                pipe.cmd("HINCRBY").arg(&key).arg("n").arg(1).ignore();
-                pipe.cmd("HSET").arg(&key).arg("last").arg(now).ignore();
-                pipe.cmd("EXPIRE")
-                    .arg(&key)
-                    .arg(self.cfg.login_window_secs.max(self.cfg.login_backoff_max_secs))
-                    .ignore();
+                if s.clear_on_success {
+                    pipe.cmd("DEL").arg(&key).ignore();
+                } else {
+                    pipe.cmd("HINCRBY").arg(&key).arg("n").arg(-1).ignore();
+                }
             }
             let () = tokio::time::timeout(redis.timeout(), pipe.query_async(&mut *conn)).await??;
             anyhow::Ok(())
         };
-        if let Err(e) = write.await {
-            tracing::warn!(error = %e, "login throttle: could not record a failure in Redis");
-        }
-    }
-
-    /// A successful login clears the account's counter (not the IP's).
-    pub async fn succeeded(&self, redis: &Redis, subjects: &[Subject]) {
-        let Some(account) = subjects.first() else { return };
-        self.local.lock().unwrap_or_else(|e| e.into_inner()).remove(&account.key);
-        let clear = async {
-            let mut conn = redis.conn().await?;
-            let _: i64 = tokio::time::timeout(
-                redis.timeout(),
-                deadpool_redis::redis::cmd("DEL").arg(redis.key(&account.key)).query_async(&mut *conn),
-            )
-            .await??;
-            anyhow::Ok(())
-        };
-        if let Err(e) = clear.await {
-            tracing::warn!(error = %e, "login throttle: could not clear a counter in Redis");
+        if let Err(e) = refund.await {
+            tracing::warn!(error = %e, "login throttle: could not refund an attempt in Redis");
         }
     }
 }

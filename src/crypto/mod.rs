@@ -36,11 +36,16 @@ pub fn random_password() -> String {
 
 /// Each argon2id run holds 19 MiB: without a bound, a burst of logins (real or with unknown
 /// emails) would run hundreds at once on the blocking pool and take gigabytes. One per core is
-/// as fast as it gets anyway.
-fn argon2_permits() -> &'static tokio::sync::Semaphore {
+/// as fast as it gets anyway. Public so that the tests can hold every permit and prove that a
+/// route answers without hashing.
+pub fn argon2_permits() -> &'static tokio::sync::Semaphore {
     static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    PERMITS
-        .get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)))
+    PERMITS.get_or_init(|| tokio::sync::Semaphore::new(argon2_permit_count() as usize))
+}
+
+/// How many argon2 runs may go at once: one per core.
+pub fn argon2_permit_count() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2)
 }
 
 /// OWASP's argon2id recommendation: 19 MiB, 2 passes, 1 lane.

@@ -184,9 +184,15 @@ fn problem_response(
     (status, headers, Json(body)).into_response()
 }
 
+/// Marks a 403 refused for a scope the credential lacks, so the auth layer can add the RFC 6750
+/// §3.1 `insufficient_scope` challenge naming the scope the route needs.
+#[derive(Debug, Clone, Copy)]
+pub struct InsufficientScope;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let lacks_scope = matches!(&self, Self::Forbidden { code, .. } if code == "insufficient_scope");
         let mut headers = HeaderMap::new();
         let (code, detail, errors): (Cow<'static, str>, String, _) = match self {
             Self::BadRequest { code, detail } | Self::Conflict { code, detail } => {
@@ -218,7 +224,11 @@ impl IntoResponse for ApiError {
                 ("internal_error".into(), default_detail(status).to_owned(), None)
             }
         };
-        problem_response(status, &code, detail, errors, headers)
+        let mut response = problem_response(status, &code, detail, errors, headers);
+        if lacks_scope {
+            response.extensions_mut().insert(InsufficientScope);
+        }
+        response
     }
 }
 

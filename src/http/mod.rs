@@ -3,6 +3,7 @@
 pub mod error;
 pub mod extract;
 pub mod middleware;
+pub mod no_store;
 pub mod openapi;
 pub mod ops;
 pub mod pagination;

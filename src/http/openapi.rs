@@ -8,7 +8,7 @@ use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::error::{FieldError, Problem};
+use super::error::{FieldError, PROBLEM_JSON, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -71,7 +71,101 @@ impl Modify for SecuritySchemes {
 pub fn document() -> utoipa::openapi::OpenApi {
     let (_, mut doc) = crate::app::api_router().split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    document_errors(&mut doc);
     doc
+}
+
+/// The errors the middleware stack can send, added to every operation by the same rules the stack
+/// applies, so that a new route is documented without anyone remembering:
+/// - every route: 500 and 503;
+/// - a protected route (not in [`crate::auth::PUBLIC_ROUTES`]): 401 (auth layer), 403 (policy
+///   layer), 429 (tier layer);
+/// - a JSON request body: 400 (malformed), 413 (body limit), 415 (not JSON), 422 (validation);
+/// - a path parameter: 404 (malformed or another organization's id).
+///
+/// Every error is `application/problem+json` with the `Problem` schema, except on the OAuth
+/// endpoints ([`crate::auth::OAUTH_ROUTES`]), which answer RFC 6749 JSON and keep what their
+/// handlers declare (plus 503 as `temporarily_unavailable`; a 500 is still problem+json).
+fn document_errors(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{
+        ContentBuilder, Ref, RefOr, ResponseBuilder,
+        header::HeaderBuilder,
+        path::{Operation, ParameterIn},
+        schema::{ObjectBuilder, Type},
+    };
+
+    let problem = || ContentBuilder::new().schema(Some(RefOr::Ref(Ref::from_schema_name("Problem")))).build();
+    let oauth_error =
+        || ContentBuilder::new().schema(Some(RefOr::Ref(Ref::from_schema_name("OAuthErrorBody")))).build();
+    let header = |description: &str| {
+        HeaderBuilder::new()
+            .schema(ObjectBuilder::new().schema_type(Type::String))
+            .description(Some(description))
+            .build()
+    };
+    let add = |op: &mut Operation, status: u16, description: &str, oauth: bool| {
+        let entry = op.responses.responses.entry(status.to_string());
+        if let std::collections::btree_map::Entry::Vacant(v) = entry {
+            let mut response = ResponseBuilder::new().description(description);
+            response = if oauth {
+                response.content("application/json", oauth_error())
+            } else {
+                response.content(PROBLEM_JSON, problem())
+            };
+            match status {
+                401 => response = response.header("WWW-Authenticate", header("The challenge (RFC 6750, RFC 9728)")),
+                429 => response = response.header("Retry-After", header("Seconds to wait")),
+                _ => {}
+            }
+            v.insert(RefOr::T(response.build()));
+        }
+    };
+
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let protected = !crate::auth::is_public(Some(path));
+        let oauth = crate::auth::OAUTH_ROUTES.contains(&path.as_str());
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for op in ops.into_iter().flatten() {
+            // What the handlers declared as JSON is what the error type sends: problem+json.
+            if !oauth {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    if let (true, RefOr::T(r)) = (status.starts_with('4') || status.starts_with('5'), response)
+                        && let Some(content) = r.content.shift_remove("application/json")
+                    {
+                        r.content.insert(PROBLEM_JSON.to_owned(), content);
+                    }
+                }
+            }
+            let json_body = op.request_body.as_ref().is_some_and(|b| b.content.keys().any(|k| k == "application/json"));
+            let path_params = path.contains('{')
+                || op.parameters.iter().flatten().any(|p| matches!(p.parameter_in, ParameterIn::Path));
+            if protected {
+                add(op, 401, "No valid credential", false);
+                add(op, 403, "Not allowed: the policy's reason, or a missing scope", false);
+                add(op, 429, "Over the rate limit or the daily quota", false);
+            }
+            if json_body {
+                add(op, 400, "The request is malformed", false);
+                add(op, 413, "The body is larger than the server accepts", false);
+                add(op, 415, "The body is not application/json", false);
+                add(op, 422, "The body failed validation; see `errors`", false);
+            }
+            if path_params {
+                add(op, 404, "No such resource (or another organization's)", false);
+            }
+            add(op, 500, "An internal error; logged with the request id", false);
+            add(op, 503, "A dependency is unavailable; retry shortly", oauth);
+        }
+    }
 }
 
 static JSON: LazyLock<String> = LazyLock::new(|| {

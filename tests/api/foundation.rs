@@ -68,6 +68,19 @@ async fn metrics_use_route_templates() {
 }
 
 #[tokio::test]
+async fn made_up_methods_add_no_metric_series() {
+    let app = spawn_app().await;
+    for i in 0..20 {
+        let method = reqwest::Method::from_bytes(format!("XABCDEF{i}").as_bytes()).unwrap();
+        let resp = app.client.request(method, app.url("/health")).send().await.unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(!text.contains("XABCDEF"), "a made-up method became a label: {text}");
+    assert!(text.contains(r#"method="other""#), "{text}");
+}
+
+#[tokio::test]
 async fn swagger_ui_is_served_from_local_assets() {
     let app = spawn_app().await;
     let resp = app.get("/docs/").await;
@@ -420,4 +433,41 @@ fn bootstrap_runs_once_then_refuses() {
         sqlx::query_scalar("select count(*) from app_user").fetch_one(&pool).await.unwrap()
     });
     assert_eq!(users, 1, "the second run changed nothing");
+}
+
+#[tokio::test]
+async fn every_operation_documents_the_errors_the_stack_sends() {
+    let app = spawn_app().await;
+    let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let public = agentidp::auth::is_public(Some(path));
+        let oauth = agentidp::auth::OAUTH_ROUTES.contains(&path.as_str());
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            let mut needed = vec!["500", "503"];
+            if !public {
+                needed.extend(["401", "403", "429"]);
+            }
+            if op["requestBody"]["content"].get("application/json").is_some() {
+                needed.extend(["400", "415", "422"]);
+            }
+            if path.contains('{') {
+                needed.push("404");
+            }
+            for status in needed {
+                assert!(responses.contains_key(status), "{method} {path} does not document {status}");
+            }
+            for (status, response) in responses {
+                if !(status.starts_with('4') || status.starts_with('5')) {
+                    continue;
+                }
+                let types: Vec<&String> = response["content"].as_object().unwrap().keys().collect();
+                let expected = if oauth && status != "500" { "application/json" } else { "application/problem+json" };
+                assert_eq!(types, [expected], "{method} {path} {status}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "{checked} operations");
 }

@@ -162,6 +162,75 @@ async fn ten_wrong_passwords_give_429_then_the_right_one_works_after_the_wait() 
 }
 
 #[tokio::test]
+async fn parallel_wrong_passwords_are_counted_before_they_are_checked() {
+    let app = spawn_app_with(&[
+        ("auth.login_max_failures_account", json!(5)),
+        ("auth.login_max_failures_ip", json!(1000)),
+        ("auth.login_backoff_base_secs", json!(60)),
+        ("auth.login_backoff_max_secs", json!(120)),
+    ])
+    .await;
+    app.bootstrap().await;
+    let attempts = (0..30).map(|_| app.login(ADMIN_EMAIL, "wrong-password-123"));
+    let statuses: Vec<u16> =
+        futures_util::future::join_all(attempts).await.iter().map(|r| r.status().as_u16()).collect();
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(checked <= 5, "at most the limit is verified: {statuses:?}");
+    assert_eq!(checked + refused, 30, "{statuses:?}");
+}
+
+#[tokio::test]
+async fn the_client_ip_is_the_rightmost_forwarded_address_that_is_not_a_trusted_proxy() {
+    let app = spawn_app_with(&[("tls.trusted_proxies", json!(["127.0.0.1/32", "::1/128", "10.0.0.0/8"]))]).await;
+    app.bootstrap().await;
+    let login_via = |xff: &'static str| {
+        app.client
+            .post(app.url("/auth/login"))
+            .header("x-forwarded-for", xff)
+            .json(&json!({ "email": ADMIN_EMAIL, "password": PASSWORD }))
+            .send()
+    };
+    // The client put 6.6.6.6 there; the proxies appended the address they saw, and their own.
+    assert_eq!(login_via("6.6.6.6, 203.0.113.7, 10.0.0.2").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(login_via("198.51.100.9").await.unwrap().status(), StatusCode::OK);
+    let ips: Vec<Option<String>> =
+        sqlx::query_scalar("select client_ip from session order by created_at").fetch_all(&app.db).await.unwrap();
+    assert_eq!(ips[ips.len() - 2..], [Some("203.0.113.7".to_owned()), Some("198.51.100.9".to_owned())], "{ips:?}");
+}
+
+#[tokio::test]
+async fn set_password_with_an_unknown_token_answers_without_hashing() {
+    let app = spawn_app().await;
+    let permits = agentidp::crypto::argon2_permits();
+    // With every argon2 permit held, a route that hashed would wait for one until the client gives up.
+    let held = permits.acquire_many(agentidp::crypto::argon2_permit_count()).await.unwrap();
+    let resp = app
+        .client
+        .post(app.url("/auth/set-password"))
+        .timeout(Duration::from_secs(10))
+        .json(&json!({ "token": "aidp_pwd_bogus", "password": "a-new-long-password" }))
+        .send()
+        .await;
+    drop(held);
+    assert_problem(resp.expect("answered without waiting for argon2"), StatusCode::BAD_REQUEST, "invalid_token").await;
+}
+
+#[tokio::test]
+async fn set_password_is_throttled_per_ip() {
+    let app = spawn_app_with(&[("auth.set_password_max_attempts_ip", json!(3))]).await;
+    let body = json!({ "token": "aidp_pwd_bogus", "password": "a-new-long-password" });
+    let attempt = || app.post_json("/auth/set-password", &body);
+    for _ in 0..3 {
+        assert_problem(attempt().await, StatusCode::BAD_REQUEST, "invalid_token").await;
+    }
+    let resp = attempt().await;
+    let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
+    assert_problem(resp, StatusCode::TOO_MANY_REQUESTS, "set_password_throttled").await;
+}
+
+#[tokio::test]
 async fn api_keys_are_shown_once_listed_without_secret_and_revocable() {
     let app = spawn_app().await;
     let admin = app.bootstrap().await;
@@ -250,6 +319,89 @@ async fn api_key_scopes_only_narrow() {
 }
 
 #[tokio::test]
+async fn another_orgs_user_is_invited_and_is_not_a_member_until_accepting() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let a = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    let b = app.org_with_owner(&admin, "Bravo", "owner@bravo.test").await;
+    app.add_member(&b, &b.org_id, "bob@bravo.test", "member").await;
+    let bob = app.sign_in("bob@bravo.test", PASSWORD).await;
+
+    let invited = app.invite(&a, &a.org_id, "bob@bravo.test", "admin").await;
+    assert!(invited.get("user_id").is_none() && invited.get("created_user").is_none(), "{invited}");
+    let members_url = format!("/api/v1/organizations/{}/members", a.org_id);
+    let members = json_ok(app.as_(&a, Method::GET, &members_url).send().await.unwrap(), StatusCode::OK).await;
+    assert!(!members.to_string().contains("bob@bravo.test"), "not a member before accepting: {members}");
+    let resp = app.as_(&bob, Method::GET, &members_url).header("x-org-id", &a.org_id).send().await.unwrap();
+    assert_problem(resp, StatusCode::FORBIDDEN, "org_not_member").await;
+    // The token cannot set the password of an account that exists.
+    let token = invited["invitation_token"].as_str().unwrap();
+    let resp = app.post_json("/auth/set-password", &json!({ "token": token, "password": "taken-over-password" })).await;
+    assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_token").await;
+
+    // Bob sees the invitation; nobody else can answer it.
+    let id = invited["id"].as_str().unwrap();
+    let mine = json_ok(app.as_(&bob, Method::GET, "/api/v1/invitations").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(mine[0]["id"], id);
+    let resp = app.as_(&a, Method::POST, &format!("/api/v1/invitations/{id}/accept")).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    let joined = json_ok(
+        app.as_(&bob, Method::POST, &format!("/api/v1/invitations/{id}/accept")).send().await.unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!((joined["email"].as_str(), joined["role"].as_str()), (Some("bob@bravo.test"), Some("admin")));
+    let members = json_ok(app.as_(&a, Method::GET, &members_url).send().await.unwrap(), StatusCode::OK).await;
+    assert!(members.to_string().contains("bob@bravo.test"), "{members}");
+
+    // A declined invitation never becomes a membership.
+    let c = app.org_with_owner(&admin, "Charlie", "owner@charlie.test").await;
+    let declined = app.invite(&c, &c.org_id, "bob@bravo.test", "member").await;
+    let id = declined["id"].as_str().unwrap();
+    let resp = app.as_(&bob, Method::POST, &format!("/api/v1/invitations/{id}/decline")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = app.as_(&bob, Method::POST, &format!("/api/v1/invitations/{id}/accept")).send().await.unwrap();
+    assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
+    let members = format!("/api/v1/organizations/{}/members", c.org_id);
+    let members = json_ok(app.as_(&c, Method::GET, &members).send().await.unwrap(), StatusCode::OK).await;
+    assert!(!members.to_string().contains("bob@bravo.test"), "{members}");
+}
+
+#[tokio::test]
+async fn inviting_answers_the_same_whether_or_not_the_email_has_an_account() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let a = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    app.org_with_owner(&admin, "Bravo", "taken@bravo.test").await;
+    let invite = |email: &'static str| {
+        app.as_(&a, Method::POST, &format!("/api/v1/organizations/{}/members", a.org_id))
+            .json(&json!({ "email": email, "role": "member" }))
+            .send()
+    };
+    let (existing, fresh) = (invite("taken@bravo.test").await.unwrap(), invite("taken@bravo.tesu").await.unwrap());
+    assert_eq!(existing.status(), StatusCode::ACCEPTED);
+    assert_eq!(existing.status(), fresh.status());
+    let names = |r: &reqwest::Response| {
+        let mut h: Vec<String> = r.headers().keys().map(|k| k.to_string()).filter(|k| k != "x-request-id").collect();
+        h.sort();
+        h
+    };
+    assert_eq!(names(&existing), names(&fresh));
+    // Byte for byte the same once the ids, times, token and the email itself are masked.
+    let mask = |text: String, email: &str| {
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let mut masked = text.replace(email, "EMAIL");
+        for field in ["id", "invitation_token", "created_at", "expires_at"] {
+            masked = masked.replace(v[field].as_str().unwrap(), field);
+        }
+        masked
+    };
+    let (e, f) = (existing.text().await.unwrap(), fresh.text().await.unwrap());
+    assert_eq!(mask(e, "taken@bravo.test"), mask(f, "taken@bravo.tesu"));
+}
+
+#[tokio::test]
 async fn organizations_and_members_lifecycle() {
     let app = spawn_app().await;
     let admin = app.bootstrap().await;
@@ -287,19 +439,10 @@ async fn organizations_and_members_lifecycle() {
         .unwrap();
     assert_problem(resp, StatusCode::CONFLICT, "slug_taken").await;
 
-    // A member without a password gets a one-time token.
-    let added = json_ok(
-        app.as_(&owner, Method::POST, &format!("/api/v1/organizations/{}/members", owner.org_id))
-            .json(&json!({ "email": "Dev@Beta.test", "role": "member" }))
-            .send()
-            .await
-            .unwrap(),
-        StatusCode::CREATED,
-    )
-    .await;
-    assert_eq!(added["created_user"], true);
-    let token = added["set_password_token"].as_str().unwrap().to_owned();
-    let dev_id = added["user_id"].as_str().unwrap().to_owned();
+    // A new person redeems the invitation token once, choosing a password.
+    let invited = app.invite(&owner, &owner.org_id, "Dev@Beta.test", "member").await;
+    let token = invited["invitation_token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("aidp_inv_"), "{token}");
     assert_eq!(
         app.post_json("/auth/set-password", &json!({ "token": token, "password": "a-new-long-password" }))
             .await
@@ -311,9 +454,10 @@ async fn organizations_and_members_lifecycle() {
     assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_token").await;
     // Emails are unique without regard to case.
     let dev = app.sign_in("dev@beta.test", "a-new-long-password").await;
+    let dev_id = dev.user_id.clone();
+    let again = app.invite(&owner, &owner.org_id, "DEV@beta.test", "member").await;
     let resp = app
-        .as_(&owner, Method::POST, &format!("/api/v1/organizations/{}/members", owner.org_id))
-        .json(&json!({ "email": "DEV@beta.test", "role": "member" }))
+        .as_(&dev, Method::POST, &format!("/api/v1/invitations/{}/accept", again["id"].as_str().unwrap()))
         .send()
         .await
         .unwrap();
@@ -413,7 +557,7 @@ async fn another_orgs_objects_are_404() {
             (
                 Method::POST,
                 format!("/api/v1/organizations/{org_b}/members"),
-                Some(json!({ "email": "x@a.test", "role": "member", "password": PASSWORD })),
+                Some(json!({ "email": "x@a.test", "role": "member" })),
             ),
             (Method::PATCH, member_b.clone(), Some(json!({ "role": "member" }))),
             (Method::DELETE, member_b.clone(), None),
@@ -530,9 +674,10 @@ async fn bad_input_is_4xx_problem_json() {
             Method::POST,
             format!("/api/v1/organizations/{org}/members"),
             None,
-            Some(json!({ "email": "a@b.test", "role": "member", "password": "short" })),
+            // An admin no longer chooses anyone's password.
+            Some(json!({ "email": "a@b.test", "role": "member", "password": "correct-horse-battery" })),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
+            "invalid_body",
         ),
         (
             Method::PATCH,

@@ -431,13 +431,11 @@ async fn introspection_reveals_only_the_callers_org() {
     let admin_key = app.api_key(&admin, Some(&["tokens:introspect"])).await;
     let body = json_ok(introspect(None, Some(&admin_key.token), &token).await.unwrap(), StatusCode::OK).await;
     assert_eq!(body["active"], true);
+    // An authenticated caller without the scope is refused as such, with no Basic challenge.
     let weak_key = app.api_key(&admin, Some(&["audit:read"])).await;
-    oauth_error(
-        introspect(None, Some(&weak_key.token), &token).await.unwrap(),
-        StatusCode::UNAUTHORIZED,
-        "invalid_client",
-    )
-    .await;
+    let refused = introspect(None, Some(&weak_key.token), &token).await.unwrap();
+    assert!(refused.headers().get("www-authenticate").is_none(), "{:?}", refused.headers());
+    oauth_error(refused, StatusCode::FORBIDDEN, "insufficient_scope").await;
 
     for junk in ["", "nonsense", "a.b.c", &format!("{token}x")] {
         let body =
@@ -958,4 +956,97 @@ async fn unknown_credentials_cost_one_lookup_and_lookups_are_limited_per_ip() {
     oauth_error(resp, StatusCode::TOO_MANY_REQUESTS, "too_many_requests").await;
     // A credential already resolved is not a lookup, and keeps working.
     assert_eq!(app.as_(&admin, Method::GET, "/auth/me").send().await.unwrap().status(), StatusCode::OK);
+}
+
+/// Asserts that a response carrying a secret may not be stored by any cache.
+fn assert_not_stored(resp: &reqwest::Response, what: &str) {
+    let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert_eq!(header("cache-control"), "no-store", "{what}");
+    assert_eq!(header("pragma"), "no-cache", "{what}");
+}
+
+#[tokio::test]
+async fn responses_that_carry_a_secret_are_never_stored() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let login = app.login(crate::helpers::ADMIN_EMAIL, crate::helpers::PASSWORD).await;
+    assert_eq!(login.status(), StatusCode::OK);
+    assert_not_stored(&login, "login");
+
+    let key =
+        app.as_(&admin, Method::POST, "/auth/api-keys").json(&json!({ "description": "ci" })).send().await.unwrap();
+    assert_eq!(key.status(), StatusCode::CREATED);
+    assert_not_stored(&key, "new API key");
+
+    let agent = app.create_agent(&admin, json!({ "name": "worker", "allowed_scopes": ["agents:read"] })).await;
+    let agent_id = agent["id"].as_str().unwrap();
+    let cred = app.as_(&admin, Method::POST, &format!("/api/v1/agents/{agent_id}/credentials")).send().await.unwrap();
+    assert_eq!(cred.status(), StatusCode::CREATED);
+    assert_not_stored(&cred, "new client secret");
+    let cred = cred.json::<Value>().await.unwrap();
+    let client = Client {
+        agent_id: agent_id.to_owned(),
+        credential_id: cred["id"].as_str().unwrap().to_owned(),
+        client_id: cred["client_id"].as_str().unwrap().to_owned(),
+        secret: cred["client_secret"].as_str().unwrap().to_owned(),
+    };
+    let rotated = app
+        .as_(&admin, Method::POST, &format!("/api/v1/agents/{agent_id}/credentials/{}/rotate", client.credential_id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), StatusCode::OK);
+    assert_not_stored(&rotated, "rotated client secret");
+
+    let token = app.token_request(&client, &[("grant_type", "client_credentials")]).await;
+    assert_eq!(token.status(), StatusCode::OK);
+    assert_not_stored(&token, "access token");
+
+    let invited = app
+        .as_(&admin, Method::POST, &format!("/api/v1/organizations/{}/members", admin.org_id))
+        .json(&json!({ "email": "new@acme.test", "role": "member" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(invited.status().is_success(), "{}", invited.status());
+    assert_not_stored(&invited, "member invitation");
+
+    // Public metadata stays cacheable.
+    let jwks = app.get("/.well-known/jwks.json").await;
+    assert_eq!(jwks.headers()["cache-control"], "public, max-age=300");
+    assert!(jwks.headers().get("pragma").is_none());
+}
+
+#[tokio::test]
+async fn challenges_name_the_missing_scope_and_the_resource_metadata() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let metadata = format!("{}/.well-known/oauth-protected-resource", app.config.server.public_url);
+    let challenge = |r: &reqwest::Response| {
+        r.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+    };
+
+    let anonymous = app.get("/auth/me").await;
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(challenge(&anonymous), format!("Bearer resource_metadata=\"{metadata}\""));
+    let bad = app.client.get(app.url("/auth/me")).bearer_auth("aidp_key_nonsense").send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(challenge(&bad), format!("Bearer error=\"invalid_token\", resource_metadata=\"{metadata}\""));
+
+    let weak = app.api_key(&admin, Some(&["audit:read"])).await;
+    let refused = app.as_(&weak, Method::GET, "/api/v1/agents").send().await.unwrap();
+    assert_eq!(
+        challenge(&refused),
+        format!("Bearer error=\"insufficient_scope\", scope=\"agents:read\", resource_metadata=\"{metadata}\"")
+    );
+    assert_problem(refused, StatusCode::FORBIDDEN, "insufficient_scope").await;
+    // Not a bearer token: nothing to challenge.
+    let by_header = app.client.get(app.url("/api/v1/agents")).header("x-api-key", &weak.token).send().await.unwrap();
+    assert_eq!(by_header.status(), StatusCode::FORBIDDEN);
+    assert!(by_header.headers().get("www-authenticate").is_none());
+
+    let doc = json_ok(app.get("/.well-known/oauth-protected-resource").await, StatusCode::OK).await;
+    assert_eq!(doc["authorization_servers"], json!([app.config.server.public_url]));
+    assert!(doc["resource"].is_string() && doc["scopes_supported"].is_array(), "{doc}");
+    assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
 }

@@ -2,10 +2,12 @@
 //!
 //! Which routes are public is declared once, in [`crate::auth::PUBLIC_ROUTES`]. A missing or bad
 //! credential on any other route is 401 problem+json with `WWW-Authenticate`; an organization the
-//! caller does not belong to is 403; Postgres being away while resolving is 503.
+//! caller does not belong to is 403; Postgres being away while resolving is 503. The challenges of
+//! the layers below are completed here (`resource_metadata`, `insufficient_scope` with the scope).
 
 use axum::{
     extract::{MatchedPath, Request, State},
+    http::{HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -13,11 +15,55 @@ use axum::{
 use super::org_context::{Identified, OrgChoice};
 use crate::{
     auth::{Actor, Credential, credentials::Failure, is_public},
-    http::ApiError,
+    http::{ApiError, error::InsufficientScope},
+    policy::routes::rule_for,
     state::AppState,
 };
 
-pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// Runs the layer, then completes its challenges: every Bearer 401 names the protected-resource
+/// metadata (RFC 9728 §5.1), and a 403 for a missing scope, to a caller that sent a bearer token,
+/// carries `Bearer error="insufficient_scope", scope="<needed>"` (RFC 6750 §3.1).
+pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+    let needed = req
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|p| rule_for(req.method().as_str(), p.as_str()))
+        .map(|r| r.scope)
+        .filter(|s| !s.is_empty());
+    let metadata = format!("{}/.well-known/oauth-protected-resource", state.config().server.public_url);
+    let mut response = authenticate(state, req, next).await;
+    let challenge = match response.status() {
+        StatusCode::UNAUTHORIZED => response
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|c| c.starts_with("Bearer"))
+            .map(|c| match c.strip_prefix("Bearer").map(str::trim) {
+                Some("") => format!("Bearer resource_metadata=\"{metadata}\""),
+                _ => format!("{c}, resource_metadata=\"{metadata}\""),
+            }),
+        StatusCode::FORBIDDEN if bearer && response.extensions().get::<InsufficientScope>().is_some() => {
+            Some(match needed {
+                Some(scope) => {
+                    format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{metadata}\"")
+                }
+                None => format!("Bearer error=\"insufficient_scope\", resource_metadata=\"{metadata}\""),
+            })
+        }
+        _ => None,
+    };
+    if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
+async fn authenticate(state: AppState, mut req: Request, next: Next) -> Response {
     if is_public(req.extensions().get::<MatchedPath>().map(|p| p.as_str())) {
         // A public route may still use a valid credential (introspection by an admin key).
         if let Some(Identified { principal: Ok(principal), org: OrgChoice::Chosen(org_id) }) =

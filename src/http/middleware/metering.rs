@@ -2,7 +2,7 @@
 //! and records each request made in an organization (org, actor, route template, status, latency)
 //! for analytics.
 //!
-//! The route is axum's matched template (`/api/v1/agents/{id}`), never the raw path, so label
+//! The method is one of the standard ones or `other`; the route is axum's matched template (`/api/v1/agents/{id}`), never the raw path, so label
 //! cardinality stays bounded whatever clients send. Recording is an atomic increment and a
 //! non-blocking push onto a bounded queue (see [`crate::analytics`]): it never blocks and never
 //! fails a request. Requests the tier layer refuses are recorded too.
@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use axum::{
     extract::{MatchedPath, Request, State},
+    http::Method,
     middleware::Next,
     response::Response,
 };
@@ -25,9 +26,26 @@ use crate::{
 pub const REQUESTS_TOTAL: &str = "http_requests_total";
 pub const REQUEST_DURATION: &str = "http_request_duration_seconds";
 
+/// The method as a metric label: the standard methods by name, anything else `other`, so that
+/// clients cannot mint series by sending made-up methods.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let who = match req.extensions().get::<Identified>() {
         Some(Identified { principal: Ok(p), org: OrgChoice::Chosen(Some(org)) })

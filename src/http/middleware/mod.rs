@@ -1,7 +1,7 @@
 //! The middleware stack, assembled in one place in request order.
 //!
 //! Around the six product layers sit the cross-cutting ones: the request id and span (outermost, so
-//! every log line has the id), compression, the problem+json safety net, panic capture, the request
+//! every log line has the id), `Cache-Control: no-store` unless a route sets its own, compression, the problem+json safety net, panic capture, the request
 //! timeout and CORS. Then, in this order: TLS → org context → metering → tier
 //! enforcement → auth → policy. The body limit sits innermost because it changes the body type.
 
@@ -24,13 +24,18 @@ use tower_http::{
     timeout::TimeoutLayer,
 };
 
-use crate::{config::CorsConfig, http::problem, http::request_id, state::AppState};
+use crate::{
+    config::CorsConfig,
+    http::{no_store, problem, request_id},
+    state::AppState,
+};
 
 /// Wraps every route of `router` (and its fallbacks) in the stack. Listed outermost first.
 pub fn stack(router: Router<AppState>, state: &AppState) -> Router<AppState> {
     let cfg = state.config();
     let layers = ServiceBuilder::new()
         .layer(from_fn(request_id::layer))
+        .layer(from_fn(no_store::layer))
         .layer(CompressionLayer::new())
         .layer(from_fn(problem::layer))
         .layer(CatchPanicLayer::custom(problem::on_panic))

@@ -3,9 +3,12 @@
 //!
 //! "Arrived over HTTPS" is the listener's own scheme, unless the peer is a configured trusted proxy,
 //! in which case its `X-Forwarded-Proto` decides. The header from anyone else is ignored, so a client
-//! cannot talk its way past enforcement.
+//! cannot talk its way past enforcement. The client's address behind trusted proxies is the
+//! rightmost `X-Forwarded-For` entry that is not itself a trusted proxy.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
 
 use axum::{
     extract::{ConnectInfo, Request, State},
@@ -47,14 +50,8 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         return redirect_to_https(&state, req.method(), req.uri(), req.headers().get(header::HOST));
     }
     req.extensions_mut().insert(Secure(https));
-    let forwarded_for = req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok());
-    let client_ip = match forwarded_for {
-        Some(ip) if trusted => Some(ip),
+    let client_ip = match peer {
+        Some(peer) if trusted => Some(forwarded_client(req.headers(), peer, &tls.trusted_proxies)),
         _ => peer,
     }
     .map(|ip| ip.to_string());
@@ -66,6 +63,29 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         }
     }
     response
+}
+
+/// The client behind a chain of trusted proxies: each proxy appends the address it saw to
+/// `X-Forwarded-For`, so, reading from the right, the first address that is not a trusted proxy is
+/// the client (what lies to its left was written by the client and proves nothing). A malformed
+/// entry ends the walk at the last address that could be read.
+fn forwarded_client(headers: &axum::http::HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else { break };
+        client = ip;
+        if !trusted.iter().any(|net| net.contains(&ip)) {
+            break;
+        }
+    }
+    client
 }
 
 /// 308 keeps the method and body, so a POST is repeated as a POST over HTTPS.

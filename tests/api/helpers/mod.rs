@@ -258,11 +258,34 @@ impl TestApp {
         caller
     }
 
-    /// Adds a member with the standard test password; returns the member body.
-    pub async fn add_member(&self, by: &Caller, org_id: &str, email: &str, role: &str) -> Value {
+    /// Invites `email`; returns the invitation body (with its one-time token).
+    pub async fn invite(&self, by: &Caller, org_id: &str, email: &str, role: &str) -> Value {
         json_ok(
             self.as_(by, reqwest::Method::POST, &format!("/api/v1/organizations/{org_id}/members"))
-                .json(&serde_json::json!({ "email": email, "role": role, "password": PASSWORD }))
+                .json(&serde_json::json!({ "email": email, "role": role }))
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::ACCEPTED,
+        )
+        .await
+    }
+
+    /// Adds a member the way people join: an invitation, redeemed with the standard test password
+    /// by a new person, or accepted by a signed-in existing one. Returns the member body.
+    pub async fn add_member(&self, by: &Caller, org_id: &str, email: &str, role: &str) -> Value {
+        let invitation = self.invite(by, org_id, email, role).await;
+        let token = invitation["invitation_token"].as_str().unwrap();
+        let redeemed =
+            self.post_json("/auth/set-password", &serde_json::json!({ "token": token, "password": PASSWORD })).await;
+        if redeemed.status() == StatusCode::NO_CONTENT {
+            let me = self.sign_in(email, PASSWORD).await;
+            return serde_json::json!({ "user_id": me.user_id, "email": email, "role": role });
+        }
+        let invitee = self.sign_in(email, PASSWORD).await;
+        let id = invitation["id"].as_str().unwrap();
+        json_ok(
+            self.as_(&invitee, reqwest::Method::POST, &format!("/api/v1/invitations/{id}/accept"))
                 .send()
                 .await
                 .unwrap(),
