@@ -158,18 +158,6 @@ impl Actor {
         self.scopes().is_none_or(|s| s.contains(&scope))
     }
 
-    /// 403 `insufficient_scope` unless the credential carries `scope`.
-    pub fn require_scope(&self, scope: Scope) -> ApiResult<()> {
-        if self.has_scope(scope) {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(
-                "insufficient_scope",
-                format!("This credential lacks the `{}` scope.", scope.as_str()),
-            ))
-        }
-    }
-
     /// The organization the request acts in, or 400 asking for `X-Org-Id`.
     pub fn current_org(&self) -> ApiResult<Uuid> {
         self.org_id
