@@ -26,6 +26,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::audit::router())
         .merge(crate::policy::router())
         .merge(crate::tiers::router())
+        .merge(crate::webhooks::router())
 }
 
 /// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
@@ -115,6 +116,7 @@ impl Application {
         let retention = crate::retention::spawn(&state);
         let settler = spawn_settler(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
+        let dispatcher = crate::webhooks::spawn(&state);
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
         match tls {
@@ -132,6 +134,14 @@ impl Application {
         // What was buffered in memory goes out before the pool closes.
         state.auth().last_used.flush(state.db()).await;
         state.analytics().stop();
+        // Attempts in flight finish and are recorded; what is left is retaken by the other instances.
+        state.webhooks().stop();
+        if let Some(mut d) = dispatcher
+            && tokio::time::timeout(grace, &mut d).await.is_err()
+        {
+            tracing::warn!("webhook attempts still in flight after the grace period; their leases will lapse");
+            d.abort();
+        }
         if let Some(mut writer) = analytics
             && tokio::time::timeout(grace, &mut writer).await.is_err()
         {

@@ -31,6 +31,39 @@ pub struct Config {
     pub tiers: TiersConfig,
     pub analytics: AnalyticsConfig,
     pub retention: RetentionConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// Webhook endpoints and the dispatcher that delivers the event outbox to them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Whether this instance runs the dispatcher (every instance may; they share the work).
+    pub dispatcher: bool,
+    /// Seconds to wait before each retry after a failed attempt; past the last, a dead letter.
+    pub retry_schedule_secs: Vec<u64>,
+    /// Each wait is moved by up to this share of itself, either way, so retries do not stampede.
+    pub retry_jitter: f64,
+    /// An endpoint with no success for this long while failing is disabled.
+    pub disable_after_hours: u64,
+    /// One attempt, connection to last byte read.
+    pub timeout_secs: u64,
+    /// How long a claimed delivery is held; then another instance may retake it.
+    pub lease_secs: u64,
+    /// Deliveries claimed at once, and attempts in flight at once, per instance.
+    pub batch_size: u32,
+    pub concurrency: usize,
+    /// How often the outbox is checked when no notification arrives.
+    pub poll_interval_ms: u64,
+    /// The start of each response body kept with its attempt.
+    pub response_body_max_bytes: usize,
+    /// After a secret rotation, the old secret keeps signing beside the new one this long.
+    pub secret_rotation_overlap_secs: u64,
+    /// Allow endpoints on loopback, private, link-local and CGNAT addresses (tests, on-premise
+    /// receivers); cloud metadata, multicast and unspecified addresses stay refused even so.
+    pub allow_private_networks: bool,
+    /// Endpoints per organization.
+    pub max_endpoints: u32,
 }
 
 /// How long rows that have served their purpose are kept, and how pruning runs.
@@ -454,6 +487,37 @@ impl Config {
             ));
         }
         self.validate_tiers()?;
+        let w = &self.webhooks;
+        if w.retry_schedule_secs.len() > 50 || w.retry_schedule_secs.iter().any(|s| *s > 7 * 86400) {
+            return Err(invalid("webhooks.retry_schedule_secs", "at most 50 waits of at most 7 days each"));
+        }
+        if !(0.0..=0.5).contains(&w.retry_jitter) {
+            return Err(invalid("webhooks.retry_jitter", "must be between 0.0 and 0.5"));
+        }
+        if w.disable_after_hours == 0 {
+            return Err(invalid("webhooks.disable_after_hours", "must be at least 1"));
+        }
+        if !(1..=300).contains(&w.timeout_secs) {
+            return Err(invalid("webhooks.timeout_secs", "must be between 1 and 300"));
+        }
+        if w.lease_secs <= w.timeout_secs {
+            return Err(invalid("webhooks.lease_secs", "must be longer than webhooks.timeout_secs"));
+        }
+        if !(1..=10_000).contains(&w.batch_size) || !(1..=1024).contains(&w.concurrency) {
+            return Err(invalid("webhooks.batch_size", "batch_size 1..10000 and concurrency 1..1024"));
+        }
+        if !(10..=60_000).contains(&w.poll_interval_ms) {
+            return Err(invalid("webhooks.poll_interval_ms", "must be between 10 and 60000"));
+        }
+        if !(256..=1_048_576).contains(&w.response_body_max_bytes) {
+            return Err(invalid("webhooks.response_body_max_bytes", "must be between 256 and 1048576"));
+        }
+        if w.secret_rotation_overlap_secs > 30 * 86400 {
+            return Err(invalid("webhooks.secret_rotation_overlap_secs", "must be at most 30 days"));
+        }
+        if !(1..=1000).contains(&w.max_endpoints) {
+            return Err(invalid("webhooks.max_endpoints", "must be between 1 and 1000"));
+        }
         let an = &self.analytics;
         if an.batch_size == 0 || an.buffer_capacity < an.batch_size {
             return Err(invalid(

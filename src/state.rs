@@ -34,6 +34,7 @@ struct Inner {
     analytics: Arc<crate::analytics::Recorder>,
     clock: crate::clock::Clock,
     http: reqwest::Client,
+    webhooks: crate::webhooks::Webhooks,
 }
 
 impl AppState {
@@ -49,6 +50,7 @@ impl AppState {
             .user_agent(concat!("agentidp/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
             .build()?;
+        let webhooks = crate::webhooks::Webhooks::new(&config.webhooks)?;
         Ok(Self(Arc::new(Inner {
             config,
             db,
@@ -64,6 +66,7 @@ impl AppState {
             analytics,
             clock: crate::clock::Clock::default(),
             http,
+            webhooks,
         })))
     }
     pub fn config(&self) -> &Config {
@@ -105,6 +108,10 @@ impl AppState {
     /// The outbound HTTP client (Stripe).
     pub fn http_client(&self) -> &reqwest::Client {
         &self.0.http
+    }
+    /// Webhook delivery: the guarded client and the dispatcher's state.
+    pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
+        &self.0.webhooks
     }
     /// The decision-log receiver, taken once by the instance that runs the writer.
     pub fn take_decision_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>> {
