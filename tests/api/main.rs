@@ -9,3 +9,4 @@ mod oauth;
 mod policy;
 mod retention;
 mod tiers;
+mod webhooks;
