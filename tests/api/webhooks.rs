@@ -760,3 +760,91 @@ async fn readiness_and_metrics_show_the_dispatcher() {
         assert!(metrics.contains(name), "{name} in /metrics");
     }
 }
+
+#[tokio::test]
+async fn hangs_resets_and_redirects_are_failures_retried_never_followed() {
+    let app = webhook_app(&[("webhooks.timeout_secs", json!(1)), ("webhooks.lease_secs", json!(5))]).await;
+    let admin = app.bootstrap().await;
+    // Hangs past the timeout.
+    let hang = Receiver::start().await;
+    hang.delay_ms.store(5_000, Ordering::Relaxed);
+    // Redirects elsewhere.
+    let target = Receiver::start().await;
+    let redirect = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirect_url = format!("http://{}/hook", redirect.local_addr().unwrap());
+    let location = target.url();
+    tokio::spawn(async move {
+        let router = axum::Router::new().route(
+            "/hook",
+            post(move || async move { (StatusCode::MOVED_PERMANENTLY, [("location", location)], "moved") }),
+        );
+        axum::serve(redirect, router).await.unwrap()
+    });
+    // Accepts and drops the connection.
+    let reset = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reset_url = format!("http://{}/hook", reset.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = reset.accept().await {
+            drop(conn);
+        }
+    });
+    for (url, check) in
+        [(hang.url(), ("timeout", None)), (redirect_url, ("", Some(301))), (reset_url, ("request", None))]
+    {
+        let (id, _) = create_endpoint(&app, &admin, &url, &["webhook.test"]).await;
+        send(&app, &admin, Method::POST, &format!("/api/v1/webhooks/{id}/test"), None).await;
+        let d = wait_delivery(&app, &admin, &id, |d| d["attempts"] == 1).await;
+        let a = &d["attempt_log"][0];
+        assert_eq!(d["status"], "pending", "retried later: {d}");
+        assert!(a["next_attempt_at"].is_string(), "{d}");
+        match check {
+            (_, Some(code)) => {
+                assert_eq!(a["status_code"], code, "{d}");
+                assert_eq!(a["response_body"], "moved");
+            }
+            (error, None) => assert_eq!(a["error"], error, "{d}"),
+        }
+    }
+    assert!(target.hits().is_empty(), "a redirect is never followed");
+}
+
+#[tokio::test]
+async fn the_dispatcher_waits_out_a_postgres_outage_and_resumes() {
+    let (db_url, _) = crate::helpers::fresh_database().await;
+    let upstream = db_url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned();
+    let proxy = crate::helpers::proxy::Proxy::start(upstream.clone()).await;
+    let via_proxy = db_url.replace(&upstream, &proxy.addr.to_string());
+    let app = spawn_on(test_config(&via_proxy, &webhook_config()), None).await;
+    let admin = app.bootstrap().await;
+    let rx = Receiver::start().await;
+    create_endpoint(&app, &admin, &rx.url(), &["agent.*"]).await;
+
+    proxy.down().await;
+    // Changes keep being committed elsewhere (another instance, with its own way to Postgres).
+    let direct = sqlx::PgPool::connect(&db_url).await.unwrap();
+    let org: uuid::Uuid = admin.org_id.parse().unwrap();
+    let mut ids = HashSet::new();
+    for i in 0..5 {
+        let mut tx = direct.begin().await.unwrap();
+        let data = json!({ "agent_id": uuid::Uuid::now_v7(), "name": format!("o{i}"), "status": "active" });
+        ids.insert(agentidp::events::emit(&mut tx, org, "agent.created", "agents/x", data).await.unwrap().to_string());
+        tx.commit().await.unwrap();
+    }
+    let mut failing = false;
+    for _ in 0..100 {
+        let ready: Value = app.get("/ready").await.json().await.unwrap();
+        if ready["webhook_dispatcher"]["status"] == "failing" {
+            failing = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(failing, "/ready tells the dispatcher cannot work");
+    assert!(rx.hits().is_empty());
+
+    proxy.up();
+    rx.wait_for("the events committed during the outage", |h| {
+        h.iter().map(|h| h.id.clone()).collect::<HashSet<_>>() == ids
+    })
+    .await;
+}
