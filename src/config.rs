@@ -81,6 +81,8 @@ pub struct RetentionConfig {
     /// After a set-password token was used or expired.
     pub password_token_days: u32,
     pub stripe_event_days: u32,
+    /// Outbox events, with their webhook deliveries and attempts: how far back a replay reaches.
+    pub event_days: u32,
 }
 
 /// Plans, their limits, and optional Stripe billing.
@@ -371,7 +373,7 @@ impl Config {
         if r.batch_size == 0 || r.batch_size > 100_000 {
             return Err(invalid("retention.batch_size", "must be between 1 and 100000"));
         }
-        if [r.analytics_days, r.decision_log_days, r.session_days, r.password_token_days].contains(&0) {
+        if [r.analytics_days, r.decision_log_days, r.session_days, r.password_token_days, r.event_days].contains(&0) {
             return Err(invalid("retention.analytics_days", "retention periods must be at least 1 day"));
         }
         if r.stripe_event_days < 30 {
