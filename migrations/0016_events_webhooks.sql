@@ -13,9 +13,12 @@ create table event_outbox (
     data jsonb not null,
     occurred_at timestamptz not null default now(),
     -- Set once the event has become deliveries (every event is fanned out once).
-    fanned_out_at timestamptz
+    fanned_out_at timestamptz,
+    -- Set once published to NATS JetStream (or at fan-out, where events.nats is off).
+    published_at timestamptz
 );
 create index event_outbox_pending_idx on event_outbox (event_id) where fanned_out_at is null;
+create index event_outbox_unpublished_idx on event_outbox (event_id) where published_at is null;
 create index event_outbox_org_time_idx on event_outbox (organization_id, occurred_at);
 
 create table webhook_endpoint (

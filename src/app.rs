@@ -117,6 +117,7 @@ impl Application {
         let settler = spawn_settler(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
         let dispatcher = crate::webhooks::spawn(&state);
+        let publisher = crate::events::nats::spawn(&state);
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
         match tls {
@@ -141,6 +142,12 @@ impl Application {
         {
             tracing::warn!("webhook attempts still in flight after the grace period; their leases will lapse");
             d.abort();
+        }
+        if let Some(mut p) = publisher {
+            let _ = p.stop.send(true);
+            if tokio::time::timeout(grace, &mut p.task).await.is_err() {
+                p.task.abort();
+            }
         }
         if let Some(mut writer) = analytics
             && tokio::time::timeout(grace, &mut writer).await.is_err()

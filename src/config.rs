@@ -32,6 +32,30 @@ pub struct Config {
     pub analytics: AnalyticsConfig,
     pub retention: RetentionConfig,
     pub webhooks: WebhooksConfig,
+    pub events: EventsConfig,
+}
+
+/// The event outbox's optional feed to NATS.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    pub nats: NatsConfig,
+}
+
+/// Publishing every outbox event to NATS JetStream, on `<subject_prefix>.<type>`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub enabled: bool,
+    #[serde(serialize_with = "redact_url")]
+    pub url: String,
+    /// The JetStream stream holding the events, created when missing.
+    pub stream: String,
+    pub subject_prefix: String,
+    /// How long the stream keeps an event (when this server creates it).
+    pub max_age_days: u32,
+    /// Events published per batch (each acknowledged by JetStream before it counts as published).
+    pub batch_size: u32,
 }
 
 /// Webhook endpoints and the dispatcher that delivers the event outbox to them.
@@ -489,6 +513,20 @@ impl Config {
             ));
         }
         self.validate_tiers()?;
+        let n = &self.events.nats;
+        if !(n.url.starts_with("nats://") || n.url.starts_with("tls://")) {
+            return Err(invalid("events.nats.url", "must be a nats:// or tls:// URL"));
+        }
+        let token = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !token(&n.stream) {
+            return Err(invalid("events.nats.stream", "letters, digits, - and _ only"));
+        }
+        if !n.subject_prefix.split('.').all(token) {
+            return Err(invalid("events.nats.subject_prefix", "dot-separated tokens of letters, digits, - and _"));
+        }
+        if n.max_age_days == 0 || !(1..=10_000).contains(&n.batch_size) {
+            return Err(invalid("events.nats.batch_size", "max_age_days at least 1, batch_size 1..10000"));
+        }
         let w = &self.webhooks;
         if w.retry_schedule_secs.len() > 50 || w.retry_schedule_secs.iter().any(|s| *s > 7 * 86400) {
             return Err(invalid("webhooks.retry_schedule_secs", "at most 50 waits of at most 7 days each"));

@@ -61,6 +61,7 @@ fn rules(cfg: &RetentionConfig, max_token_ttl_secs: u64) -> Vec<Rule> {
             // With their deliveries and attempts (by cascade); never an event still being delivered.
             table: "event_outbox",
             select: "select ctid from event_outbox where occurred_at < $1 and fanned_out_at is not null
+                     and published_at is not null
                      and not exists (select 1 from webhook_delivery d
                                      where d.event_id = event_outbox.event_id and d.status = 'pending')
                      limit $2",

@@ -6,6 +6,7 @@
 //! catalog of event types, with a JSON schema of each `data`, is [`CATALOG`].
 
 mod catalog;
+pub mod nats;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -57,8 +58,8 @@ async fn insert(
     debug_assert!(is_known(event_type), "event type {event_type} is not in the catalog");
     let id = Uuid::now_v7();
     sqlx::query!(
-        "insert into event_outbox (event_id, organization_id, type, subject, data, fanned_out_at)
-         values ($1, $2, $3, $4, $5, case when $6 then now() end)",
+        "insert into event_outbox (event_id, organization_id, type, subject, data, fanned_out_at, published_at)
+         values ($1, $2, $3, $4, $5, case when $6 then now() end, case when $6 then now() end)",
         id,
         org_id,
         event_type,
@@ -135,13 +136,20 @@ pub struct Pending {
 
 /// Takes up to `limit` events that were never fanned out and marks them so, in the caller's
 /// transaction: each is handed to exactly one caller, and back to the next if it rolls back.
-pub async fn claim_unfanned(conn: &mut PgConnection, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
+/// Unless `published_to_nats` (events.nats on), they count as published too.
+pub async fn claim_unfanned(
+    conn: &mut PgConnection,
+    limit: i64,
+    published_to_nats: bool,
+) -> Result<Vec<Pending>, sqlx::Error> {
     let rows = sqlx::query!(
-        "update event_outbox set fanned_out_at = now()
+        "update event_outbox set fanned_out_at = now(),
+                published_at = case when $2 then published_at else coalesce(published_at, now()) end
          where event_id in (select event_id from event_outbox where fanned_out_at is null
                             order by event_id limit $1 for update skip locked)
          returning event_id, organization_id, type",
-        limit
+        limit,
+        published_to_nats
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -193,6 +201,24 @@ pub async fn load(db: impl sqlx::PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<Sto
             occurred_at: r.occurred_at,
         })
         .collect())
+}
+
+/// Wakes `wake` whenever an event commits (Postgres LISTEN), reconnecting after failures; callers
+/// also poll, so a missed notification only delays.
+pub async fn listen(db: sqlx::PgPool, wake: std::sync::Arc<tokio::sync::Notify>) {
+    loop {
+        match sqlx::postgres::PgListener::connect_with(&db).await {
+            Ok(mut l) => {
+                if l.listen(CHANNEL).await.is_ok() {
+                    while l.recv().await.is_ok() {
+                        wake.notify_one();
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "event listener cannot connect"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// How many events wait to be fanned out, and the age in seconds of the oldest.

@@ -33,7 +33,7 @@ pub(super) async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     let status = state.webhooks().status.clone();
     status.running.store(true, Ordering::Relaxed);
     let wake = Arc::new(Notify::new());
-    let listener = tokio::spawn(listen(state.db().clone(), wake.clone()));
+    let listener = tokio::spawn(events::listen(state.db().clone(), wake.clone()));
     let poll = Duration::from_millis(state.config().webhooks.poll_interval_ms);
     let batch = state.config().webhooks.batch_size as usize;
     let mut last_gauges = Instant::now() - Duration::from_secs(60);
@@ -71,23 +71,6 @@ pub(super) async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     status.running.store(false, Ordering::Relaxed);
 }
 
-/// Wakes the dispatcher when an event commits (LISTEN), reconnecting after failures.
-async fn listen(db: sqlx::PgPool, wake: Arc<Notify>) {
-    loop {
-        match sqlx::postgres::PgListener::connect_with(&db).await {
-            Ok(mut l) => {
-                if l.listen(events::CHANNEL).await.is_ok() {
-                    while l.recv().await.is_ok() {
-                        wake.notify_one();
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "event listener cannot connect"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
 async fn gauges(state: &AppState) {
     let pending = sqlx::query!(
         r#"select count(*) as "n!", coalesce(extract(epoch from now() - min(created_at))::float8, 0) as "age!"
@@ -113,7 +96,8 @@ async fn round(state: &AppState) -> anyhow::Result<usize> {
     // Fan out everything new first, so that claims see it.
     loop {
         let mut tx = state.db().begin().await?;
-        let pending = events::claim_unfanned(&mut tx, cfg.batch_size as i64).await?;
+        let nats = state.config().events.nats.enabled;
+        let pending = events::claim_unfanned(&mut tx, cfg.batch_size as i64, nats).await?;
         insert_deliveries(&mut tx, &pending, state.clock().now(), None).await?;
         tx.commit().await?;
         if pending.len() < cfg.batch_size as usize {
