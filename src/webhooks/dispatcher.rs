@@ -114,17 +114,25 @@ async fn round(state: &AppState) -> anyhow::Result<usize> {
     let events: HashMap<Uuid, StoredEvent> =
         events::load(state.db(), &event_ids).await?.into_iter().map(|e| (e.id, e)).collect();
     let targets = targets(state, &endpoint_ids).await?;
-    futures_util::stream::iter(claimed)
-        .for_each_concurrent(cfg.concurrency, |c| {
+    let succeeded: Vec<(Claimed, Attempt)> = futures_util::stream::iter(claimed)
+        .map(|c| {
             let event = events.get(&c.event_id);
             let target = targets.get(&c.endpoint_id);
             async move {
-                if let (Some(event), Some(target)) = (event, target) {
-                    deliver(state, c, event, target).await;
+                match (event, target) {
+                    (Some(event), Some(target)) => deliver(state, c, event, target).await,
+                    _ => None,
                 }
             }
         })
+        .buffer_unordered(cfg.concurrency)
+        .filter_map(|s| async move { s })
+        .collect()
         .await;
+    if let Err(e) = settle_succeeded(state, &succeeded).await {
+        // The leases lapse and the deliveries go out again: at least once, never lost.
+        tracing::warn!(error = %e, "could not record successful webhook attempts");
+    }
     Ok(n)
 }
 
@@ -215,7 +223,9 @@ struct Attempt {
     error: Option<String>,
 }
 
-async fn deliver(state: &AppState, c: Claimed, event: &StoredEvent, target: &Target) {
+/// Attempts one delivery. A success is handed back, to be recorded with the round's others in one
+/// transaction; anything else is recorded at once.
+async fn deliver(state: &AppState, c: Claimed, event: &StoredEvent, target: &Target) -> Option<(Claimed, Attempt)> {
     let attempt = attempt(state, &c, event, target).await;
     let outcome = match attempt.status {
         Some(s) if (200..300).contains(&s) => Outcome::Success,
@@ -229,10 +239,67 @@ async fn deliver(state: &AppState, c: Claimed, event: &StoredEvent, target: &Tar
     };
     metrics::counter!("webhook_attempts_total", "outcome" => label).increment(1);
     metrics::histogram!("webhook_attempt_duration_seconds").record(attempt.latency.as_secs_f64());
+    if matches!(outcome, Outcome::Success) {
+        return Some((c, attempt));
+    }
     if let Err(e) = settle(state, &c, outcome, attempt).await {
         // The lease lapses and another round tries again: at least once, never lost.
         tracing::warn!(error = %e, delivery = %c.id, "could not record a webhook attempt");
     }
+    None
+}
+
+/// Records a round's successful attempts, in one transaction: those still under this instance's
+/// lease are settled, their attempts logged, their endpoints' failure clocks stopped.
+async fn settle_succeeded(state: &AppState, done: &[(Claimed, Attempt)]) -> anyhow::Result<()> {
+    let Some((first, _)) = done.first() else { return Ok(()) };
+    let now = state.clock().now();
+    let ids: Vec<Uuid> = done.iter().map(|(c, _)| c.id).collect();
+    let codes: Vec<i32> = done.iter().map(|(_, a)| a.status.map(i32::from).unwrap_or(200)).collect();
+    let latencies: Vec<i32> = done.iter().map(|(_, a)| a.latency.as_millis().min(i32::MAX as u128) as i32).collect();
+    let bodies: Vec<String> = done.iter().map(|(_, a)| a.body.replace('\0', "")).collect();
+    let attempt_ids: Vec<Uuid> = done.iter().map(|_| Uuid::now_v7()).collect();
+    let mut endpoints: Vec<Uuid> = done.iter().map(|(c, _)| c.endpoint_id).collect();
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    let mut tx = state.db().begin().await?;
+    let settled = sqlx::query!(
+        "with held as (
+             update webhook_delivery d set status = 'succeeded', attempts = d.attempts + 1, lease_until = null,
+                    lease_token = null, last_status_code = u.code, last_error = null
+             from unnest($1::uuid[], $2::int[]) as u(id, code)
+             where d.webhook_delivery_id = u.id and d.lease_token = $3
+             returning d.webhook_delivery_id)
+         insert into webhook_attempt (webhook_attempt_id, webhook_delivery_id, attempted_at, status_code, latency_ms,
+             response_body)
+         select a.attempt_id, a.id, $4, a.code, a.latency, a.body
+         from unnest($5::uuid[], $1::uuid[], $2::int[], $6::int[], $7::text[]) as a(attempt_id, id, code, latency, body)
+         where a.id in (select webhook_delivery_id from held)",
+        &ids,
+        &codes,
+        first.lease,
+        now,
+        &attempt_ids,
+        &latencies,
+        &bodies
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    // In id order, so that instances settling the same endpoints never deadlock.
+    sqlx::query!(
+        "update webhook_endpoint set failing_since = null, last_success_at = $2
+         where webhook_endpoint_id in (select webhook_endpoint_id from webhook_endpoint
+                                       where webhook_endpoint_id = any($1)
+                                       order by webhook_endpoint_id for update)",
+        &endpoints,
+        now
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    metrics::counter!("webhook_deliveries_total", "outcome" => "succeeded").increment(settled);
+    Ok(())
 }
 
 /// Sends one signed request and reads up to the configured start of the response.

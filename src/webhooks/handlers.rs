@@ -195,7 +195,7 @@ async fn validate(
         (status = 403, body = Problem),
         (status = 409, description = "Too many endpoints", body = Problem),
         (status = 422, description = "Invalid fields, or a refused URL (`url_refused`, the reason in `errors`)", body = Problem)))]
-pub(super) async fn create(
+pub(super) async fn create_webhook(
     State(state): State<AppState>,
     actor: Actor,
     ApiJson(req): ApiJson<CreateEndpoint>,
@@ -253,7 +253,7 @@ pub(super) async fn create(
 #[utoipa::path(get, path = "/api/v1/webhooks", tag = "webhooks",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Vec<Endpoint>), (status = 403, body = Problem)))]
-pub(super) async fn list(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<Vec<Endpoint>>> {
+pub(super) async fn list_webhooks(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<Vec<Endpoint>>> {
     let org_id = admin_org(&actor)?;
     let rows = sqlx::query_as!(
         EndpointRow,
@@ -285,7 +285,7 @@ async fn fetch(db: impl sqlx::PgExecutor<'_>, org_id: Uuid, id: Uuid) -> ApiResu
 #[utoipa::path(get, path = "/api/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Endpoint), (status = 404, body = Problem)))]
-pub(super) async fn get(
+pub(super) async fn get_webhook(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -299,7 +299,7 @@ pub(super) async fn get(
     request_body = UpdateEndpoint,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Endpoint), (status = 404, body = Problem), (status = 422, body = Problem)))]
-pub(super) async fn update(
+pub(super) async fn update_webhook(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -347,7 +347,7 @@ pub(super) async fn update(
 #[utoipa::path(delete, path = "/api/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 204, description = "Deleted"), (status = 404, body = Problem)))]
-pub(super) async fn delete(
+pub(super) async fn delete_webhook(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -386,7 +386,7 @@ pub struct RotatedSecret {
 #[utoipa::path(post, path = "/api/v1/webhooks/{id}/rotate-secret", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = RotatedSecret, description = "`Cache-Control: no-store`"), (status = 404, body = Problem)))]
-pub(super) async fn rotate_secret(
+pub(super) async fn rotate_webhook_secret(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -424,7 +424,7 @@ pub struct Queued {
 #[utoipa::path(post, path = "/api/v1/webhooks/{id}/test", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 202, body = Queued), (status = 404, body = Problem)))]
-pub(super) async fn send_test(
+pub(super) async fn send_test_event(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -568,7 +568,7 @@ async fn delivery_list(
     params(("id" = Uuid, Path), DeliveryQuery),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Vec<Delivery>), (status = 400, body = Problem), (status = 404, body = Problem)))]
-pub(super) async fn deliveries(
+pub(super) async fn list_deliveries(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -583,7 +583,7 @@ pub(super) async fn deliveries(
 #[utoipa::path(get, path = "/api/v1/webhooks/dead-letters", tag = "webhooks", params(DeliveryQuery),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Vec<Delivery>), (status = 400, body = Problem)))]
-pub(super) async fn dead_letters(
+pub(super) async fn list_dead_letters(
     State(state): State<AppState>,
     actor: Actor,
     ApiQuery(q): ApiQuery<DeliveryQuery>,
@@ -618,7 +618,7 @@ const REPLAY_MAX: i64 = 10_000;
     request_body = ReplayRequest,
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 202, body = Replayed), (status = 404, body = Problem), (status = 422, body = Problem)))]
-pub(super) async fn replay(
+pub(super) async fn replay_events(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -651,7 +651,7 @@ pub(super) async fn replay(
 #[utoipa::path(post, path = "/api/v1/webhooks/deliveries/{id}/retry", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 202, description = "Queued"), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub(super) async fn retry(
+pub(super) async fn retry_delivery(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -698,7 +698,7 @@ pub struct EventTypeInfo {
 #[utoipa::path(get, path = "/api/v1/webhooks/event-types", tag = "webhooks",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Vec<EventTypeInfo>), (status = 401, body = Problem)))]
-pub(super) async fn event_types(_actor: Actor) -> Json<Vec<EventTypeInfo>> {
+pub(super) async fn list_event_types(_actor: Actor) -> Json<Vec<EventTypeInfo>> {
     Json(
         events::CATALOG
             .iter()

@@ -29,15 +29,15 @@ use crate::{config::WebhooksConfig, events::Pending, state::AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(handlers::create, handlers::list))
-        .routes(routes!(handlers::get, handlers::update, handlers::delete))
-        .routes(routes!(handlers::rotate_secret))
-        .routes(routes!(handlers::send_test))
-        .routes(routes!(handlers::deliveries))
-        .routes(routes!(handlers::replay))
-        .routes(routes!(handlers::retry))
-        .routes(routes!(handlers::dead_letters))
-        .routes(routes!(handlers::event_types))
+        .routes(routes!(handlers::create_webhook, handlers::list_webhooks))
+        .routes(routes!(handlers::get_webhook, handlers::update_webhook, handlers::delete_webhook))
+        .routes(routes!(handlers::rotate_webhook_secret))
+        .routes(routes!(handlers::send_test_event))
+        .routes(routes!(handlers::list_deliveries))
+        .routes(routes!(handlers::replay_events))
+        .routes(routes!(handlers::retry_delivery))
+        .routes(routes!(handlers::list_dead_letters))
+        .routes(routes!(handlers::list_event_types))
 }
 
 /// The webhook machinery of one instance: the guarded delivery client and the dispatcher's state.
