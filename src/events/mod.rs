@@ -57,20 +57,24 @@ async fn insert(
 ) -> Result<Uuid, sqlx::Error> {
     debug_assert!(is_known(event_type), "event type {event_type} is not in the catalog");
     let id = Uuid::now_v7();
+    // One round trip. The notification is delivered at commit, never for a transaction that rolls
+    // back, and wakes the dispatchers at once.
     sqlx::query!(
-        "insert into event_outbox (event_id, organization_id, type, subject, data, fanned_out_at, published_at)
-         values ($1, $2, $3, $4, $5, case when $6 then now() end, case when $6 then now() end)",
+        "with written as (
+             insert into event_outbox (event_id, organization_id, type, subject, data, fanned_out_at, published_at)
+             values ($1, $2, $3, $4, $5, case when $6 then now() end, case when $6 then now() end)
+             returning event_id)
+         select pg_notify($7, '') from written",
         id,
         org_id,
         event_type,
         subject,
         data,
-        addressed
+        addressed,
+        CHANNEL
     )
     .execute(&mut *conn)
     .await?;
-    // Delivered at commit, never for a transaction that rolls back.
-    sqlx::query!("select pg_notify($1, '')", CHANNEL).execute(&mut *conn).await?;
     Ok(id)
 }
 

@@ -452,9 +452,10 @@ async fn settle(state: &AppState, c: &Claimed, outcome: Outcome, a: Attempt) -> 
                 c.endpoint_id,
                 now
             )
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-            if now - since >= time::Duration::hours(cfg.disable_after_hours as i64) {
+            // None: the endpoint was deleted meanwhile (its deliveries with it).
+            if since.is_some_and(|since| now - since >= time::Duration::hours(cfg.disable_after_hours as i64)) {
                 disable(&mut tx, c, "failing").await?;
             }
         }

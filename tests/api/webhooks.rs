@@ -68,7 +68,8 @@ impl Receiver {
 
     /// Waits (bounded) until `done` holds over the hits.
     async fn wait_for(&self, what: &str, done: impl Fn(&[Hit]) -> bool) -> Vec<Hit> {
-        for _ in 0..600 {
+        // Bounded: 60 s at most, for a loaded machine; most waits end in milliseconds.
+        for _ in 0..1200 {
             let hits = self.hits();
             if done(&hits) {
                 return hits;
