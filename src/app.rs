@@ -113,29 +113,19 @@ impl Application {
             signal.graceful_shutdown(Some(grace));
         });
         let background = spawn_background(&state);
+        let dispatcher = crate::webhooks::spawn(&state);
+        let publisher = crate::events::nats::spawn(&state);
         let retention = crate::retention::spawn(&state);
         let settler = spawn_settler(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
-        let dispatcher = crate::webhooks::spawn(&state);
-        let publisher = crate::events::nats::spawn(&state);
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
         match tls {
             Some(tls) => axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(service).await?,
             None => axum_server::from_tcp(listener)?.handle(handle).serve(service).await?,
         }
-        background.abort();
-        settler.abort();
-        if let Some(r) = retention {
-            r.abort();
-        }
-        // Leases go back and counts made in memory reach Redis, for the instances that stay.
-        let _ =
-            tokio::time::timeout(grace, state.tiers().limiter.settle(state.redis(), crate::tiers::Giveback::All)).await;
-        // What was buffered in memory goes out before the pool closes.
-        state.auth().last_used.flush(state.db()).await;
-        state.analytics().stop();
-        // Attempts in flight finish and are recorded; what is left is retaken by the other instances.
+        // Webhook attempts in flight finish and are recorded, and the NATS batch in flight is
+        // acknowledged; what is left is taken by the other instances.
         state.webhooks().stop();
         if let Some(mut d) = dispatcher
             && tokio::time::timeout(grace, &mut d).await.is_err()
@@ -149,6 +139,17 @@ impl Application {
                 p.task.abort();
             }
         }
+        background.abort();
+        settler.abort();
+        if let Some(r) = retention {
+            r.abort();
+        }
+        // Leases go back and counts made in memory reach Redis, for the instances that stay.
+        let _ =
+            tokio::time::timeout(grace, state.tiers().limiter.settle(state.redis(), crate::tiers::Giveback::All)).await;
+        // What was buffered in memory goes out before the pool closes.
+        state.auth().last_used.flush(state.db()).await;
+        state.analytics().stop();
         if let Some(mut writer) = analytics
             && tokio::time::timeout(grace, &mut writer).await.is_err()
         {

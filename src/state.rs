@@ -105,13 +105,13 @@ impl AppState {
     pub fn clock(&self) -> &crate::clock::Clock {
         &self.0.clock
     }
-    /// The outbound HTTP client (Stripe).
-    pub fn http_client(&self) -> &reqwest::Client {
-        &self.0.http
-    }
     /// Webhook delivery: the guarded client and the dispatcher's state.
     pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
         &self.0.webhooks
+    }
+    /// The outbound HTTP client (Stripe).
+    pub fn http_client(&self) -> &reqwest::Client {
+        &self.0.http
     }
     /// The decision-log receiver, taken once by the instance that runs the writer.
     pub fn take_decision_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<crate::policy::LoggedDecision>> {
