@@ -595,9 +595,9 @@ pub(super) async fn list_dead_letters(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
-    /// Events that occurred at or after this instant (RFC 3339)...
-    #[serde(with = "time::serde::rfc3339")]
-    pub since: OffsetDateTime,
+    /// Events that occurred at or after this instant (RFC 3339; required)...
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub since: Option<OffsetDateTime>,
     /// ...and before this one (default: now).
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub until: Option<OffsetDateTime>,
@@ -625,13 +625,15 @@ pub(super) async fn replay_events(
     ApiJson(req): ApiJson<ReplayRequest>,
 ) -> ApiResult<(StatusCode, Json<Replayed>)> {
     let org_id = admin_org(&actor)?;
+    let mut tx = state.db().begin().await?;
+    // Another organization's endpoint is a 404 whatever the body says.
+    fetch(&mut *tx, org_id, id).await?;
+    let since = req.since.ok_or_else(|| ApiError::field("since", "required", "since is required"))?;
     let until = req.until.unwrap_or_else(OffsetDateTime::now_utc);
-    if until <= req.since {
+    if until <= since {
         return Err(ApiError::field("until", "range", "until must be after since"));
     }
-    let mut tx = state.db().begin().await?;
-    fetch(&mut *tx, org_id, id).await?;
-    let found = events::between(&mut tx, org_id, req.since, until, REPLAY_MAX + 1).await?;
+    let found = events::between(&mut tx, org_id, since, until, REPLAY_MAX + 1).await?;
     if found.len() as i64 > REPLAY_MAX {
         return Err(ApiError::field("since", "range", format!("At most {REPLAY_MAX} events per replay; narrow it.")));
     }
@@ -639,7 +641,7 @@ pub(super) async fn replay_events(
     audit::record(
         &mut tx,
         Event::by(&actor, org_id, "webhook.replayed").target("webhook_endpoint", id).details(json!({
-            "since": events::rfc3339(req.since), "until": events::rfc3339(until), "queued": queued,
+            "since": events::rfc3339(since), "until": events::rfc3339(until), "queued": queued,
         })),
     )
     .await?;

@@ -578,6 +578,14 @@ async fn replay_delivers_a_time_range_again_with_the_same_ids() {
         .await
         .unwrap();
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    let resp = app
+        .as_(&admin, Method::POST, &format!("/api/v1/webhooks/{endpoint}/replay"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "since");
 }
 
 #[tokio::test]
@@ -716,6 +724,7 @@ async fn endpoints_belong_to_their_organization_and_to_its_owners_and_admins() {
         b(Method::POST, format!("/api/v1/webhooks/{id}/test")),
         b(Method::GET, format!("/api/v1/webhooks/{id}/deliveries")),
         b(Method::POST, format!("/api/v1/webhooks/{id}/replay")).json(&json!({ "since": "2020-01-01T00:00:00Z" })),
+        b(Method::POST, format!("/api/v1/webhooks/{id}/replay")).json(&json!({})),
         b(Method::POST, format!("/api/v1/webhooks/deliveries/{delivery}/retry")),
     ] {
         assert_problem(req.send().await.unwrap(), StatusCode::NOT_FOUND, "not_found").await;
