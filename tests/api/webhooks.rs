@@ -279,22 +279,41 @@ async fn every_event_type_arrives_as_a_cloudevent_that_a_standard_webhooks_libra
 async fn the_outbox_commits_with_the_change_and_rolls_back_with_it() {
     let app = webhook_app(&[]).await;
     let admin = app.bootstrap().await;
+    let org: uuid::Uuid = admin.org_id.parse().unwrap();
+    let stored = |id: uuid::Uuid| {
+        sqlx::query_scalar::<_, i64>("select count(*) from event_outbox where event_id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+    };
+    // In the caller's transaction: gone with a rollback, there with a commit.
+    let data = || json!({ "agent_id": uuid::Uuid::now_v7(), "name": "x", "status": "active" });
+    let mut tx = app.db.begin().await.unwrap();
+    let id = agentidp::events::emit(&mut tx, org, "agent.updated", "agents/x", data()).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(stored(id).await.unwrap(), 0);
+    let mut tx = app.db.begin().await.unwrap();
+    let id = agentidp::events::emit(&mut tx, org, "agent.updated", "agents/x", data()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(stored(id).await.unwrap(), 1);
+
+    // Over HTTP: a refused change writes no event, a change exactly its own.
     let before: i64 = sqlx::query_scalar("select count(*) from event_outbox").fetch_one(&app.db).await.unwrap();
-    // A change that fails (a duplicate member) writes no event.
-    app.add_member(&admin, &admin.org_id, "dup@acme.test", "member").await;
     let resp = app
-        .as_(&admin, Method::POST, &format!("/api/v1/organizations/{}/members", admin.org_id))
-        .json(&json!({ "email": "dup@acme.test", "role": "member" }))
+        .as_(&admin, Method::PATCH, &format!("/api/v1/organizations/{}/members/{}", admin.org_id, admin.user_id))
+        .json(&json!({ "role": "member" }))
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), StatusCode::CONFLICT);
-    let types: Vec<String> = sqlx::query_scalar("select type from event_outbox order by event_id offset $1")
+    assert_problem(resp, StatusCode::CONFLICT, "last_owner").await;
+    let agent = app.create_agent(&admin, json!({ "name": "one" })).await;
+    let rows: Vec<(String, Value)> = sqlx::query_as("select type, data from event_outbox order by event_id offset $1")
         .bind(before)
         .fetch_all(&app.db)
         .await
         .unwrap();
-    assert_eq!(types, vec!["member.added".to_owned()]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, "agent.created");
+    assert_eq!(rows[0].1["agent_id"], agent["id"]);
 }
 
 #[tokio::test]
