@@ -97,7 +97,7 @@ fn envelope(h: &Hit) -> Value {
 
 /// What the webhook tests run with: private receivers allowed, a quick poll.
 fn webhook_config() -> Vec<(&'static str, Value)> {
-    vec![("webhooks.allow_private_networks", json!(true)), ("webhooks.poll_interval_ms", json!(50))]
+    vec![("webhooks.allow_private_networks", json!(true)), ("webhooks.poll_interval_ms", json!(100))]
 }
 
 async fn webhook_app(extra: &[(&str, Value)]) -> TestApp {
