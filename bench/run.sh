@@ -513,6 +513,23 @@ else
     fi
 fi
 
+# --- webhooks: outbox to a local receiver -------------------------------------------
+# benches/webhooks.rs: deliveries per second draining a backlog, commit-to-receipt latency at a
+# steady 1,000 events/s, and what events::emit adds to a transaction. In-process, on its own
+# database; its output goes below the table like pdp-inproc's. A failure is noted, not fatal.
+rm -f "$OUT/webhooks.txt"
+if [[ ${BENCH_WEBHOOKS:-1} != 1 ]]; then
+    note "webhooks skipped: BENCH_WEBHOOKS=${BENCH_WEBHOOKS}"
+else
+    log "webhooks: cargo bench --bench webhooks"
+    if (cd "$ROOT" && SQLX_OFFLINE=true timeout 900 cargo bench --bench webhooks) >"$OUT/webhooks.txt" 2>"$OUT/webhooks.log"; then
+        note "webhooks: the output of cargo bench --bench webhooks is below the table"
+    else
+        note "webhooks failed: cargo bench --bench webhooks exited non-zero (see $OUT/webhooks.log)"
+        rm -f "$OUT/webhooks.txt"
+    fi
+fi
+
 # --- the peer: oidc-provider ------------------------------------------------------
 IDLE_RSS_PEER=0
 if [[ $RUN_PEER == 1 ]]; then
@@ -577,6 +594,10 @@ BENCH_META_NODE=$(node --version 2>/dev/null || echo '?')
 BENCH_META_OIDC=$OIDC_VERSION
 python3 "$BENCH_DIR/table.py" "$RESULTS" "$NOTES" "$IDLE_RSS_OURS" "$IDLE_RSS_PEER" "$OUT/pdp-inproc.txt" >"$OUT/summary.md" \
     || die "could not write the summary table"
+if [[ -f $OUT/webhooks.txt ]]; then
+    { echo; echo 'webhooks, the output of `cargo bench --bench webhooks`:'; echo; echo '```'; cat "$OUT/webhooks.txt"; echo '```'; } \
+        >>"$OUT/summary.md"
+fi
 echo
 cat "$OUT/summary.md"
 echo

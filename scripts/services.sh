@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Ensure a local PostgreSQL (127.0.0.1:5432, role postgres, no password) and
-# Redis (127.0.0.1:6379) are installed and running on Debian. Idempotent.
+# Ensure a local PostgreSQL (127.0.0.1:5432, role postgres, no password),
+# Redis (127.0.0.1:6379) and NATS with JetStream (127.0.0.1:4222) are installed
+# and running on Debian. Idempotent.
 set -euo pipefail
 
 PG_PORT=5432
 REDIS_PORT=6379
+NATS_PORT=4222
 DB_NAME="${AGENTIDP_DB_NAME:-agentidp}"
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -37,6 +39,10 @@ if ! command -v pg_ctlcluster >/dev/null || ! command -v psql >/dev/null \
 fi
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
     apt_install redis-server
+fi
+nats_up() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT" 2>/dev/null; }
+if ! nats_up && ! command -v nats-server >/dev/null; then
+    apt_install nats-server
 fi
 
 # --- postgres cluster -----------------------------------------------------
@@ -129,3 +135,20 @@ if ! redis_up; then
     done
 fi
 log "redis ok (127.0.0.1:$REDIS_PORT)"
+
+# --- nats (JetStream) ---------------------------------------------------------
+if ! nats_up; then
+    log "starting nats-server with JetStream on 127.0.0.1:$NATS_PORT"
+    nats_dir=/var/lib/agentidp-nats
+    nats_log=/tmp/agentidp-nats.log
+    mkdir -p "$nats_dir"
+    # No --daemon in nats-server: detach it ourselves. Test data only.
+    setsid nohup nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$nats_dir" -l "$nats_log" \
+        </dev/null >/dev/null 2>&1 &
+    for ((i = 0; ; i++)); do
+        nats_up && break
+        ((i < 20)) || { tail -n 5 "$nats_log" >&2 || true; die "nats-server not listening on 127.0.0.1:$NATS_PORT after 10s"; }
+        sleep 0.5
+    done
+fi
+log "nats ok (127.0.0.1:$NATS_PORT)"

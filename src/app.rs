@@ -26,6 +26,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::audit::router())
         .merge(crate::policy::router())
         .merge(crate::tiers::router())
+        .merge(crate::webhooks::router())
 }
 
 /// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
@@ -112,6 +113,8 @@ impl Application {
             signal.graceful_shutdown(Some(grace));
         });
         let background = spawn_background(&state);
+        let dispatcher = crate::webhooks::spawn(&state);
+        let publisher = crate::events::nats::spawn(&state);
         let retention = crate::retention::spawn(&state);
         let settler = spawn_settler(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
@@ -121,6 +124,21 @@ impl Application {
         match tls {
             Some(tls) => axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(service).await?,
             None => axum_server::from_tcp(listener)?.handle(handle).serve(service).await?,
+        }
+        // Webhook attempts in flight finish and are recorded, and the NATS batch in flight is
+        // acknowledged; what is left is taken by the other instances.
+        state.webhooks().stop();
+        if let Some(mut d) = dispatcher
+            && tokio::time::timeout(grace, &mut d).await.is_err()
+        {
+            tracing::warn!("webhook attempts still in flight after the grace period; their leases will lapse");
+            d.abort();
+        }
+        if let Some(mut p) = publisher {
+            let _ = p.stop.send(true);
+            if tokio::time::timeout(grace, &mut p.task).await.is_err() {
+                p.task.abort();
+            }
         }
         background.abort();
         settler.abort();

@@ -31,6 +31,63 @@ pub struct Config {
     pub tiers: TiersConfig,
     pub analytics: AnalyticsConfig,
     pub retention: RetentionConfig,
+    pub webhooks: WebhooksConfig,
+    pub events: EventsConfig,
+}
+
+/// The event outbox's optional feed to NATS.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    pub nats: NatsConfig,
+}
+
+/// Publishing every outbox event to NATS JetStream, on `<subject_prefix>.<type>`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub enabled: bool,
+    #[serde(serialize_with = "redact_url")]
+    pub url: String,
+    /// The JetStream stream holding the events, created when missing.
+    pub stream: String,
+    pub subject_prefix: String,
+    /// How long the stream keeps an event (when this server creates it).
+    pub max_age_days: u32,
+    /// Events published per batch (each acknowledged by JetStream before it counts as published).
+    pub batch_size: u32,
+}
+
+/// Webhook endpoints and the dispatcher that delivers the event outbox to them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Whether this instance runs the dispatcher (every instance may; they share the work).
+    pub dispatcher: bool,
+    /// Seconds to wait before each retry after a failed attempt; past the last, a dead letter.
+    pub retry_schedule_secs: Vec<u64>,
+    /// Each wait is moved by up to this share of itself, either way, so retries do not stampede.
+    pub retry_jitter: f64,
+    /// An endpoint with no success for this long while failing is disabled.
+    pub disable_after_hours: u64,
+    /// One attempt, connection to last byte read.
+    pub timeout_secs: u64,
+    /// How long a claimed delivery is held; then another instance may retake it.
+    pub lease_secs: u64,
+    /// Deliveries claimed at once, and attempts in flight at once, per instance.
+    pub batch_size: u32,
+    pub concurrency: usize,
+    /// How often the outbox is checked when no notification arrives.
+    pub poll_interval_ms: u64,
+    /// The start of each response body kept with its attempt.
+    pub response_body_max_bytes: usize,
+    /// After a secret rotation, the old secret keeps signing beside the new one this long.
+    pub secret_rotation_overlap_secs: u64,
+    /// Allow endpoints on loopback, private, link-local and CGNAT addresses (tests, on-premise
+    /// receivers); cloud metadata, multicast and unspecified addresses stay refused even so.
+    pub allow_private_networks: bool,
+    /// Endpoints per organization.
+    pub max_endpoints: u32,
 }
 
 /// How long rows that have served their purpose are kept, and how pruning runs.
@@ -48,6 +105,8 @@ pub struct RetentionConfig {
     /// After a set-password token was used or expired.
     pub password_token_days: u32,
     pub stripe_event_days: u32,
+    /// Outbox events, with their webhook deliveries and attempts: how far back a replay reaches.
+    pub event_days: u32,
 }
 
 /// Plans, their limits, and optional Stripe billing.
@@ -340,7 +399,7 @@ impl Config {
         if r.batch_size == 0 || r.batch_size > 100_000 {
             return Err(invalid("retention.batch_size", "must be between 1 and 100000"));
         }
-        if [r.analytics_days, r.decision_log_days, r.session_days, r.password_token_days].contains(&0) {
+        if [r.analytics_days, r.decision_log_days, r.session_days, r.password_token_days, r.event_days].contains(&0) {
             return Err(invalid("retention.analytics_days", "retention periods must be at least 1 day"));
         }
         if r.stripe_event_days < 30 {
@@ -456,6 +515,51 @@ impl Config {
             ));
         }
         self.validate_tiers()?;
+        let n = &self.events.nats;
+        if !(n.url.starts_with("nats://") || n.url.starts_with("tls://")) {
+            return Err(invalid("events.nats.url", "must be a nats:// or tls:// URL"));
+        }
+        let token = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !token(&n.stream) {
+            return Err(invalid("events.nats.stream", "letters, digits, - and _ only"));
+        }
+        if !n.subject_prefix.split('.').all(token) {
+            return Err(invalid("events.nats.subject_prefix", "dot-separated tokens of letters, digits, - and _"));
+        }
+        if n.max_age_days == 0 || !(1..=10_000).contains(&n.batch_size) {
+            return Err(invalid("events.nats.batch_size", "max_age_days at least 1, batch_size 1..10000"));
+        }
+        let w = &self.webhooks;
+        if w.retry_schedule_secs.len() > 50 || w.retry_schedule_secs.iter().any(|s| *s > 7 * 86400) {
+            return Err(invalid("webhooks.retry_schedule_secs", "at most 50 waits of at most 7 days each"));
+        }
+        if !(0.0..=0.5).contains(&w.retry_jitter) {
+            return Err(invalid("webhooks.retry_jitter", "must be between 0.0 and 0.5"));
+        }
+        if w.disable_after_hours == 0 {
+            return Err(invalid("webhooks.disable_after_hours", "must be at least 1"));
+        }
+        if !(1..=300).contains(&w.timeout_secs) {
+            return Err(invalid("webhooks.timeout_secs", "must be between 1 and 300"));
+        }
+        if w.lease_secs <= w.timeout_secs {
+            return Err(invalid("webhooks.lease_secs", "must be longer than webhooks.timeout_secs"));
+        }
+        if !(1..=10_000).contains(&w.batch_size) || !(1..=1024).contains(&w.concurrency) {
+            return Err(invalid("webhooks.batch_size", "batch_size 1..10000 and concurrency 1..1024"));
+        }
+        if !(10..=60_000).contains(&w.poll_interval_ms) {
+            return Err(invalid("webhooks.poll_interval_ms", "must be between 10 and 60000"));
+        }
+        if !(256..=1_048_576).contains(&w.response_body_max_bytes) {
+            return Err(invalid("webhooks.response_body_max_bytes", "must be between 256 and 1048576"));
+        }
+        if w.secret_rotation_overlap_secs > 30 * 86400 {
+            return Err(invalid("webhooks.secret_rotation_overlap_secs", "must be at most 30 days"));
+        }
+        if !(1..=1000).contains(&w.max_endpoints) {
+            return Err(invalid("webhooks.max_endpoints", "must be between 1 and 1000"));
+        }
         let an = &self.analytics;
         if an.batch_size == 0 || an.buffer_capacity < an.batch_size {
             return Err(invalid(

@@ -9,6 +9,8 @@
 //! - [`http`]: the middleware stack in request order, extractors, `ApiError`, operations routes, OpenAPI.
 //! - [`auth`]: organizations, humans, memberships, sessions, API keys, bootstrap.
 //! - [`audit`]: the per-organization hash-chained audit log.
+//! - [`events`]: the transactional outbox of CloudEvents every change writes, and their catalog.
+//! - [`webhooks`]: endpoints, the dispatcher that delivers the outbox signed (Standard Webhooks), replay.
 //! - [`policy`]: the Cedar decision point, the per-route policy table and layer, the decision log.
 //! - [`tiers`]: plans and limits, the rate limiter and quota counters, Stripe upgrades.
 //! - [`analytics`]: per-request and per-token records, written in batches.
@@ -28,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod events;
 pub mod http;
 pub mod policy;
 pub mod redis;
@@ -35,6 +38,7 @@ pub mod retention;
 pub mod state;
 pub mod telemetry;
 pub mod tiers;
+pub mod webhooks;
 
 /// The name of the session cookie.
 pub const SESSION_COOKIE: &str = "agentidp_session";

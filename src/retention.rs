@@ -8,7 +8,8 @@
 //! Kept for as long as they can matter: a revocation until the token it revokes has expired, a
 //! watermark until no token it could cut off is alive. Kept as configured (`retention.*`):
 //! analytics, the decision log, ended sessions, used or expired set-password tokens, and Stripe
-//! event ids (which make webhook deliveries idempotent, so keep them longer than Stripe retries).
+//! event ids (which make webhook deliveries idempotent, so keep them longer than Stripe retries), and
+//! outbox events with their webhook deliveries (the replay window).
 
 use std::time::Duration;
 
@@ -55,6 +56,16 @@ fn rules(cfg: &RetentionConfig, max_token_ttl_secs: u64) -> Vec<Rule> {
             table: "stripe_event",
             select: "select ctid from stripe_event where received_at < $1 limit $2",
             cutoff: days(cfg.stripe_event_days),
+        },
+        Rule {
+            // With their deliveries and attempts (by cascade); never an event still being delivered.
+            table: "event_outbox",
+            select: "select ctid from event_outbox where occurred_at < $1 and fanned_out_at is not null
+                     and published_at is not null
+                     and not exists (select 1 from webhook_delivery d
+                                     where d.event_id = event_outbox.event_id and d.status = 'pending')
+                     limit $2",
+            cutoff: days(cfg.event_days),
         },
         Rule {
             table: "token_revocation",

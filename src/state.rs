@@ -33,6 +33,7 @@ struct Inner {
     analytics: Arc<crate::analytics::Recorder>,
     clock: crate::clock::Clock,
     http: reqwest::Client,
+    webhooks: crate::webhooks::Webhooks,
 }
 
 impl AppState {
@@ -48,6 +49,7 @@ impl AppState {
             .user_agent(concat!("agentidp/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
             .build()?;
+        let webhooks = crate::webhooks::Webhooks::new(&config.webhooks)?;
         Ok(Self(Arc::new(Inner {
             config,
             db,
@@ -62,6 +64,7 @@ impl AppState {
             analytics,
             clock: crate::clock::Clock::default(),
             http,
+            webhooks,
         })))
     }
     pub fn config(&self) -> &Config {
@@ -99,6 +102,10 @@ impl AppState {
     /// The clock quotas read (tests move it across day boundaries).
     pub fn clock(&self) -> &crate::clock::Clock {
         &self.0.clock
+    }
+    /// Webhook delivery: the guarded client and the dispatcher's state.
+    pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
+        &self.0.webhooks
     }
     /// The outbound HTTP client (Stripe).
     pub fn http_client(&self) -> &reqwest::Client {

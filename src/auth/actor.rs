@@ -104,6 +104,8 @@ scopes! {
     PdpEvaluate => "pdp:evaluate",
     TiersRead => "tiers:read",
     TiersWrite => "tiers:write",
+    WebhooksRead => "webhooks:read",
+    WebhooksWrite => "webhooks:write",
 }
 
 /// The authenticated caller of this request.

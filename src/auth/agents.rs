@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     audit::{self, Event},
-    crypto,
+    crypto, events,
     http::{
         ApiError, ApiResult,
         error::Problem,
@@ -161,6 +161,11 @@ struct AgentRow {
     updated_at: OffsetDateTime,
 }
 
+/// An agent's `data` in its events.
+fn agent_data(row: &AgentRow) -> Value {
+    json!({ "agent_id": row.agent_id, "name": row.name, "status": row.status })
+}
+
 impl From<AgentRow> for Agent {
     fn from(r: AgentRow) -> Self {
         Self {
@@ -295,6 +300,7 @@ pub(super) async fn create_agent(
         Event::by(&actor, org_id, "agent.created").target("agent", id).details(json!({ "name": row.name })),
     )
     .await?;
+    events::emit(&mut tx, org_id, "agent.created", format!("agents/{id}"), agent_data(&row)).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(row.into())))
 }
@@ -409,6 +415,8 @@ pub(super) async fn update_agent(
         _ => "agent.updated",
     };
     audit::record(&mut tx, Event::by(&actor, org_id, action).target("agent", id)).await?;
+    let event_type = if action == "agent.activated" { "agent.reactivated" } else { action };
+    events::emit(&mut tx, org_id, event_type, format!("agents/{id}"), agent_data(&row)).await?;
     tx.commit().await?;
     if let Some(a) = announced {
         revocation::announce(&state, a).await;
@@ -442,6 +450,8 @@ pub(super) async fn delete_agent(
         Event::by(&actor, org_id, "agent.deleted").target("agent", id).details(json!({ "name": old.name })),
     )
     .await?;
+    let data = json!({ "agent_id": id, "name": old.name, "status": "deleted" });
+    events::emit(&mut tx, org_id, "agent.deleted", format!("agents/{id}"), data).await?;
     tx.commit().await?;
     revocation::announce(&state, announced).await;
     for client_id in client_ids {
@@ -510,6 +520,8 @@ pub(super) async fn create_credential(
             .details(json!({ "agent_id": agent_id, "client_id": client_id })),
     )
     .await?;
+    let data = json!({ "credential_id": id, "agent_id": agent_id, "client_id": client_id });
+    events::emit(&mut tx, org_id, "credential.created", format!("agents/{agent_id}/credentials/{id}"), data).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -595,6 +607,8 @@ pub(super) async fn revoke_credential(
         .await?;
     let announced = revoke_subject(&state, &mut tx, Subject::Credential(id)).await?;
     audit::record(&mut tx, Event::by(&actor, org_id, "credential.revoked").target("credential", id)).await?;
+    let data = json!({ "credential_id": id, "agent_id": agent_id, "client_id": client_id });
+    events::emit(&mut tx, org_id, "credential.revoked", format!("agents/{agent_id}/credentials/{id}"), data).await?;
     tx.commit().await?;
     revocation::announce(&state, announced).await;
     forget_client(&state, &client_id).await;
@@ -627,6 +641,9 @@ pub(super) async fn rotate_credential(
     .fetch_one(&mut *tx)
     .await?;
     audit::record(&mut tx, Event::by(&actor, org_id, "credential.rotated").target("credential", id)).await?;
+    let expires = r.previous_expires_at.map(events::rfc3339);
+    let data = json!({ "credential_id": id, "agent_id": agent_id, "client_id": client_id, "previous_secret_expires_at": expires });
+    events::emit(&mut tx, org_id, "credential.rotated", format!("agents/{agent_id}/credentials/{id}"), data).await?;
     tx.commit().await?;
     forget_client(&state, &client_id).await;
     Ok(Json(CreatedCredential {
@@ -655,6 +672,8 @@ async fn bulk(state: &AppState, actor: &Actor, org_id: Uuid, subject: Subject) -
     };
     let not_before = OffsetDateTime::from_unix_timestamp(*not_before).unwrap_or_else(|_| OffsetDateTime::now_utc());
     audit::record(&mut tx, Event::by(actor, org_id, "tokens.revoked").details(json!({ "subject": key }))).await?;
+    let data = json!({ "subject": key, "not_before": events::rfc3339(not_before) });
+    events::emit(&mut tx, org_id, "tokens.revoked", format!("tokens/{key}"), data).await?;
     tx.commit().await?;
     revocation::announce(state, announced).await;
     Ok(Json(BulkRevocation { not_before }))

@@ -100,6 +100,9 @@ async fn join(conn: &mut PgConnection, id: Uuid, org_id: Uuid, user_id: Uuid, ro
             .details(json!({ "role": role.as_str(), "invitation": id })),
     )
     .await?;
+    let data = json!({ "user_id": user_id, "email": r.email, "role": role.as_str() });
+    crate::events::emit(conn, org_id, "member.added", format!("organizations/{org_id}/members/{user_id}"), data)
+        .await?;
     Ok(Member {
         user_id,
         email: r.email,

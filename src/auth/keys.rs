@@ -261,7 +261,9 @@ impl KeyRing {
         Self { kek, current: RwLock::new(None), last_reload: std::sync::Mutex::new(None) }
     }
 
-    fn seal(&self, kid: &str, plaintext: &[u8]) -> anyhow::Result<Vec<u8>> {
+    /// Encrypts with the key-encryption key (AES-256-GCM), bound to `kid`: a signing key's id, or
+    /// any label naming the row the secret belongs to (a webhook endpoint's).
+    pub fn seal(&self, kid: &str, plaintext: &[u8]) -> anyhow::Result<Vec<u8>> {
         let cipher = Aes256Gcm::new_from_slice(&self.kek)?;
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut nonce);
@@ -271,7 +273,8 @@ impl KeyRing {
         Ok([nonce.as_slice(), &sealed].concat())
     }
 
-    fn unseal(&self, kid: &str, sealed: &[u8]) -> anyhow::Result<Vec<u8>> {
+    /// Decrypts what [`Self::seal`] sealed under the same `kid`.
+    pub fn unseal(&self, kid: &str, sealed: &[u8]) -> anyhow::Result<Vec<u8>> {
         anyhow::ensure!(sealed.len() > 12, "sealed key too short");
         let cipher = Aes256Gcm::new_from_slice(&self.kek)?;
         cipher.decrypt(Nonce::from_slice(&sealed[..12]), Payload { msg: &sealed[12..], aad: kid.as_bytes() }).map_err(
@@ -522,6 +525,10 @@ async fn audit_rotation(
         ),
     )
     .await?;
+    let data = json!({ "kid": kid, "algorithm": algorithm.as_str(), "rotation": how,
+        "activates_at": crate::events::rfc3339(activates_at) });
+    crate::events::emit(tx, crate::events::PLATFORM, "signing_key.rotated", format!("signing-keys/{kid}"), data)
+        .await?;
     Ok(())
 }
 

@@ -338,6 +338,15 @@ pub(super) async fn update_member(
             .details(json!({ "from": old.as_str(), "to": req.role.as_str() })),
     )
     .await?;
+    let data = json!({ "user_id": user_id, "from": old.as_str(), "to": req.role.as_str() });
+    crate::events::emit(
+        &mut tx,
+        org_id,
+        "member.role_changed",
+        format!("organizations/{org_id}/members/{user_id}"),
+        data,
+    )
+    .await?;
     tx.commit().await?;
     credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(user_id)).await;
     Ok(Json(Member {
@@ -379,6 +388,9 @@ pub(super) async fn remove_member(
         Event::by(&actor, org_id, "member.removed").target("user", user_id).details(json!({ "role": old.as_str() })),
     )
     .await?;
+    let data = json!({ "user_id": user_id, "role": old.as_str() });
+    crate::events::emit(&mut tx, org_id, "member.removed", format!("organizations/{org_id}/members/{user_id}"), data)
+        .await?;
     tx.commit().await?;
     credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(user_id)).await;
     Ok(StatusCode::NO_CONTENT)

@@ -300,6 +300,8 @@ pub(super) async fn create_api_key(
             .details(json!({ "prefix": prefix, "scopes": scope_names, "service": service })),
     )
     .await?;
+    let data = json!({ "api_key_id": id, "prefix": prefix, "scopes": scope_names, "service": service });
+    crate::events::emit(&mut tx, org_id, "apikey.created", format!("api-keys/{id}"), data).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -386,6 +388,8 @@ pub(super) async fn delete_api_key(
         Event::by(&actor, org_id, "api_key.deleted").target("api_key", id).details(json!({ "prefix": row.prefix })),
     )
     .await?;
+    let data = json!({ "api_key_id": id, "prefix": row.prefix });
+    crate::events::emit(&mut tx, org_id, "apikey.revoked", format!("api-keys/{id}"), data).await?;
     tx.commit().await?;
     if let Ok(hash) = <[u8; 32]>::try_from(row.key_hash.as_slice()) {
         credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::Credential(hash)).await;

@@ -26,6 +26,7 @@ use super::error::{FieldError, PROBLEM_JSON, Problem};
         (name = "audit", description = "The tamper-evident audit log"),
         (name = "agents", description = "The agent registry and agents' client credentials"),
         (name = "policy", description = "The policy decision point, policy versions, dry runs"),
+        (name = "webhooks", description = "Webhook endpoints, signed deliveries (Standard Webhooks), retries, replay, dead letters, the event catalog"),
         (name = "oauth", description = "The OAuth 2.0 authorization server: tokens, introspection, revocation, metadata, keys"),
         (name = "tiers", description = "Plans, limits and usage; upgrades and Stripe billing. Every charged response carries \
 X-RateLimit-Limit / -Remaining / -Reset (a Unix time) for the limit closest to refusing, and RateLimit-Policy / RateLimit \

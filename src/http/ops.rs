@@ -51,6 +51,8 @@ pub struct Readiness {
     status: &'static str,
     postgres: DependencyStatus,
     redis: DependencyStatus,
+    /// This instance's webhook dispatcher (informational: it does not change the status).
+    webhook_dispatcher: crate::webhooks::DispatcherReport,
 }
 
 async fn probe<F, E>(check: F) -> DependencyStatus
@@ -88,7 +90,8 @@ async fn ready(State(state): State<AppState>) -> Response {
         (true, false) => (StatusCode::OK, "degraded"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
-    (code, Json(Readiness { status, postgres, redis })).into_response()
+    let webhook_dispatcher = state.webhooks().report(state.config().webhooks.dispatcher);
+    (code, Json(Readiness { status, postgres, redis, webhook_dispatcher })).into_response()
 }
 
 /// Prometheus metrics in the text exposition format.

@@ -562,6 +562,14 @@ async fn activate(
     .execute(&mut *tx)
     .await?;
     audit::record(&mut tx, Event::by(actor, org_id, action).target("policy_version", version)).await?;
+    crate::events::emit(
+        &mut tx,
+        org_id,
+        action,
+        format!("policies/versions/{version}"),
+        serde_json::json!({ "version": version }),
+    )
+    .await?;
     tx.commit().await?;
     super::reload_org(state, org_id).await?;
     crate::cache::invalidation::publish(state.redis(), "policy", &org_id.to_string()).await;

@@ -121,6 +121,19 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/policies/rollback", "manage", Org(PolicySet), "policies:write"),
     rule("GET", "/api/v1/tiers/status", "read", Org(Organization), "tiers:read"),
     rule("POST", "/api/v1/tiers/upgrade", "manage", Org(Organization), "tiers:write"),
+    // Webhooks: the layer checks membership and scope; the handlers require owner or admin.
+    rule("GET", "/api/v1/webhooks/event-types", "read", Authenticated, "webhooks:read"),
+    rule("POST", "/api/v1/webhooks", "update", Org(Organization), "webhooks:write"),
+    rule("GET", "/api/v1/webhooks", "read", Org(Organization), "webhooks:read"),
+    rule("GET", "/api/v1/webhooks/dead-letters", "read", Org(Organization), "webhooks:read"),
+    rule("GET", "/api/v1/webhooks/{id}", "read", Org(Organization), "webhooks:read"),
+    rule("PATCH", "/api/v1/webhooks/{id}", "update", Org(Organization), "webhooks:write"),
+    rule("DELETE", "/api/v1/webhooks/{id}", "update", Org(Organization), "webhooks:write"),
+    rule("POST", "/api/v1/webhooks/{id}/rotate-secret", "update", Org(Organization), "webhooks:write"),
+    rule("POST", "/api/v1/webhooks/{id}/test", "update", Org(Organization), "webhooks:write"),
+    rule("GET", "/api/v1/webhooks/{id}/deliveries", "read", Org(Organization), "webhooks:read"),
+    rule("POST", "/api/v1/webhooks/{id}/replay", "update", Org(Organization), "webhooks:write"),
+    rule("POST", "/api/v1/webhooks/deliveries/{id}/retry", "update", Org(Organization), "webhooks:write"),
 ];
 
 /// The declaration for a route, if any.

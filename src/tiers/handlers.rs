@@ -178,8 +178,11 @@ pub(super) async fn upgrade(
         )
         .execute(&mut *tx)
         .await?;
+        let from = old.unwrap_or_else(|| cfg.default_plan.clone());
+        let data = json!({ "from": from, "to": req.plan, "source": "admin" });
+        crate::events::emit(&mut tx, org_id, "tier.changed", format!("organizations/{org_id}/tier"), data).await?;
         let event = Event::by(&actor, org_id, "tier.plan_changed").target("organization", org_id).details(json!({
-            "from": old.unwrap_or_else(|| cfg.default_plan.clone()),
+            "from": from,
             "to": req.plan,
             "overrides": req.overrides,
             "source": "admin",

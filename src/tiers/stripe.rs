@@ -298,6 +298,8 @@ async fn record(
     event_id: &str,
 ) -> Result<(), sqlx::Error> {
     let default = &state.config().tiers.default_plan;
+    let data = json!({ "from": from.as_deref().unwrap_or(default), "to": to.unwrap_or(default), "source": "stripe" });
+    crate::events::emit(tx, org, "tier.changed", format!("organizations/{org}/tier"), data).await?;
     let event = Event::anonymous(org, "tier.plan_changed")
         .actor("service:stripe".into(), "service")
         .target("organization", org)

@@ -3,9 +3,11 @@
 mod helpers;
 
 mod audit;
+mod events;
 mod foundation;
 mod identity;
 mod oauth;
 mod policy;
 mod retention;
 mod tiers;
+mod webhooks;

@@ -49,6 +49,10 @@ async fn rows_past_their_retention_are_pruned_and_recent_ones_kept() {
             format!(
                 "insert into revocation_watermark (subject, not_before) values ('agent:' || gen_random_uuid(), {at})"
             ),
+            format!(
+                "insert into event_outbox (event_id, organization_id, type, subject, data, occurred_at, fanned_out_at, published_at)
+                 values (gen_random_uuid(), '{org}', 'agent.created', 'retention-test', '{{}}', {at}, {at}, {at})"
+            ),
         ] {
             sqlx::query(&insert).execute(db).await.unwrap();
         }
@@ -62,6 +66,7 @@ async fn rows_past_their_retention_are_pruned_and_recent_ones_kept() {
         ("stripe_event", "received_at < now() - interval '1 day'", "true"),
         ("token_revocation", "expires_at < now() - interval '1 day'", "true"),
         ("revocation_watermark", "not_before < now() - interval '1 day'", "subject like 'agent:%'"),
+        ("event_outbox", "occurred_at < now() - interval '1 day'", "subject = 'retention-test'"),
     ];
     for (t, old, ours) in tables {
         assert_eq!(count(db, &format!("select count(*) from {t} where {old}")).await, 1, "{t}");
@@ -70,7 +75,10 @@ async fn rows_past_their_retention_are_pruned_and_recent_ones_kept() {
 
     // Two instances prune at once: one takes the round (or both, one after the other), and only
     // the old rows go.
-    let app2 = spawn_on(app.config.clone(), None).await;
+    // Its own start-up round would race the two below (and could take the lock from both).
+    let mut quiet = app.config.clone();
+    quiet.retention.interval_secs = 0;
+    let app2 = spawn_on(quiet, None).await;
     let cfg = &app.config.retention;
     let (a, b) = tokio::join!(
         agentidp::retention::prune_once(db, cfg, 900),
