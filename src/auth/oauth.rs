@@ -164,7 +164,7 @@ impl ClientCache {
         Self { records: Cache::new(100_000, ttl), unknown: Cache::new(100_000, negative_ttl) }
     }
     pub fn remove(&self, client_id: &str) {
-        self.records.remove(&client_id.to_owned());
+        self.records.remove(client_id);
     }
     pub fn clear(&self) {
         self.records.clear();
@@ -172,7 +172,7 @@ impl ClientCache {
     }
     /// The cached record, if any (tests use it to stage a stale entry).
     pub fn get(&self, client_id: &str) -> Option<Arc<ClientRecord>> {
-        self.records.get(&client_id.to_owned())
+        self.records.get(client_id)
     }
     pub fn put(&self, record: Arc<ClientRecord>) {
         self.records.insert(record.client_id.clone(), record);
@@ -197,7 +197,7 @@ async fn load_client(state: &AppState, client_id: &str) -> Result<Option<Arc<Cli
         // A known client, read again: not an anonymous lookup.
         Some(_) => {}
         None => {
-            if live && clients.unknown.get(&client_id.to_owned()).is_some() {
+            if live && clients.unknown.get(client_id).is_some() {
                 return Ok(None);
             }
             auth.lookups.charge().map_err(|_| OAuthError::lookups_throttled())?;

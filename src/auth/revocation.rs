@@ -33,6 +33,18 @@ pub enum Subject {
 }
 
 impl Subject {
+    /// Parses what [`Subject::key`] wrote (`agent:<uuid>`, `credential:<uuid>`, `org:<uuid>`).
+    pub fn parse(key: &str) -> Option<Self> {
+        let (kind, id) = key.split_once(':')?;
+        let id = id.parse().ok()?;
+        match kind {
+            "agent" => Some(Self::Agent(id)),
+            "credential" => Some(Self::Credential(id)),
+            "org" => Some(Self::Org(id)),
+            _ => None,
+        }
+    }
+
     pub fn key(&self) -> String {
         match self {
             Self::Agent(id) => format!("agent:{id}"),
@@ -46,7 +58,8 @@ impl Subject {
 #[derive(Default)]
 pub struct Revocations {
     jtis: RwLock<HashMap<Uuid, i64>>,
-    watermarks: RwLock<HashMap<String, i64>>,
+    /// Keyed by subject itself, so that a check builds no strings.
+    watermarks: RwLock<HashMap<Subject, i64>>,
     /// Whether pub/sub is connected, so that this view is current.
     live: AtomicBool,
 }
@@ -64,7 +77,7 @@ impl Revocations {
         self.jtis.write().unwrap_or_else(|e| e.into_inner()).insert(jti, exp);
     }
 
-    fn note_watermark(&self, subject: String, not_before: i64) {
+    fn note_watermark(&self, subject: Subject, not_before: i64) {
         let mut w = self.watermarks.write().unwrap_or_else(|e| e.into_inner());
         let entry = w.entry(subject).or_insert(not_before);
         *entry = (*entry).max(not_before);
@@ -76,7 +89,7 @@ impl Revocations {
             return true;
         }
         let w = self.watermarks.read().unwrap_or_else(|e| e.into_inner());
-        let dead = |s: Subject| w.get(&s.key()).is_some_and(|nb| c.iat <= *nb);
+        let dead = |s: Subject| w.get(&s).is_some_and(|nb| c.iat <= *nb);
         c.agent_id().is_some_and(|a| dead(Subject::Agent(a)))
             || dead(Subject::Credential(c.cid))
             || dead(Subject::Org(c.org_id))
@@ -138,7 +151,7 @@ impl Revocations {
     /// time may have been revoked since.
     pub fn newest_watermark(&self, subjects: &[Subject]) -> Option<i64> {
         let w = self.watermarks.read().unwrap_or_else(|e| e.into_inner());
-        subjects.iter().filter_map(|s| w.get(&s.key()).copied()).max()
+        subjects.iter().filter_map(|s| w.get(s).copied()).max()
     }
 
     /// Applies a message from another instance: topic `jti` (`<jti>:<exp>`) or `wm`
@@ -155,8 +168,9 @@ impl Revocations {
             "wm" => {
                 if let Some((subject, nb)) = payload.rsplit_once(':')
                     && let Ok(nb) = nb.parse()
+                    && let Some(subject) = Subject::parse(subject)
                 {
-                    self.note_watermark(subject.to_owned(), nb);
+                    self.note_watermark(subject, nb);
                 }
             }
             _ => {}
@@ -167,7 +181,7 @@ impl Revocations {
 /// Every unexpired revocation, as read from Postgres at one moment.
 pub struct Snapshot {
     jtis: HashMap<Uuid, i64>,
-    watermarks: HashMap<String, i64>,
+    watermarks: HashMap<Subject, i64>,
 }
 
 impl Snapshot {
@@ -186,14 +200,14 @@ impl Snapshot {
         .fetch_all(db)
         .await?
         .into_iter()
-        .map(|r| (r.subject, r.not_before.unix_timestamp()))
+        .filter_map(|r| Some((Subject::parse(&r.subject)?, r.not_before.unix_timestamp())))
         .collect();
         Ok(Self { jtis, watermarks })
     }
 }
 
 /// Writes the Redis mirror; failures only mean the mirror is behind Postgres.
-async fn mirror(redis: &Redis, jtis: &HashMap<Uuid, i64>, watermarks: &HashMap<String, i64>, max_ttl: i64) {
+async fn mirror(redis: &Redis, jtis: &HashMap<Uuid, i64>, watermarks: &HashMap<Subject, i64>, max_ttl: i64) {
     if jtis.is_empty() && watermarks.is_empty() {
         return;
     }
@@ -207,7 +221,12 @@ async fn mirror(redis: &Redis, jtis: &HashMap<Uuid, i64>, watermarks: &HashMap<S
         }
         for (subject, nb) in watermarks {
             let ttl = (nb + max_ttl + 60 - now).max(1);
-            pipe.cmd("SET").arg(redis.key(&format!("revoked:wm:{subject}"))).arg(nb).arg("EX").arg(ttl).ignore();
+            pipe.cmd("SET")
+                .arg(redis.key(&format!("revoked:wm:{}", subject.key())))
+                .arg(nb)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
         }
         let () = tokio::time::timeout(redis.timeout() * 4, pipe.query_async(&mut *conn)).await??;
         anyhow::Ok(())
@@ -260,13 +279,8 @@ pub async fn announce(state: &crate::state::AppState, what: Announced) {
             ("jti", format!("{jti}:{exp}"), HashMap::from([(jti, exp)]), HashMap::new())
         }
         Announced::Subject { subject, not_before } => {
-            rev.note_watermark(subject.key(), not_before);
-            (
-                "wm",
-                format!("{}:{not_before}", subject.key()),
-                HashMap::new(),
-                HashMap::from([(subject.key(), not_before)]),
-            )
+            rev.note_watermark(subject.clone(), not_before);
+            ("wm", format!("{}:{not_before}", subject.key()), HashMap::new(), HashMap::from([(subject, not_before)]))
         }
     };
     let max_ttl = state.config().auth.access_token_ttl_secs as i64;

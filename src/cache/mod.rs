@@ -34,7 +34,11 @@ where
         self.inner.is_some()
     }
 
-    pub fn get(&self, key: &K) -> Option<V> {
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.inner.as_ref()?.get(key)
     }
 
@@ -44,7 +48,11 @@ where
         }
     }
 
-    pub fn remove(&self, key: &K) {
+    pub fn remove<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         if let Some(c) = &self.inner {
             c.invalidate(key);
         }
