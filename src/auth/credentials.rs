@@ -205,19 +205,14 @@ impl LookupLimit {
 
     /// Charges one lookup to the current request's client IP.
     pub fn charge(&self) -> Result<(), Failure> {
-        self.lookups.fetch_add(1, Ordering::Relaxed);
-        let Some(ip) = crate::http::middleware::tls::current_client_ip() else { return Ok(()) };
-        let counter = match self.windows.get(&ip) {
-            Some(c) => c,
-            None => {
-                let c = Arc::new(AtomicU32::new(0));
-                self.windows.insert(ip, c.clone());
-                c
+        if let Some(ip) = crate::http::middleware::tls::current_client_ip() {
+            // One counter per IP even when its first lookups arrive together.
+            let counter = self.windows.get_or_insert_with(ip, || Arc::new(AtomicU32::new(0)));
+            if counter.fetch_add(1, Ordering::Relaxed) >= self.per_minute {
+                return Err(Failure::Throttled);
             }
-        };
-        if counter.fetch_add(1, Ordering::Relaxed) >= self.per_minute {
-            return Err(Failure::Throttled);
         }
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

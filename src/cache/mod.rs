@@ -42,6 +42,15 @@ where
         self.inner.as_ref()?.get(key)
     }
 
+    /// The entry for `key`, made by `make` when there is none; concurrent callers for one key get
+    /// the same value (`make` runs once). Without caching, each call makes a fresh one.
+    pub fn get_or_insert_with(&self, key: K, make: impl FnOnce() -> V) -> V {
+        match &self.inner {
+            Some(c) => c.get_with(key, make),
+            None => make(),
+        }
+    }
+
     pub fn insert(&self, key: K, value: V) {
         if let Some(c) = &self.inner {
             c.insert(key, value);

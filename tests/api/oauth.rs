@@ -1050,3 +1050,16 @@ async fn challenges_name_the_missing_scope_and_the_resource_metadata() {
     assert!(doc["resource"].is_string() && doc["scopes_supported"].is_array(), "{doc}");
     assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
 }
+
+#[tokio::test]
+async fn concurrent_lookups_from_one_address_are_limited_exactly() {
+    let app = spawn_app_with(&[("auth.lookups_per_minute_ip", json!(10))]).await;
+    let sends = (0..50)
+        .map(|i| app.client.get(app.url("/auth/me")).header("x-api-key", format!("aidp_key_parallel-{i}")).send());
+    let statuses: Vec<StatusCode> =
+        futures_util::future::join_all(sends).await.into_iter().map(|r| r.unwrap().status()).collect();
+    let looked_up = statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((looked_up, refused), (10, 40), "{statuses:?}");
+    assert_eq!(app.state.auth().lookups.lookups(), 10, "only the admitted ones reached Postgres");
+}
