@@ -53,7 +53,7 @@ pub(super) async fn login(
     let ip = current_client_ip();
     let subjects = auth.throttle.subjects(&req.email, ip.as_deref());
     // Counted before the password is checked, so parallel attempts cannot all slip past the limit.
-    if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects).await {
+    if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects, state.clock().now()).await {
         return Err(ApiError::TooManyRequests {
             code: "login_throttled",
             detail: "Too many failed logins; wait before trying again.".into(),
@@ -175,7 +175,7 @@ pub(super) async fn set_password(
     let auth = state.auth();
     let ip = current_client_ip();
     let subjects = auth.throttle.ip_subject("setpw", ip.as_deref(), state.config().auth.set_password_max_attempts_ip);
-    if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects).await {
+    if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects, state.clock().now()).await {
         return Err(ApiError::TooManyRequests {
             code: "set_password_throttled",
             detail: "Too many set-password attempts from this address; wait before trying again.".into(),

@@ -101,9 +101,10 @@ impl LoginThrottle {
     }
 
     /// Reserves one attempt: `Err(seconds)` if a subject must wait first (nothing is counted), else
-    /// the attempt is counted against every subject before the caller checks anything.
-    pub async fn reserve(&self, redis: &Redis, subjects: &[Subject]) -> Result<(), u64> {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
+    /// the attempt is counted against every subject before the caller checks anything. `now` is
+    /// the application's clock, so waits are measured on the clock tests move.
+    pub async fn reserve(&self, redis: &Redis, subjects: &[Subject], now: OffsetDateTime) -> Result<(), u64> {
+        let now = now.unix_timestamp();
         let wait = match self.reserve_redis(redis, subjects, now).await {
             Ok(w) => w,
             Err(e) => {
