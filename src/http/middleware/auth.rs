@@ -35,8 +35,12 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
         .and_then(|p| rule_for(req.method().as_str(), p.as_str()))
         .map(|r| r.scope)
         .filter(|s| !s.is_empty());
+    let mut response = authenticate(state.clone(), req, next).await;
+    // Only refusals carry a challenge; a served request builds no strings here.
+    if !matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        return response;
+    }
     let metadata = format!("{}/.well-known/oauth-protected-resource", state.config().server.public_url);
-    let mut response = authenticate(state, req, next).await;
     let challenge = match response.status() {
         StatusCode::UNAUTHORIZED => response
             .headers()

@@ -7,7 +7,11 @@
 //! non-blocking push onto a bounded queue (see [`crate::analytics`]): it never blocks and never
 //! fails a request. Requests the tier layer refuses are recorded too.
 
-use std::time::Instant;
+use std::{
+    collections::HashMap,
+    sync::{LazyLock, RwLock},
+    time::Instant,
+};
 
 use axum::{
     extract::{MatchedPath, Request, State},
@@ -43,10 +47,41 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// The counter and histogram of one (method, route, status) series.
+struct Series {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+/// Series by (method, status), then route template. Looked up in the recorder once each: a request
+/// then records without building label strings or hashing them in the recorder. Bounded like the
+/// labels themselves (standard methods, route templates, the statuses we send).
+type SeriesMap = HashMap<(&'static str, u16), HashMap<Box<str>, Series>>;
+static SERIES: LazyLock<RwLock<SeriesMap>> = LazyLock::new(Default::default);
+
+fn record_metrics(method: &'static str, route: &str, status: u16, seconds: f64) {
+    {
+        let map = SERIES.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&(method, status)).and_then(|m| m.get(route)) {
+            s.requests.increment(1);
+            s.duration.record(seconds);
+            return;
+        }
+    }
+    let labels = [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+    let series = Series {
+        requests: metrics::counter!(REQUESTS_TOTAL, &labels),
+        duration: metrics::histogram!(REQUEST_DURATION, &labels),
+    };
+    series.requests.increment(1);
+    series.duration.record(seconds);
+    SERIES.write().unwrap_or_else(|e| e.into_inner()).entry((method, status)).or_default().insert(route.into(), series);
+}
+
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = method_label(req.method()).to_owned();
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let method = method_label(req.method());
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let who = match req.extensions().get::<Identified>() {
         Some(Identified { principal: Ok(p), org: OrgChoice::Chosen(Some(org)) })
             if route.is_some() && state.analytics().records_requests() =>
@@ -62,22 +97,20 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     let response = next.run(req).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    let route = route.unwrap_or_else(|| "unmatched".to_owned());
+    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
     if let Some((org_id, actor_id, client_id)) = who {
         state.analytics().record(Event {
             org_id,
             kind: Kind::Request,
             actor_id: Some(actor_id),
             client_id,
-            method: method.clone(),
-            route: route.clone(),
+            method: method.to_owned(),
+            route: route.to_owned(),
             status,
             latency_us: elapsed.as_micros().min(u32::MAX as u128) as u32,
             at: state.clock().now(),
         });
     }
-    let labels = [("method", method), ("route", route), ("status", status.to_string())];
-    metrics::counter!(REQUESTS_TOTAL, &labels).increment(1);
-    metrics::histogram!(REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
+    record_metrics(method, route, status, elapsed.as_secs_f64());
     response
 }
