@@ -628,7 +628,7 @@ pub(super) async fn list(
 /// Revokes a delegation, its descendants, and every token issued under any of them, on every
 /// instance at once.
 #[utoipa::path(post, path = "/api/v1/delegations/{id}/revoke", tag = "delegations", params(("id" = Uuid, Path)),
-    request_body(content = Option<RevokeRequest>, description = "Optional; `reason` defaults to manual_revocation"),
+    request_body(content = RevokeRequest, description = "Optional; `reason` defaults to manual_revocation"),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Revoked), (status = 404, body = Problem), (status = 409, description = "Already ended", body = Problem)))]
 pub(super) async fn revoke(
@@ -719,7 +719,7 @@ pub(super) async fn command(
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(ApiError::NotFound)?;
-    let deny = |reason: String, remaining: i64| {
+    let deny = |reason: String, remaining: i64| -> ApiResult<Json<CommandDecision>> {
         metrics::counter!("delegation_commands_total", "decision" => "deny").increment(1);
         Ok(Json(CommandDecision { decision: "deny", reason, commands_remaining: remaining, approval_id: None }))
     };

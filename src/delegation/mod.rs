@@ -83,14 +83,6 @@ pub struct Ended {
     pub chronicle_cid: String,
 }
 
-impl Ending {
-    fn merge(&mut self, other: Ending) {
-        self.ended.extend(other.ended);
-        self.announced.extend(other.announced);
-        self.client_ids.extend(other.client_ids);
-    }
-}
-
 /// Ends every active delegation that hangs on `hang` (and their descendants) in the caller's
 /// transaction.
 pub async fn end_hanging(
@@ -128,7 +120,7 @@ pub async fn end_hanging(
             )
             .fetch_all(&mut *conn)
             .await?,
-            reason,
+            *reason,
         ),
     };
     if roots.is_empty() {

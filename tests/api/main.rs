@@ -11,3 +11,4 @@ mod policy;
 mod retention;
 mod tiers;
 mod webhooks;
+mod delegation;
