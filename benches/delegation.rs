@@ -138,7 +138,8 @@ fn stop_pid(pid: u32) {
 #[tokio::main]
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let secs: f64 = if full { std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10.0) } else { 0.3 };
+    let secs: f64 =
+        if full { std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10.0) } else { 0.3 };
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let db_name = format!("agentidp_bench_delegation_{}", std::process::id());
@@ -188,9 +189,15 @@ async fn main() {
 
     let password = "bench-password-0123";
     agentidp::auth::bootstrap::run(&db, "Bench", "bench@bench.test", Some(password.into())).await.unwrap();
-    let login =
-        json(client.post(format!("{base}/auth/login")).json(&json!({ "email": "bench@bench.test", "password": password })).send().await.unwrap())
-            .await;
+    let login = json(
+        client
+            .post(format!("{base}/auth/login"))
+            .json(&json!({ "email": "bench@bench.test", "password": password }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     let session = format!("Bearer {}", login["session_token"].as_str().unwrap());
     let agent = json(
         client
@@ -258,7 +265,12 @@ async fn main() {
         ),
         (
             "get",
-            Req { post: false, url: format!("{base}/api/v1/delegations/{id}"), headers: vec![("authorization", session.clone())], body: None },
+            Req {
+                post: false,
+                url: format!("{base}/api/v1/delegations/{id}"),
+                headers: vec![("authorization", session.clone())],
+                body: None,
+            },
         ),
         (
             "command check",
@@ -284,16 +296,21 @@ async fn main() {
         let _ = load(&client, req.clone(), secs.min(2.0) / 4.0).await; // warm-up
         rows.push((name, load(&client, req, secs).await));
     }
-    let active: i64 = agentidp::delegation::active_count(&db, login["actor"]["org_id"].as_str().unwrap().parse().unwrap())
-        .await
-        .unwrap();
+    let active: i64 =
+        agentidp::delegation::active_count(&db, login["actor"]["org_id"].as_str().unwrap().parse().unwrap())
+            .await
+            .unwrap();
     let _ = stop.send(());
     let _ = server.await;
     db.close().await;
     let _ = sqlx::query(&format!("drop database if exists {db_name} with (force)")).execute(&mut conn).await;
 
     // The peer, after ours has stopped: one server under load at a time.
-    let peer = if full || std::env::var("BENCH_PEER_SMOKE").is_ok() { start_peer(&client).await } else { Err("not under --bench".into()) };
+    let peer = if full || std::env::var("BENCH_PEER_SMOKE").is_ok() {
+        start_peer(&client).await
+    } else {
+        Err("not under --bench".into())
+    };
     let mut peer_rows = Vec::new();
     match &peer {
         Ok((pid, peer_base)) => {
@@ -301,7 +318,10 @@ async fn main() {
                 post: true,
                 url: format!("{peer_base}/delegate"),
                 headers: vec![("x-delegator-did", "did:web:example/user/alice".into())],
-                body: Some((json!({ "delegator_ac_id": "ac-1", "agent_type": "claude-code" }).to_string(), "application/json")),
+                body: Some((
+                    json!({ "delegator_ac_id": "ac-1", "agent_type": "claude-code" }).to_string(),
+                    "application/json",
+                )),
             };
             let one = json(
                 client
@@ -332,15 +352,28 @@ async fn main() {
         "delegation ({CONNECTIONS} connections from one in-process load generator, {secs} s per scenario, \
          Postgres synchronous_commit={durable}; {active} active delegations at the end):"
     );
-    println!("  {:<26} {:>10} {:>9} {:>9} {:>7}   {:>10} {:>9} {:>9} {:>7}", "scenario", "req/s", "p50 ms", "p99 ms", "errors", "peer req/s", "p50 ms", "p99 ms", "ratio");
+    println!(
+        "  {:<26} {:>10} {:>9} {:>9} {:>7}   {:>10} {:>9} {:>9} {:>7}",
+        "scenario", "req/s", "p50 ms", "p99 ms", "errors", "peer req/s", "p50 ms", "p99 ms", "ratio"
+    );
     for (name, o) in &rows {
         let peer = peer_rows.iter().find(|(n, _)| n == name).map(|(_, p)| p);
         match peer {
             Some(p) => println!(
                 "  {name:<26} {:>10.0} {:>9.2} {:>9.2} {:>7}   {:>10.0} {:>9.2} {:>9.2} {:>6.1}×",
-                o.rps, o.p50_ms, o.p99_ms, o.errors, p.rps, p.p50_ms, p.p99_ms, o.rps / p.rps.max(0.001)
+                o.rps,
+                o.p50_ms,
+                o.p99_ms,
+                o.errors,
+                p.rps,
+                p.p50_ms,
+                p.p99_ms,
+                o.rps / p.rps.max(0.001)
             ),
-            None => println!("  {name:<26} {:>10.0} {:>9.2} {:>9.2} {:>7}   {:>10}", o.rps, o.p50_ms, o.p99_ms, o.errors, "-"),
+            None => println!(
+                "  {name:<26} {:>10.0} {:>9.2} {:>9.2} {:>7}   {:>10}",
+                o.rps, o.p50_ms, o.p99_ms, o.errors, "-"
+            ),
         }
     }
     for (name, p) in &peer_rows {

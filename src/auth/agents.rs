@@ -806,7 +806,11 @@ pub struct DelegateAgent {
 }
 
 /// The agent `id` of `org_id`, for a delegation to it; `None` when it is not one of the org's.
-pub async fn for_delegation(conn: &mut PgConnection, org_id: Uuid, id: Uuid) -> Result<Option<DelegateAgent>, sqlx::Error> {
+pub async fn for_delegation(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+) -> Result<Option<DelegateAgent>, sqlx::Error> {
     let row = sqlx::query!(
         "select name, status, allowed_scopes from agent where agent_id = $1 and organization_id = $2",
         id,

@@ -406,10 +406,10 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> Result<
 async fn exchange_inner(state: &AppState, _headers: &HeaderMap, form: &Form) -> Result<Response, OAuthError> {
     let p = &form.params;
     let token_type_ok = |t: Option<&String>| t.is_none_or(|t| t == ACCESS_TOKEN_TYPE || t == JWT_TOKEN_TYPE);
-    let subject_token = p.get("subject_token").ok_or_else(|| OAuthError::invalid_request("subject_token is required."))?;
-    let subject_type = p
-        .get("subject_token_type")
-        .ok_or_else(|| OAuthError::invalid_request("subject_token_type is required."))?;
+    let subject_token =
+        p.get("subject_token").ok_or_else(|| OAuthError::invalid_request("subject_token is required."))?;
+    let subject_type =
+        p.get("subject_token_type").ok_or_else(|| OAuthError::invalid_request("subject_token_type is required."))?;
     let actor_token = p.get("actor_token").ok_or_else(|| {
         OAuthError::invalid_request("actor_token is required: a delegated token always names its actor.")
     })?;
@@ -423,7 +423,8 @@ async fn exchange_inner(state: &AppState, _headers: &HeaderMap, form: &Form) -> 
     }
     let refused = |why: &str| OAuthError::invalid_request(why.to_owned());
     // The actor: an agent's own, live access token (not a delegated one).
-    let actor = live_claims(state, actor_token).await?.ok_or_else(|| refused("The actor_token is not a live access token."))?;
+    let actor =
+        live_claims(state, actor_token).await?.ok_or_else(|| refused("The actor_token is not a live access token."))?;
     if actor.act.is_some() || actor.delegation_id.is_some() {
         return Err(refused("The actor_token must be the agent's own token, not a delegated one."));
     }
@@ -463,7 +464,9 @@ async fn exchange_inner(state: &AppState, _headers: &HeaderMap, form: &Form) -> 
         .await?
         .ok_or_else(|| refused("No active delegation from this subject to this agent."))?;
     // Within the delegation, and within the subject token's own scopes.
-    let within = |s: &str| grant.scopes.iter().any(|g| g == s) && subject_scopes.as_ref().is_none_or(|v| v.iter().any(|x| x == s));
+    let within = |s: &str| {
+        grant.scopes.iter().any(|g| g == s) && subject_scopes.as_ref().is_none_or(|v| v.iter().any(|x| x == s))
+    };
     let scope = match p.get("scope") {
         None => grant.scopes.iter().filter(|s| within(s)).cloned().collect::<Vec<_>>().join(" "),
         Some(asked) => {
@@ -473,7 +476,10 @@ async fn exchange_inner(state: &AppState, _headers: &HeaderMap, form: &Form) -> 
                     return Err(OAuthError::new(
                         StatusCode::BAD_REQUEST,
                         "invalid_scope",
-                        format!("The scope `{}` is not within the delegation.", s.chars().take(100).collect::<String>()),
+                        format!(
+                            "The scope `{}` is not within the delegation.",
+                            s.chars().take(100).collect::<String>()
+                        ),
                     ));
                 }
                 if !out.contains(&s) {
@@ -495,8 +501,8 @@ async fn exchange_inner(state: &AppState, _headers: &HeaderMap, form: &Form) -> 
         e.headers = Some(Box::new(limit_headers));
         return Err(e);
     }
-    let (access_token, expires_in) = issue_delegated(state, &grant, &actor.client_id, actor.cid, &scope, aud)
-        .map_err(|e| {
+    let (access_token, expires_in) =
+        issue_delegated(state, &grant, &actor.client_id, actor.cid, &scope, aud).map_err(|e| {
             tracing::error!(error = %e, "signing failed");
             OAuthError::server_error()
         })?;

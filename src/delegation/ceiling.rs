@@ -155,10 +155,7 @@ mod tests {
         let delegator = v(&["agents:read", "agents:write"]);
         let agent = v(&["agents:read", "tools:read", "agents:write"]);
         // Nothing asked: the intersection, under the level.
-        assert_eq!(
-            grant(Some(&delegator), Some(&agent), None, Level::Read, &c).unwrap(),
-            v(&["agents:read"])
-        );
+        assert_eq!(grant(Some(&delegator), Some(&agent), None, Level::Read, &c).unwrap(), v(&["agents:read"]));
         // Asked beyond the delegator: refused, naming the scope.
         assert_eq!(
             grant(Some(&delegator), Some(&agent), Some(&v(&["tools:read"])), Level::Admin, &c),
@@ -173,9 +170,6 @@ mod tests {
             Err(Refusal::Ceiling(v(&["agents:write"])))
         );
         assert_eq!(grant(None, None, None, Level::Read, &c), Err(Refusal::Unspecified));
-        assert_eq!(
-            grant(None, None, Some(&v(&["a:read", "a:read"])), Level::Read, &c).unwrap(),
-            v(&["a:read"])
-        );
+        assert_eq!(grant(None, None, Some(&v(&["a:read", "a:read"])), Level::Read, &c).unwrap(), v(&["a:read"]));
     }
 }

@@ -58,7 +58,10 @@ impl DelegationConfig {
             return Err(("delegation.max_list_items", "must be between 1 and 10000".into()));
         }
         if self.default_ceremony_required_for.len() > self.max_list_items {
-            return Err(("delegation.default_ceremony_required_for", "has more items than delegation.max_list_items".into()));
+            return Err((
+                "delegation.default_ceremony_required_for",
+                "has more items than delegation.max_list_items".into(),
+            ));
         }
         if self.approval_request_secs == 0 || self.approval_valid_secs == 0 {
             return Err(("delegation.approval_valid_secs", "approval times must be at least 1 second".into()));

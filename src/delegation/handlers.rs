@@ -201,7 +201,10 @@ async fn delegator(state: &AppState, conn: &mut PgConnection, actor: &Actor, org
             };
             let parent = fetch(conn, org_id, parent_id, true).await?;
             if parent.status != "active" || parent.expires_at <= state.clock().now() {
-                return Err(ApiError::forbidden("delegation_ended", "The delegation this token was issued under has ended."));
+                return Err(ApiError::forbidden(
+                    "delegation_ended",
+                    "The delegation this token was issued under has ended.",
+                ));
             }
             if parent.depth + 1 > state.config().delegation.max_delegation_depth as i32 {
                 return Err(ApiError::forbidden(
@@ -212,12 +215,10 @@ async fn delegator(state: &AppState, conn: &mut PgConnection, actor: &Actor, org
                     ),
                 ));
             }
-            let root_user = parent
-                .chain
-                .first()
-                .and_then(|r| r.strip_prefix("user:"))
-                .and_then(|u| u.parse().ok())
-                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("delegation {parent_id} has no human at its root")))?;
+            let root_user =
+                parent.chain.first().and_then(|r| r.strip_prefix("user:")).and_then(|u| u.parse().ok()).ok_or_else(
+                    || ApiError::Internal(anyhow::anyhow!("delegation {parent_id} has no human at its root")),
+                )?;
             let token_scopes: Vec<String> = claims.scopes().map(str::to_owned).collect();
             Ok(Delegator {
                 id: actor.actor_id(),
@@ -296,7 +297,7 @@ fn refusal(r: Refusal) -> ApiError {
         (status = 201, body = CreatedDelegation),
         (status = 403, description = "Scopes or ceiling beyond the delegator's (named), depth exceeded", body = Problem),
         (status = 422, body = Problem)))]
-pub(super) async fn create(
+pub(super) async fn create_delegation(
     State(state): State<AppState>,
     actor: Actor,
     ApiJson(req): ApiJson<CreateDelegation>,
@@ -567,7 +568,7 @@ pub(super) async fn create(
 #[utoipa::path(get, path = "/api/v1/delegations/{id}", tag = "delegations", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = DelegationInfo), (status = 404, body = Problem)))]
-pub(super) async fn get(
+pub(super) async fn get_delegation(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -586,7 +587,7 @@ pub(super) async fn get(
 #[utoipa::path(get, path = "/api/v1/delegations", tag = "delegations", params(ListQuery),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = DelegationPage), (status = 400, body = Problem)))]
-pub(super) async fn list(
+pub(super) async fn list_delegations(
     State(state): State<AppState>,
     actor: Actor,
     ApiQuery(q): ApiQuery<ListQuery>,
@@ -631,17 +632,23 @@ pub(super) async fn list(
     request_body(content = RevokeRequest, description = "Optional; `reason` defaults to manual_revocation"),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Revoked), (status = 404, body = Problem), (status = 409, description = "Already ended", body = Problem)))]
-pub(super) async fn revoke(
+pub(super) async fn revoke_delegation(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Revoked>> {
     let org_id = actor.current_org()?;
-    let req: RevokeRequest =
-        if body.iter().all(u8::is_ascii_whitespace) { RevokeRequest::default() } else { crate::http::extract::parse_json(&body)? };
+    let req: RevokeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RevokeRequest::default()
+    } else {
+        crate::http::extract::parse_json(&body)?
+    };
     let reason = req.reason.unwrap_or_else(|| "manual_revocation".into());
-    if reason.is_empty() || reason.len() > 100 || !reason.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
+    if reason.is_empty()
+        || reason.len() > 100
+        || !reason.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
         return Err(ApiError::field("reason", "invalid_reason", "1 to 100 of A-Z a-z 0-9 _ - ."));
     }
     let mut tx = state.db().begin().await?;
@@ -650,7 +657,10 @@ pub(super) async fn revoke(
         return Err(ApiError::NotFound);
     }
     if row.status != "active" {
-        return Err(ApiError::conflict("delegation_ended", format!("The delegation has already ended ({}).", row.status)));
+        return Err(ApiError::conflict(
+            "delegation_ended",
+            format!("The delegation has already ended ({}).", row.status),
+        ));
     }
     let ending = super::end_tree(&mut tx, state.clock().now(), &[id], "revoked", &reason, Some(&actor), false).await?;
     tx.commit().await?;
@@ -677,7 +687,7 @@ fn args_hash(args: Option<&Value>) -> Vec<u8> {
         (status = 403, description = "Not the delegation's agent or a service key", body = Problem),
         (status = 404, body = Problem),
         (status = 422, body = Problem)))]
-pub(super) async fn command(
+pub(super) async fn check_command(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
@@ -901,7 +911,13 @@ pub(super) async fn list_approvals(
     Ok(Json(rows.into_iter().map(|r| r.approval(now)).collect()))
 }
 
-async fn decide(state: &AppState, actor: &Actor, id: Uuid, approval_id: Uuid, approve: bool) -> ApiResult<Json<Approval>> {
+async fn decide(
+    state: &AppState,
+    actor: &Actor,
+    id: Uuid,
+    approval_id: Uuid,
+    approve: bool,
+) -> ApiResult<Json<Approval>> {
     let org_id = actor.current_org()?;
     let now = state.clock().now();
     let mut tx = state.db().begin().await?;
@@ -949,9 +965,13 @@ async fn decide(state: &AppState, actor: &Actor, id: Uuid, approval_id: Uuid, ap
     };
     crate::audit::record(
         &mut tx,
-        crate::audit::Event::by(actor, org_id, if approve { "delegation.approval_granted" } else { "delegation.approval_denied" })
-            .target("delegation", id)
-            .details(json!({ "approval_id": approval_id, "command": decided.command })),
+        crate::audit::Event::by(
+            actor,
+            org_id,
+            if approve { "delegation.approval_granted" } else { "delegation.approval_denied" },
+        )
+        .target("delegation", id)
+        .details(json!({ "approval_id": approval_id, "command": decided.command })),
     )
     .await?;
     tx.commit().await?;
@@ -965,7 +985,7 @@ async fn decide(state: &AppState, actor: &Actor, id: Uuid, approval_id: Uuid, ap
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Approval), (status = 403, body = Problem), (status = 404, body = Problem),
               (status = 409, body = Problem)))]
-pub(super) async fn approve(
+pub(super) async fn approve_ceremony(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath((id, approval_id)): ApiPath<(Uuid, Uuid)>,
@@ -979,7 +999,7 @@ pub(super) async fn approve(
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = Approval), (status = 403, body = Problem), (status = 404, body = Problem),
               (status = 409, body = Problem)))]
-pub(super) async fn deny(
+pub(super) async fn deny_ceremony(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath((id, approval_id)): ApiPath<(Uuid, Uuid)>,

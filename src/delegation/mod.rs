@@ -46,13 +46,13 @@ pub const DELEGATION_EXPIRED: i64 = 0x3004;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(handlers::create, handlers::list))
-        .routes(routes!(handlers::get))
-        .routes(routes!(handlers::revoke))
-        .routes(routes!(handlers::command))
+        .routes(routes!(handlers::create_delegation, handlers::list_delegations))
+        .routes(routes!(handlers::get_delegation))
+        .routes(routes!(handlers::revoke_delegation))
+        .routes(routes!(handlers::check_command))
         .routes(routes!(handlers::list_approvals))
-        .routes(routes!(handlers::approve))
-        .routes(routes!(handlers::deny))
+        .routes(routes!(handlers::approve_ceremony))
+        .routes(routes!(handlers::deny_ceremony))
 }
 
 /// What a delegation hangs on: when it ends, the delegations made with it end too.
@@ -217,8 +217,11 @@ pub async fn end_tree(
             ending.announced.push(announced);
             ending.client_ids.extend(clients);
         }
-        let (event_type, code) =
-            if r.status == "expired" { ("delegation.expired", DELEGATION_EXPIRED) } else { ("delegation.revoked", DELEGATION_REVOKED) };
+        let (event_type, code) = if r.status == "expired" {
+            ("delegation.expired", DELEGATION_EXPIRED)
+        } else {
+            ("delegation.revoked", DELEGATION_REVOKED)
+        };
         let data = json!({
             "event_code": code,
             "delegation_id": r.delegation_id,
@@ -229,7 +232,12 @@ pub async fn end_tree(
             "ended_at": crate::events::rfc3339(now),
         });
         let cid = record(conn, r.organization_id, event_type, r.delegation_id, data, by).await?;
-        ending.ended.push(Ended { delegation_id: r.delegation_id, status: r.status, reason: r.ended_reason, chronicle_cid: cid });
+        ending.ended.push(Ended {
+            delegation_id: r.delegation_id,
+            status: r.status,
+            reason: r.ended_reason,
+            chronicle_cid: cid,
+        });
     }
     Ok(ending)
 }
@@ -368,7 +376,7 @@ pub fn spawn(state: &AppState) -> tokio::task::JoinHandle<()> {
             tick.tick().await;
             loop {
                 match sweep(&state, 500).await {
-                    Ok(n) if n == 500 => continue,
+                    Ok(500) => continue,
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "delegation sweep failed");

@@ -164,8 +164,18 @@ pub struct Partitioned {
 }
 
 /// Every resource type of the schema.
-const RESOURCE_TYPES: &[&str] =
-    &["Organization", "Agent", "ApiKey", "AuditLog", "PolicySet", "Channel", "Tool", "UsageReport", "Platform", "Delegation"];
+const RESOURCE_TYPES: &[&str] = &[
+    "Organization",
+    "Agent",
+    "ApiKey",
+    "AuditLog",
+    "PolicySet",
+    "Channel",
+    "Tool",
+    "UsageReport",
+    "Platform",
+    "Delegation",
+];
 
 impl Partitioned {
     fn new(all: PolicySet) -> Result<Self, String> {

@@ -144,8 +144,20 @@ pub const RULES: &[Rule] = &[
     // The enforcement point: the delegation's own token, or a service key (checked by the handler).
     rule("POST", "/api/v1/delegations/{id}/commands", "update", Authenticated, ""),
     rule("GET", "/api/v1/delegations/{id}/approvals", "read", Org(Delegation), "delegations:read"),
-    rule("POST", "/api/v1/delegations/{id}/approvals/{approval_id}/approve", "update", Org(Delegation), "delegations:write"),
-    rule("POST", "/api/v1/delegations/{id}/approvals/{approval_id}/deny", "update", Org(Delegation), "delegations:write"),
+    rule(
+        "POST",
+        "/api/v1/delegations/{id}/approvals/{approval_id}/approve",
+        "update",
+        Org(Delegation),
+        "delegations:write",
+    ),
+    rule(
+        "POST",
+        "/api/v1/delegations/{id}/approvals/{approval_id}/deny",
+        "update",
+        Org(Delegation),
+        "delegations:write",
+    ),
 ];
 
 /// The declaration for a route, if any.

@@ -36,8 +36,11 @@ async fn oauth_error(resp: reqwest::Response, status: StatusCode, error: &str) -
 
 impl TestApp {
     async fn delegate(&self, by: &Caller, body: Value) -> Value {
-        json_ok(self.as_(by, Method::POST, "/api/v1/delegations").json(&body).send().await.unwrap(), StatusCode::CREATED)
-            .await
+        json_ok(
+            self.as_(by, Method::POST, "/api/v1/delegations").json(&body).send().await.unwrap(),
+            StatusCode::CREATED,
+        )
+        .await
     }
 
     async fn delegation(&self, by: &Caller, id: &str) -> Value {
@@ -91,7 +94,9 @@ async fn the_lifecycle_with_the_original_field_names_and_a_token_any_jwt_library
                                "scopes": ["tools:read", "agents:read", "delegations:read"] } }),
         )
         .await;
-    for key in ["delegation_id", "status", "agent_principal", "agent_token", "expires_at", "max_commands", "chronicle_cid"] {
+    for key in
+        ["delegation_id", "status", "agent_principal", "agent_token", "expires_at", "max_commands", "chronicle_cid"]
+    {
         assert!(!created[key].is_null(), "{key} in {created}");
     }
     assert_eq!(created["status"], "active");
@@ -121,10 +126,15 @@ async fn the_lifecycle_with_the_original_field_names_and_a_token_any_jwt_library
     assert!(claims["exp"].as_i64().unwrap() <= expires_at.unix_timestamp());
 
     // The token acts as the agent; introspection shows `act` and `delegation_id`.
-    let me = json_ok(app.client.get(app.url("/auth/me")).bearer_auth(&token).send().await.unwrap(), StatusCode::OK).await;
+    let me =
+        json_ok(app.client.get(app.url("/auth/me")).bearer_auth(&token).send().await.unwrap(), StatusCode::OK).await;
     assert_eq!(me["actor_id"], format!("agent:{}", client.agent_id));
     let intro = json_ok(
-        app.as_(&admin, Method::POST, "/api/v1/token/introspect").form(&[("token", token.as_str())]).send().await.unwrap(),
+        app.as_(&admin, Method::POST, "/api/v1/token/introspect")
+            .form(&[("token", token.as_str())])
+            .send()
+            .await
+            .unwrap(),
         StatusCode::OK,
     )
     .await;
@@ -157,10 +167,14 @@ async fn the_lifecycle_with_the_original_field_names_and_a_token_any_jwt_library
     assert_eq!(list["total_active"], 1);
     assert_eq!(list["items"][0]["delegation_id"], id);
     let by_agent = json_ok(
-        app.as_(&admin, Method::GET, &format!("/api/v1/delegations?agent_id={}&delegator_id=user:{}", client.agent_id, admin.user_id))
-            .send()
-            .await
-            .unwrap(),
+        app.as_(
+            &admin,
+            Method::GET,
+            &format!("/api/v1/delegations?agent_id={}&delegator_id=user:{}", client.agent_id, admin.user_id),
+        )
+        .send()
+        .await
+        .unwrap(),
         StatusCode::OK,
     )
     .await;
@@ -214,7 +228,9 @@ async fn token_exchange_issues_under_the_delegation_and_keeps_the_actor() {
     };
     oauth_error(post(form(&admin.token, &actor)).await, StatusCode::BAD_REQUEST, "invalid_request").await;
 
-    let created = app.delegate(&admin, json!({ "agent_id": client.agent_id, "scope": { "scopes": ["tools:read", "tools:write"] } })).await;
+    let created = app
+        .delegate(&admin, json!({ "agent_id": client.agent_id, "scope": { "scopes": ["tools:read", "tools:write"] } }))
+        .await;
     let id = created["delegation_id"].as_str().unwrap().to_owned();
     let resp = post(form(&admin.token, &actor)).await;
     assert_eq!(resp.headers()["cache-control"], "no-store");
@@ -260,7 +276,8 @@ async fn token_exchange_issues_under_the_delegation_and_keeps_the_actor() {
 
     // The delegator's session ends: the delegation ends, and so do its tokens, at once.
     let session = app.sign_in(crate::helpers::ADMIN_EMAIL, crate::helpers::PASSWORD).await;
-    let created = app.delegate(&session, json!({ "agent_id": client.agent_id, "scope": { "scopes": ["tools:read"] } })).await;
+    let created =
+        app.delegate(&session, json!({ "agent_id": client.agent_id, "scope": { "scopes": ["tools:read"] } })).await;
     let sid = created["delegation_id"].as_str().unwrap().to_owned();
     let body = json_ok(post(form(&session.token, &actor)).await, StatusCode::OK).await;
     let under_session = body["access_token"].as_str().unwrap().to_owned();
@@ -283,20 +300,32 @@ async fn two_hundred_concurrent_commands_against_a_budget_of_fifty_permit_exactl
     let app = spawn_app_with(&[("database.max_connections", json!(40))]).await;
     let (admin, client) = setup(&app, &["tools:read"]).await;
     let created = app
-        .delegate(&admin, json!({ "agent_id": client.agent_id, "scope": { "max_commands": 50, "prohibited_commands": ["rm"] } }))
+        .delegate(
+            &admin,
+            json!({ "agent_id": client.agent_id, "scope": { "max_commands": 50, "prohibited_commands": ["rm"] } }),
+        )
         .await;
     let id = created["delegation_id"].as_str().unwrap().to_owned();
     let token = created["agent_token"].as_str().unwrap().to_owned();
     // Prohibited: denied, nothing consumed.
     let d = app.command(&token, &id, "rm").await;
-    assert_eq!((d["decision"].as_str(), d["reason"].as_str(), d["commands_remaining"].as_i64()), (Some("deny"), Some("prohibited_command"), Some(50)));
+    assert_eq!(
+        (d["decision"].as_str(), d["reason"].as_str(), d["commands_remaining"].as_i64()),
+        (Some("deny"), Some("prohibited_command"), Some(50))
+    );
 
     let calls = (0..200).map(|i| {
         let client = app.client.clone();
         let url = app.url(&format!("/api/v1/delegations/{id}/commands"));
         let token = token.clone();
         tokio::spawn(async move {
-            let resp = client.post(url).bearer_auth(token).json(&json!({ "command": format!("cat f{i}") })).send().await.unwrap();
+            let resp = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({ "command": format!("cat f{i}") }))
+                .send()
+                .await
+                .unwrap();
             (resp.status(), resp.json::<Value>().await.unwrap_or(Value::Null))
         })
     });
@@ -337,7 +366,11 @@ async fn two_hundred_concurrent_commands_against_a_budget_of_fifty_permit_exactl
     let d = app.command(key, id2, "ls").await;
     assert_eq!((d["decision"].as_str(), d["reason"].as_str()), (Some("deny"), Some("delegation_ended")));
     assert_problem(
-        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{id2}/commands")).json(&json!({ "command": "ls" })).send().await.unwrap(),
+        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{id2}/commands"))
+            .json(&json!({ "command": "ls" }))
+            .send()
+            .await
+            .unwrap(),
         StatusCode::FORBIDDEN,
         "not_enforcement_point",
     )
@@ -357,7 +390,11 @@ async fn a_ceremony_permits_one_command_once_after_the_delegator_approves() {
     let approval = d["approval_id"].as_str().unwrap().to_owned();
     // Asking again is the same request.
     assert_eq!(app.command(&token, &id, "delete").await["approval_id"], approval);
-    let list = json_ok(app.as_(&admin, Method::GET, &format!("/api/v1/delegations/{id}/approvals")).send().await.unwrap(), StatusCode::OK).await;
+    let list = json_ok(
+        app.as_(&admin, Method::GET, &format!("/api/v1/delegations/{id}/approvals")).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(list[0]["status"], "pending");
     assert_eq!(list[0]["command"], "delete");
     // The agent is not the delegator.
@@ -373,7 +410,10 @@ async fn a_ceremony_permits_one_command_once_after_the_delegator_approves() {
     )
     .await;
     let approved = json_ok(
-        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{id}/approvals/{approval}/approve")).send().await.unwrap(),
+        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{id}/approvals/{approval}/approve"))
+            .send()
+            .await
+            .unwrap(),
         StatusCode::OK,
     )
     .await;
@@ -386,13 +426,19 @@ async fn a_ceremony_permits_one_command_once_after_the_delegator_approves() {
     let second = d["approval_id"].as_str().unwrap().to_owned();
     assert_ne!(second, approval);
     let denied = json_ok(
-        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{id}/approvals/{second}/deny")).send().await.unwrap(),
+        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{id}/approvals/{second}/deny"))
+            .send()
+            .await
+            .unwrap(),
         StatusCode::OK,
     )
     .await;
     assert_eq!(denied["status"], "denied");
     assert_problem(
-        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{id}/approvals/{second}/approve")).send().await.unwrap(),
+        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{id}/approvals/{second}/approve"))
+            .send()
+            .await
+            .unwrap(),
         StatusCode::CONFLICT,
         "approval_not_pending",
     )
@@ -412,7 +458,11 @@ async fn chains_narrow_reserve_and_cascade_parent_to_child_to_tokens() {
         )
         .await;
     let pid = parent["delegation_id"].as_str().unwrap().to_owned();
-    let a_token = Caller { token: parent["agent_token"].as_str().unwrap().to_owned(), org_id: admin.org_id.clone(), user_id: String::new() };
+    let a_token = Caller {
+        token: parent["agent_token"].as_str().unwrap().to_owned(),
+        org_id: admin.org_id.clone(),
+        user_id: String::new(),
+    };
     // Wider than the parent: refused, naming the scope.
     let resp = app
         .as_(&a_token, Method::POST, "/api/v1/delegations")
@@ -430,8 +480,12 @@ async fn chains_narrow_reserve_and_cascade_parent_to_child_to_tokens() {
         .await
         .unwrap();
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
-    let resp =
-        app.as_(&a_token, Method::POST, "/api/v1/delegations").json(&json!({ "agent_id": a.agent_id })).send().await.unwrap();
+    let resp = app
+        .as_(&a_token, Method::POST, "/api/v1/delegations")
+        .json(&json!({ "agent_id": a.agent_id }))
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
 
     let child = app
@@ -448,7 +502,10 @@ async fn chains_narrow_reserve_and_cascade_parent_to_child_to_tokens() {
     let child_token = child["agent_token"].as_str().unwrap().to_owned();
     let c = claims_of(&child_token);
     assert_eq!(c["sub"], format!("user:{}", admin.user_id));
-    assert_eq!(c["act"], json!({ "sub": format!("agent:{}", b.agent_id), "act": { "sub": format!("agent:{}", a.agent_id) } }));
+    assert_eq!(
+        c["act"],
+        json!({ "sub": format!("agent:{}", b.agent_id), "act": { "sub": format!("agent:{}", a.agent_id) } })
+    );
     // And by exchange: A's delegated token as subject, B's own token as actor.
     let b_own = app.access_token(&b).await;
     let body = json_ok(
@@ -485,7 +542,11 @@ async fn chains_narrow_reserve_and_cascade_parent_to_child_to_tokens() {
 
     // Revoking the parent ends the children and every token under any of them.
     let revoked = json_ok(
-        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{pid}/revoke")).json(&json!({ "reason": "done" })).send().await.unwrap(),
+        app.as_(&admin, Method::POST, &format!("/api/v1/delegations/{pid}/revoke"))
+            .json(&json!({ "reason": "done" }))
+            .send()
+            .await
+            .unwrap(),
         StatusCode::OK,
     )
     .await;
@@ -505,7 +566,10 @@ async fn ephemeral_agents_and_the_delegators_credentials_and_membership_end_dele
     let admin = app.bootstrap().await;
     let agents_before = agentidp::auth::agents::count(&app.db, admin.org_id.parse().unwrap()).await.unwrap();
     let created = app
-        .delegate(&admin, json!({ "agent_type": "claude-code", "agent_model": "opus", "scope": { "scopes": ["tools:read"] } }))
+        .delegate(
+            &admin,
+            json!({ "agent_type": "claude-code", "agent_model": "opus", "scope": { "scopes": ["tools:read"] } }),
+        )
         .await;
     let id = created["delegation_id"].as_str().unwrap().to_owned();
     let principal = &created["agent_principal"];
@@ -522,19 +586,32 @@ async fn ephemeral_agents_and_the_delegators_credentials_and_membership_end_dele
     // The ephemeral agent is gone, with its credential and tokens.
     assert_eq!(agentidp::auth::agents::count(&app.db, admin.org_id.parse().unwrap()).await.unwrap(), agents_before);
     assert_eq!(app.me_status(&own).await, StatusCode::UNAUTHORIZED);
-    oauth_error(app.token_request(&client, &[("grant_type", "client_credentials")]).await, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    oauth_error(
+        app.token_request(&client, &[("grant_type", "client_credentials")]).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
 
     // Made with an API key: deleting the key ends it.
     let key = app.api_key(&admin, Some(&["delegations:write", "delegations:read", "agents:read"])).await;
     let agent = app.agent_client(&admin, &["agents:read", "tools:read"]).await;
     let by_key = app.delegate(&key, json!({ "agent_id": agent.agent_id })).await;
     assert_eq!(by_key["scopes"], json!(["agents:read"]), "the key's scopes ∩ the agent's");
-    let key_id = json_ok(app.as_(&admin, Method::GET, "/auth/api-keys").header("x-org-id", &admin.org_id).send().await.unwrap(), StatusCode::OK)
-        .await[0]["id"]
+    let key_id = json_ok(
+        app.as_(&admin, Method::GET, "/auth/api-keys").header("x-org-id", &admin.org_id).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await[0]["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let resp = app.as_(&admin, Method::DELETE, &format!("/auth/api-keys/{key_id}")).header("x-org-id", &admin.org_id).send().await.unwrap();
+    let resp = app
+        .as_(&admin, Method::DELETE, &format!("/auth/api-keys/{key_id}"))
+        .header("x-org-id", &admin.org_id)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     assert_eq!(app.me_status(by_key["agent_token"].as_str().unwrap()).await, StatusCode::UNAUTHORIZED);
     let info = app.delegation(&admin, by_key["delegation_id"].as_str().unwrap()).await;
@@ -553,8 +630,13 @@ async fn ephemeral_agents_and_the_delegators_credentials_and_membership_end_dele
         .unwrap();
     assert_problem(resp, StatusCode::FORBIDDEN, "ceiling_exceeds_delegator").await;
     // The admin sees it; the member does not see the admin's.
-    let admins = app.delegate(&admin, json!({ "agent_id": agent.agent_id, "scope": { "scopes": ["tools:read"] } })).await;
-    let resp = app.as_(&member, Method::GET, &format!("/api/v1/delegations/{}", admins["delegation_id"].as_str().unwrap())).send().await.unwrap();
+    let admins =
+        app.delegate(&admin, json!({ "agent_id": agent.agent_id, "scope": { "scopes": ["tools:read"] } })).await;
+    let resp = app
+        .as_(&member, Method::GET, &format!("/api/v1/delegations/{}", admins["delegation_id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
     let resp = app
         .as_(&admin, Method::DELETE, &format!("/api/v1/organizations/{}/members/{}", admin.org_id, member.user_id))
@@ -571,7 +653,10 @@ async fn ephemeral_agents_and_the_delegators_credentials_and_membership_end_dele
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(app.delegation(&admin, admins["delegation_id"].as_str().unwrap()).await["ended_reason"], "agent_suspended");
+    assert_eq!(
+        app.delegation(&admin, admins["delegation_id"].as_str().unwrap()).await["ended_reason"],
+        "agent_suspended"
+    );
 }
 
 #[tokio::test]
@@ -604,7 +689,12 @@ async fn bad_input_is_refused_and_nothing_is_left_half_made() {
     // Another organization's agent is not one of ours.
     let other = app.org_with_owner(&admin, "Other", "o@acme.test").await;
     let theirs = app.agent_client(&other, &["tools:read"]).await;
-    let resp = app.as_(&admin, Method::POST, "/api/v1/delegations").json(&json!({ "agent_id": theirs.agent_id })).send().await.unwrap();
+    let resp = app
+        .as_(&admin, Method::POST, "/api/v1/delegations")
+        .json(&json!({ "agent_id": theirs.agent_id }))
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
     // Beyond the agent's allowed scopes, and beyond the ceiling.
     let resp = app
@@ -649,8 +739,13 @@ async fn bad_input_is_refused_and_nothing_is_left_half_made() {
     }
     let theirs_token = app.access_token(&theirs).await;
     oauth_error(
-        app.exchange(&[("grant_type", EXCHANGE), ("subject_token", &admin.token), ("subject_token_type", AT), ("actor_token", &theirs_token)])
-            .await,
+        app.exchange(&[
+            ("grant_type", EXCHANGE),
+            ("subject_token", &admin.token),
+            ("subject_token_type", AT),
+            ("actor_token", &theirs_token),
+        ])
+        .await,
         StatusCode::BAD_REQUEST,
         "invalid_request",
     )
@@ -664,7 +759,12 @@ async fn tokens_stop_at_expiry_and_the_sweeper_ends_the_delegation() {
     // This test sweeps by hand.
     let app = spawn_app_with(&[("delegation.sweep_interval_secs", json!(3600))]).await;
     let admin = app.bootstrap().await;
-    let created = app.delegate(&admin, json!({ "agent_type": "claude-code", "scope": { "scopes": ["tools:read"], "max_ttl_minutes": 1 } })).await;
+    let created = app
+        .delegate(
+            &admin,
+            json!({ "agent_type": "claude-code", "scope": { "scopes": ["tools:read"], "max_ttl_minutes": 1 } }),
+        )
+        .await;
     let id = created["delegation_id"].as_str().unwrap().to_owned();
     let token = created["agent_token"].as_str().unwrap().to_owned();
     assert_eq!(app.me_status(&token).await, StatusCode::OK);
@@ -690,7 +790,10 @@ async fn ends_reach_a_second_instance_at_once_revocation_and_spend() {
     let d = app1.delegate(&admin, json!({ "agent_id": client.agent_id })).await;
     let token = d["agent_token"].as_str().unwrap().to_owned();
     assert_eq!(app2.me_status(&token).await, StatusCode::OK);
-    app1.as_(&admin, Method::POST, &format!("/api/v1/delegations/{}/revoke", d["delegation_id"].as_str().unwrap())).send().await.unwrap();
+    app1.as_(&admin, Method::POST, &format!("/api/v1/delegations/{}/revoke", d["delegation_id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
     let took = refused_soon(&app2, &token, "revoked on the first instance").await;
     eprintln!("a revoked delegation reached the second instance in {took:?}");
 
@@ -702,19 +805,32 @@ async fn ends_reach_a_second_instance_at_once_revocation_and_spend() {
     let token = d["agent_token"].as_str().unwrap().to_owned();
     assert_eq!(app2.me_status(&token).await, StatusCode::OK);
     let org: uuid::Uuid = admin.org_id.parse().unwrap();
-    let draw = |cost: i64, tokens: i64| agentidp::delegation::spend::SpendDraw { org_id: org, delegation_id: id, cost_micros: cost, tokens };
+    let draw = |cost: i64, tokens: i64| agentidp::delegation::spend::SpendDraw {
+        org_id: org,
+        delegation_id: id,
+        cost_micros: cost,
+        tokens,
+    };
     let mut tx = app1.db.begin().await.unwrap();
     agentidp::delegation::spend::draw(&mut tx, &[draw(400, 100), draw(500, 100)]).await.unwrap();
     // Another organization's draw is ignored.
     agentidp::delegation::spend::draw(
         &mut tx,
-        &[agentidp::delegation::spend::SpendDraw { org_id: uuid::Uuid::new_v4(), delegation_id: id, cost_micros: 10_000, tokens: 0 }],
+        &[agentidp::delegation::spend::SpendDraw {
+            org_id: uuid::Uuid::new_v4(),
+            delegation_id: id,
+            cost_micros: 10_000,
+            tokens: 0,
+        }],
     )
     .await
     .unwrap();
     tx.commit().await.unwrap();
     let info = app1.delegation(&admin, &id.to_string()).await;
-    assert_eq!((info["status"].as_str(), info["cost_spent"].as_i64(), info["tokens_spent"].as_i64()), (Some("active"), Some(900), Some(200)));
+    assert_eq!(
+        (info["status"].as_str(), info["cost_spent"].as_i64(), info["tokens_spent"].as_i64()),
+        (Some("active"), Some(900), Some(200))
+    );
     assert_eq!(app2.me_status(&token).await, StatusCode::OK);
     // A rolled-back draw leaves nothing.
     let mut tx = app1.db.begin().await.unwrap();
@@ -795,7 +911,8 @@ async fn events_arrive_at_a_webhook_endpoint_with_their_codes_and_content_ids() 
         assert_eq!(cid, json!(agentidp::delegation::canonical::cid(&data)), "{e}");
     }
     // And each is in the audit chain, with its content id.
-    let audit = json_ok(app.as_(&admin, Method::GET, "/api/v1/audit?limit=200").send().await.unwrap(), StatusCode::OK).await;
+    let audit =
+        json_ok(app.as_(&admin, Method::GET, "/api/v1/audit?limit=200").send().await.unwrap(), StatusCode::OK).await;
     let text = audit.to_string();
     assert!(text.contains(d["chronicle_cid"].as_str().unwrap()), "the created event's cid is in the audit log");
 }

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod audit;
+mod delegation;
 mod events;
 mod foundation;
 mod identity;
@@ -11,4 +12,3 @@ mod policy;
 mod retention;
 mod tiers;
 mod webhooks;
-mod delegation;
