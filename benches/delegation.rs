@@ -45,11 +45,16 @@ struct Outcome {
 
 /// `CONNECTIONS` loops sending `req` for `secs`; every answer that is not 2xx is an error.
 async fn load(client: &reqwest::Client, req: Req, secs: f64) -> Outcome {
+    load_each(client, vec![req], secs).await
+}
+
+/// Like [`load`], connection `i` sending `reqs[i % len]`.
+async fn load_each(client: &reqwest::Client, reqs: Vec<Req>, secs: f64) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let req = Arc::new(req);
-    let tasks = (0..CONNECTIONS).map(|_| {
+    let reqs: Vec<Arc<Req>> = reqs.into_iter().map(Arc::new).collect();
+    let tasks = (0..CONNECTIONS).map(|i| {
         let client = client.clone();
-        let req = req.clone();
+        let req = reqs[i % reqs.len()].clone();
         tokio::spawn(async move {
             let mut lat = Vec::with_capacity(4096);
             let mut errors = 0u64;
@@ -171,7 +176,7 @@ async fn main() {
                     "api_calls_per_day": "unlimited",
                     "tokens_per_day": "unlimited",
                     "tokens_per_month": "unlimited",
-                    "rate_limit": { "requests_per_minute": 60_000_000, "burst": 10_000_000 },
+                    "rate_limit": { "requests_per_minute": 6_000_000, "burst": 1_000_000 },
                 }),
             )),
     )
@@ -245,6 +250,27 @@ async fn main() {
     let id = delegation["delegation_id"].as_str().unwrap().to_owned();
     let delegated = format!("Bearer {}", delegation["agent_token"].as_str().unwrap());
 
+    // The command check on one delegation queues on its row (each check is one unit of one
+    // budget); agents in production check their own: one delegation per connection.
+    let mut per_connection = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let d = json(
+            client
+                .post(format!("{base}/api/v1/delegations"))
+                .header("authorization", &session)
+                .json(&json!({ "agent_id": agent_id, "scope": { "max_commands": 100_000_000 } }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        per_connection.push(Req {
+            post: true,
+            url: format!("{base}/api/v1/delegations/{}/commands", d["delegation_id"].as_str().unwrap()),
+            headers: vec![("authorization", format!("Bearer {}", d["agent_token"].as_str().unwrap()))],
+            body: Some((json!({ "command": "ls" }).to_string(), "application/json")),
+        });
+    }
     let create_body = json!({ "agent_type": "claude-code", "scope": { "scopes": ["tools:read"] } }).to_string();
     let exchange_body = serde_urlencoded::to_string([
         ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
@@ -273,7 +299,7 @@ async fn main() {
             },
         ),
         (
-            "command check",
+            "command check, 1 delegation",
             Req {
                 post: true,
                 url: format!("{base}/api/v1/delegations/{id}/commands"),
@@ -296,6 +322,8 @@ async fn main() {
         let _ = load(&client, req.clone(), secs.min(2.0) / 4.0).await; // warm-up
         rows.push((name, load(&client, req, secs).await));
     }
+    let _ = load_each(&client, per_connection.clone(), secs.min(2.0) / 4.0).await;
+    rows.push(("command check, 64 delegations", load_each(&client, per_connection, secs).await));
     let active: i64 =
         agentidp::delegation::active_count(&db, login["actor"]["org_id"].as_str().unwrap().parse().unwrap())
             .await

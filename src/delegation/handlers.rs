@@ -525,12 +525,7 @@ pub(super) async fn create_delegation(
     .await?;
     super::count_active(&mut tx, org_id, 1).await?;
     data["chronicle_cid"] = json!(cid);
-    crate::audit::record(
-        &mut tx,
-        crate::audit::Event::by(&actor, org_id, "delegation.created").target("delegation", id).details(data.clone()),
-    )
-    .await?;
-    crate::events::emit(&mut tx, org_id, "delegation.created", format!("delegations/{id}"), data).await?;
+    crate::events::emit(&mut tx, org_id, "delegation.created", format!("delegations/{id}"), data.clone()).await?;
     let grant = Grant { delegation_id: id, org_id, scopes: scopes.clone(), expires_at, chain };
     let (client_id, credential_id) =
         client.as_ref().map_or((String::new(), Uuid::nil()), |c| (c.client_id.clone(), c.credential_id));
@@ -538,6 +533,13 @@ pub(super) async fn create_delegation(
     let (agent_token, _) =
         crate::auth::oauth::issue_delegated(&state, &grant, &client_id, credential_id, &scopes.join(" "), aud)
             .map_err(ApiError::Internal)?;
+    // Last: the audit record locks the head of the organization's chain until the commit, so
+    // concurrent creates queue only for this step.
+    crate::audit::record(
+        &mut tx,
+        crate::audit::Event::by(&actor, org_id, "delegation.created").target("delegation", id).details(data),
+    )
+    .await?;
     tx.commit().await?;
     metrics::counter!("delegations_created_total").increment(1);
     metrics::gauge!("delegations_active").increment(1.0);
