@@ -693,17 +693,9 @@ pub(super) async fn check_command(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,
-    ApiJson(req): ApiJson<CommandRequest>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<CommandDecision>> {
     let org_id = actor.current_org()?;
-    let mut errors = Vec::new();
-    commands("command", std::slice::from_ref(&req.command), 1, &mut errors);
-    if req.args.as_ref().is_some_and(|a| a.to_string().len() > 16_384) {
-        errors.push(FieldError { field: "args".into(), code: "too_large".into(), message: "at most 16 KiB".into() });
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::Validation { errors });
-    }
     let enforcer = match &actor.principal.credential {
         Credential::AccessToken { claims, .. } => claims.delegation_id == Some(id),
         Credential::ApiKey { org_id: key_org, .. } => actor.actor_type == ActorType::Service && *key_org == org_id,
@@ -731,6 +723,17 @@ pub(super) async fn check_command(
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(ApiError::NotFound)?;
+    // Read only once the delegation is known to be the caller's: another organization's is a
+    // 404 whatever the body.
+    let req: CommandRequest = crate::http::extract::parse_json(&body)?;
+    let mut errors = Vec::new();
+    commands("command", std::slice::from_ref(&req.command), 1, &mut errors);
+    if req.args.as_ref().is_some_and(|a| a.to_string().len() > 16_384) {
+        errors.push(FieldError { field: "args".into(), code: "too_large".into(), message: "at most 16 KiB".into() });
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation { errors });
+    }
     let deny = |reason: String, remaining: i64| -> ApiResult<Json<CommandDecision>> {
         metrics::counter!("delegation_commands_total", "decision" => "deny").increment(1);
         Ok(Json(CommandDecision { decision: "deny", reason, commands_remaining: remaining, approval_id: None }))
