@@ -777,7 +777,7 @@ pub(super) async fn check_command(
             .await?;
             let approval_id = match pending {
                 Some(a) => a,
-                None => request_approval(&state, &mut tx, org_id, id, &req, &hash, now).await?,
+                None => request_approval(&state, &mut tx, &actor, org_id, id, &req, &hash, now).await?,
             };
             tx.commit().await?;
             metrics::counter!("delegation_commands_total", "decision" => "ceremony_required").increment(1);
@@ -823,9 +823,11 @@ pub(super) async fn check_command(
     }))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn request_approval(
     state: &AppState,
     conn: &mut PgConnection,
+    actor: &Actor,
     org_id: Uuid,
     delegation_id: Uuid,
     req: &CommandRequest,
@@ -855,7 +857,7 @@ async fn request_approval(
         "command": req.command,
         "expires_at": crate::events::rfc3339(expires_at),
     });
-    super::record(conn, org_id, "delegation.approval_requested", delegation_id, data, None).await?;
+    super::record(conn, org_id, "delegation.approval_requested", delegation_id, data, Some(actor)).await?;
     Ok(approval_id)
 }
 
