@@ -466,6 +466,25 @@ pub(super) async fn create_delegation(
     let (agent_id, display_name, client) = match existing {
         Some((agent_id, agent)) => (agent_id, agent.name, None),
         None => {
+            // An ephemeral agent is an agent: it counts against the plan's max_agents, checked as
+            // the agent registry checks it (the tier row locked to the commit) when there is one.
+            if crate::tiers::org_tier(&state, org_id).await.limits.max_agents.max().is_some() {
+                let tier = crate::tiers::lock_limits(&state, &mut tx, org_id).await?;
+                if let Some(max) = tier.limits.max_agents.max() {
+                    let agents = crate::auth::agents::count(&mut *tx, org_id).await?;
+                    if agents >= max {
+                        return Err(ApiError::Forbidden {
+                            code: "agent_limit_reached".into(),
+                            detail: format!(
+                                "The {} plan allows {max} agents and the organization has {agents}: an ephemeral \
+                                 agent would be one more.",
+                                tier.plan
+                            )
+                            .into(),
+                        });
+                    }
+                }
+            }
             let agent_type = req.agent_type.clone().unwrap_or_default();
             let short = who.id.rsplit(':').next().unwrap_or_default().chars().take(8).collect::<String>();
             let name = format!("{agent_type} (delegated by {short})");

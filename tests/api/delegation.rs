@@ -917,3 +917,20 @@ async fn events_arrive_at_a_webhook_endpoint_with_their_codes_and_content_ids() 
     let text = audit.to_string();
     assert!(text.contains(d["chronicle_cid"].as_str().unwrap()), "the created event's cid is in the audit log");
 }
+
+#[tokio::test]
+async fn an_ephemeral_agent_counts_against_the_plans_agents() {
+    let app = spawn_app_with(&[("tiers.plans.free.max_agents", json!(1))]).await;
+    let (admin, client) = setup(&app, &["tools:read"]).await;
+    let resp = app
+        .as_(&admin, Method::POST, "/api/v1/delegations")
+        .json(&json!({ "agent_type": "claude-code", "scope": { "scopes": ["tools:read"] } }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(resp, StatusCode::FORBIDDEN, "agent_limit_reached").await;
+    let list = json_ok(app.as_(&admin, Method::GET, "/api/v1/delegations").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!((list["items"].as_array().unwrap().len(), list["total_active"].as_i64()), (0, Some(0)));
+    // An existing agent is no new one.
+    app.delegate(&admin, json!({ "agent_id": client.agent_id })).await;
+}
