@@ -345,9 +345,14 @@ pub async fn active_count(db: impl sqlx::PgExecutor<'_>, org_id: Uuid) -> Result
 /// sweep at once; returns how many ended.
 pub async fn sweep(state: &AppState, limit: i64) -> Result<usize, sqlx::Error> {
     let mut tx = state.db().begin().await?;
+    // Only the tops of what is due: their descendants end with them, so two sweepers never hold
+    // a parent and its child each while waiting for the other.
     let due = sqlx::query_scalar!(
-        "select delegation_id from delegation where status = 'active' and expires_at <= $1
-         order by expires_at limit $2 for update skip locked",
+        "select d.delegation_id from delegation d
+         where d.status = 'active' and d.expires_at <= $1
+           and not exists (select 1 from delegation p where p.delegation_id = d.parent_id
+                           and p.status = 'active' and p.expires_at <= $1)
+         order by d.expires_at limit $2 for update of d skip locked",
         state.clock().now(),
         limit
     )
