@@ -65,6 +65,21 @@ pub enum Hang {
     Agent { org_id: Uuid, agent_id: Uuid, reason: &'static str },
 }
 
+/// One delegation as [`end_tree`] ended it.
+struct EndedRow {
+    delegation_id: Uuid,
+    organization_id: Uuid,
+    parent_id: Option<Uuid>,
+    agent_id: Uuid,
+    ephemeral: bool,
+    expires_at: OffsetDateTime,
+    status: String,
+    ended_reason: String,
+    commands_executed: i32,
+    max_commands: i32,
+    delegator_id: String,
+}
+
 /// What ended in a transaction, to announce after its commit with [`finish`].
 #[must_use = "announce the ending after the commit with delegation::finish"]
 #[derive(Default)]
@@ -147,7 +162,16 @@ pub async fn end_tree(
     keep_agents: bool,
 ) -> Result<Ending, sqlx::Error> {
     let child_reason = if status == "expired" { "parent_expired" } else { "parent_revoked" };
-    let rows = sqlx::query!(
+    // The roots first, locked: a child being made under one of them (which holds its parent's
+    // lock) has committed before the tree is read, so the tree cannot miss it.
+    sqlx::query!(
+        "select delegation_id from delegation where delegation_id = any($1) order by delegation_id for update",
+        roots
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut rows = sqlx::query_as!(
+        EndedRow,
         r#"with recursive tree as (
                select delegation_id from delegation where delegation_id = any($1) and status = 'active'
                union
@@ -170,6 +194,25 @@ pub async fn end_tree(
     )
     .fetch_all(&mut *conn)
     .await?;
+    // Deeper down, a grandchild made while the tree was read (its maker held the child's lock,
+    // which the update above waited for) is visible to a new statement: end such stragglers too.
+    let mut last: Vec<Uuid> = rows.iter().map(|r| r.delegation_id).collect();
+    while !last.is_empty() {
+        let more = sqlx::query_as!(
+            EndedRow,
+            r#"update delegation set status = 'revoked', ended_reason = $2, ended_at = $3
+               where parent_id = any($1) and status = 'active'
+               returning delegation_id, organization_id, parent_id, agent_id, ephemeral, expires_at,
+                         status, ended_reason as "ended_reason!", commands_executed, max_commands, delegator_id"#,
+            &last,
+            child_reason,
+            now
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        last = more.iter().map(|r| r.delegation_id).collect();
+        rows.extend(more);
+    }
     let mut ending = Ending::default();
     if rows.is_empty() {
         return Ok(ending);
