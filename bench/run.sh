@@ -530,6 +530,26 @@ else
     fi
 fi
 
+# --- delegation: the broker beside the original one --------------------------------
+# benches/delegation.rs: POST /api/v1/delegations (ephemeral agents, durable Postgres), GET, the
+# command check and token exchange, then the original broker (../shared/peers/seed-broker/,
+# started with its own start.sh) under the same load generator: req/s, p50, p99, ratio. The peer
+# is skipped with a note when its folder is missing. In-process, on its own database; its output
+# goes below the table like pdp-inproc's. A failure is noted, not fatal.
+rm -f "$OUT/delegation.txt"
+if [[ ${BENCH_DELEGATION:-1} != 1 ]]; then
+    note "delegation skipped: BENCH_DELEGATION=${BENCH_DELEGATION}"
+else
+    [[ -d $ROOT/../shared/peers/seed-broker ]] || note "delegation: ../shared/peers/seed-broker/ is missing; its side is skipped"
+    log "delegation: cargo bench --bench delegation"
+    if (cd "$ROOT" && SQLX_OFFLINE=true timeout 900 cargo bench --bench delegation) >"$OUT/delegation.txt" 2>"$OUT/delegation.log"; then
+        note "delegation: the output of cargo bench --bench delegation is below the table"
+    else
+        note "delegation failed: cargo bench --bench delegation exited non-zero (see $OUT/delegation.log)"
+        rm -f "$OUT/delegation.txt"
+    fi
+fi
+
 # --- the peer: oidc-provider ------------------------------------------------------
 IDLE_RSS_PEER=0
 if [[ $RUN_PEER == 1 ]]; then
@@ -596,6 +616,10 @@ python3 "$BENCH_DIR/table.py" "$RESULTS" "$NOTES" "$IDLE_RSS_OURS" "$IDLE_RSS_PE
     || die "could not write the summary table"
 if [[ -f $OUT/webhooks.txt ]]; then
     { echo; echo 'webhooks, the output of `cargo bench --bench webhooks`:'; echo; echo '```'; cat "$OUT/webhooks.txt"; echo '```'; } \
+        >>"$OUT/summary.md"
+fi
+if [[ -f $OUT/delegation.txt ]]; then
+    { echo; echo 'delegation, the output of `cargo bench --bench delegation`:'; echo; echo '```'; cat "$OUT/delegation.txt"; echo '```'; } \
         >>"$OUT/summary.md"
 fi
 echo

@@ -33,6 +33,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub webhooks: WebhooksConfig,
     pub events: EventsConfig,
+    pub delegation: crate::delegation::DelegationConfig,
 }
 
 /// The event outbox's optional feed to NATS.
@@ -515,6 +516,7 @@ impl Config {
             ));
         }
         self.validate_tiers()?;
+        self.delegation.validate().map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
         let n = &self.events.nats;
         if !(n.url.starts_with("nats://") || n.url.starts_with("tls://")) {
             return Err(invalid("events.nats.url", "must be a nats:// or tls:// URL"));

@@ -19,6 +19,7 @@
 //! - [`clock`]: the wall clock quotas read (tests move it).
 //! - [`crypto`]: random secrets, hashing, password hashing.
 //! - [`cli`]: the `agentidp` command line.
+//! - [`delegation`]: the delegation broker: bounded authority for agents, RFC 8693 token exchange.
 
 pub mod analytics;
 pub mod app;
@@ -30,6 +31,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod delegation;
 pub mod events;
 pub mod http;
 pub mod policy;

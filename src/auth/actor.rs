@@ -106,6 +106,8 @@ scopes! {
     TiersWrite => "tiers:write",
     WebhooksRead => "webhooks:read",
     WebhooksWrite => "webhooks:write",
+    DelegationsRead => "delegations:read",
+    DelegationsWrite => "delegations:write",
 }
 
 /// The authenticated caller of this request.

@@ -409,6 +409,12 @@ pub(super) async fn update_agent(
     .fetch_one(&mut *tx)
     .await?;
     let announced = if suspending { Some(revoke_subject(&state, &mut tx, Subject::Agent(id)).await?) } else { None };
+    let ending = if suspending {
+        let hang = crate::delegation::Hang::Agent { org_id, agent_id: id, reason: "agent_suspended" };
+        Some(crate::delegation::end_hanging(&state, &mut tx, hang, Some(&actor)).await?)
+    } else {
+        None
+    };
     let action = match (old.status.as_str(), row.status.as_str()) {
         ("active", "suspended") => "agent.suspended",
         ("suspended", "active") => "agent.activated",
@@ -420,6 +426,9 @@ pub(super) async fn update_agent(
     tx.commit().await?;
     if let Some(a) = announced {
         revocation::announce(&state, a).await;
+    }
+    if let Some(ending) = ending {
+        crate::delegation::finish(&state, ending).await;
     }
     forget_clients(&state, id).await?;
     Ok(Json(row.into()))
@@ -444,6 +453,8 @@ pub(super) async fn delete_agent(
         .fetch_all(&mut *tx)
         .await?;
     let announced = revoke_subject(&state, &mut tx, Subject::Agent(id)).await?;
+    let hang = crate::delegation::Hang::Agent { org_id, agent_id: id, reason: "agent_deleted" };
+    let ending = crate::delegation::end_hanging(&state, &mut tx, hang, Some(&actor)).await?;
     sqlx::query!("delete from agent where agent_id = $1", id).execute(&mut *tx).await?;
     audit::record(
         &mut tx,
@@ -457,6 +468,7 @@ pub(super) async fn delete_agent(
     for client_id in client_ids {
         forget_client(&state, &client_id).await;
     }
+    crate::delegation::finish(&state, ending).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -783,5 +795,116 @@ pub async fn rotate_if_due(state: &AppState) {
         }
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "scheduled key rotation failed"),
+    }
+}
+
+/// What the delegation broker needs to know about an agent of an organization.
+pub struct DelegateAgent {
+    pub name: String,
+    pub active: bool,
+    pub allowed_scopes: Vec<String>,
+}
+
+/// The agent `id` of `org_id`, for a delegation to it; `None` when it is not one of the org's.
+pub async fn for_delegation(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+) -> Result<Option<DelegateAgent>, sqlx::Error> {
+    let row = sqlx::query!(
+        "select name, status, allowed_scopes from agent where agent_id = $1 and organization_id = $2",
+        id,
+        org_id
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|r| DelegateAgent { name: r.name, active: r.status == "active", allowed_scopes: r.allowed_scopes }))
+}
+
+/// An agent made for one delegation, with its one credential (the secret shown once).
+pub struct EphemeralAgent {
+    pub agent_id: Uuid,
+    pub credential_id: Uuid,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+/// Registers an ephemeral agent and its credential in the caller's transaction (with its
+/// `agent.created` and `credential.created` events), owned by the human at the root of the
+/// delegation. It is deleted with [`delete_ephemeral`] when the delegation ends.
+pub async fn create_ephemeral(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    owner_id: Uuid,
+    name: &str,
+    allowed_scopes: &[String],
+    metadata: Value,
+) -> Result<EphemeralAgent, sqlx::Error> {
+    let agent_id = Uuid::now_v7();
+    let row = sqlx::query_as!(
+        AgentRow,
+        "insert into agent (agent_id, organization_id, name, description, owner_id, allowed_scopes, metadata)
+         values ($1, $2, $3, 'ephemeral: made for one delegation', $4, $5, $6) returning *",
+        agent_id,
+        org_id,
+        name,
+        owner_id,
+        allowed_scopes,
+        metadata
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    events::emit(conn, org_id, "agent.created", format!("agents/{agent_id}"), agent_data(&row)).await?;
+    let credential_id = Uuid::now_v7();
+    let client_id =
+        crypto::random_token(CLIENT_ID_PREFIX).chars().take(CLIENT_ID_PREFIX.len() + 22).collect::<String>();
+    let client_secret = crypto::random_token(CLIENT_SECRET_PREFIX);
+    sqlx::query!(
+        "insert into agent_credential (credential_id, agent_id, organization_id, client_id, secret_hash)
+         values ($1, $2, $3, $4, $5)",
+        credential_id,
+        agent_id,
+        org_id,
+        client_id,
+        &crypto::sha256(&client_secret)[..]
+    )
+    .execute(&mut *conn)
+    .await?;
+    let data = json!({ "credential_id": credential_id, "agent_id": agent_id, "client_id": client_id });
+    events::emit(conn, org_id, "credential.created", format!("agents/{agent_id}/credentials/{credential_id}"), data)
+        .await?;
+    Ok(EphemeralAgent { agent_id, credential_id, client_id, client_secret })
+}
+
+/// Deletes an ephemeral agent with its credentials in the caller's transaction, revoking its
+/// tokens; returns the revocation to announce and the client ids to forget, after the commit.
+pub async fn delete_ephemeral(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    agent_id: Uuid,
+    now: OffsetDateTime,
+) -> Result<Option<(Announced, Vec<String>)>, sqlx::Error> {
+    let client_ids = sqlx::query_scalar!("select client_id from agent_credential where agent_id = $1", agent_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let name = sqlx::query_scalar!(
+        "delete from agent where agent_id = $1 and organization_id = $2 returning name",
+        agent_id,
+        org_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(name) = name else { return Ok(None) };
+    let subject = Subject::Agent(agent_id);
+    let not_before = revocation::revoke_subject(conn, &subject, now).await?;
+    let data = json!({ "agent_id": agent_id, "name": name, "status": "deleted" });
+    events::emit(conn, org_id, "agent.deleted", format!("agents/{agent_id}"), data).await?;
+    Ok(Some((Announced::Subject { subject, not_before }, client_ids)))
+}
+
+/// Drops client records from every instance's cache (after their agent was deleted).
+pub async fn forget_clients_by_id(state: &AppState, client_ids: &[String]) {
+    for id in client_ids {
+        forget_client(state, id).await;
     }
 }

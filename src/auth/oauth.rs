@@ -297,8 +297,19 @@ pub struct TokenResponse {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct TokenForm {
-    /// `client_credentials`.
+    /// `client_credentials`, or `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693).
     grant_type: String,
+    /// Token exchange: the delegator's session token or API key, or a delegated token (a chain).
+    subject_token: Option<String>,
+    /// Token exchange: `urn:ietf:params:oauth:token-type:access_token` (or `:jwt`).
+    subject_token_type: Option<String>,
+    /// Token exchange: the agent's own access token (client credentials).
+    actor_token: Option<String>,
+    actor_token_type: Option<String>,
+    /// Token exchange: only access tokens are issued.
+    requested_token_type: Option<String>,
+    /// Token exchange: like `resource`.
+    audience: Option<String>,
     /// Space-separated, within the agent's `allowed_scopes`; default: all of them.
     scope: Option<String>,
     /// RFC 8707 resource indicator: the token's audience, if allowed by configuration.
@@ -309,12 +320,14 @@ pub struct TokenForm {
     client_secret: Option<String>,
 }
 
-/// Client credentials grant: an RFC 9068 access token for an agent.
+/// Client credentials grant: an RFC 9068 access token for an agent. Token exchange (RFC 8693): a
+/// delegated token (`act`, `delegation_id`) under an active delegation, answered with
+/// `issued_token_type`.
 #[utoipa::path(post, path = "/api/v1/token", tag = "oauth",
     request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
     security((), ("client_secret_basic" = [])),
     responses(
-        (status = 200, body = TokenResponse),
+        (status = 200, description = "TokenResponse, or ExchangeResponse for token exchange", body = TokenResponse),
         (status = 400, description = "invalid_request, invalid_scope, invalid_target, unsupported_grant_type, unauthorized_client", body = OAuthErrorBody),
         (status = 401, description = "invalid_client", body = OAuthErrorBody),
         (status = 429, description = "too_many_requests (the client's rate) or quota_exceeded (the organization's daily or monthly tokens); with Retry-After", body = OAuthErrorBody)))]
@@ -324,7 +337,9 @@ pub(super) async fn token(
     body: Bytes,
 ) -> Result<Response, OAuthError> {
     let form = parse_form(&headers, &body)?;
-    require_grant(&form)?;
+    if require_grant(&form)? == Grant::TokenExchange {
+        return exchange(&state, &headers, &form).await;
+    }
     let client = authenticate_client(&state, &headers, &form).await?;
     if !client.agent_active {
         return Err(OAuthError::new(StatusCode::BAD_REQUEST, "unauthorized_client", "The agent is suspended."));
@@ -341,17 +356,218 @@ pub(super) async fn token(
     Ok(response)
 }
 
-/// Only `client_credentials` is served.
-fn require_grant(form: &Form) -> Result<(), OAuthError> {
+/// The grants served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    ClientCredentials,
+    /// RFC 8693, under a delegation.
+    TokenExchange,
+}
+
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+fn require_grant(form: &Form) -> Result<Grant, OAuthError> {
     match form.params.get("grant_type").map(String::as_str) {
         None => Err(OAuthError::invalid_request("grant_type is required.")),
-        Some("client_credentials") => Ok(()),
+        Some("client_credentials") => Ok(Grant::ClientCredentials),
+        Some(TOKEN_EXCHANGE) => Ok(Grant::TokenExchange),
         Some(_) => Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
-            "Only client_credentials is supported.",
+            "Only client_credentials and token-exchange are supported.",
         )),
     }
+}
+
+/// The token-exchange response (RFC 8693 §2.2.1).
+#[derive(Serialize, ToSchema)]
+pub struct ExchangeResponse {
+    pub access_token: String,
+    /// `urn:ietf:params:oauth:token-type:access_token`.
+    pub issued_token_type: &'static str,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub scope: String,
+}
+
+/// RFC 8693 token exchange: a delegated token for the agent of `actor_token`, acting for the
+/// subject of `subject_token` (a human's session token or API key, or a delegated token for a
+/// chain), under an active delegation from that subject to that agent. The new token keeps the
+/// whole actor chain; nothing is issued without an actor.
+async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> Result<Response, OAuthError> {
+    let result = exchange_inner(state, headers, form).await;
+    crate::delegation::count_exchange(if result.is_ok() { "issued" } else { "refused" });
+    result
+}
+
+async fn exchange_inner(state: &AppState, _headers: &HeaderMap, form: &Form) -> Result<Response, OAuthError> {
+    let p = &form.params;
+    let token_type_ok = |t: Option<&String>| t.is_none_or(|t| t == ACCESS_TOKEN_TYPE || t == JWT_TOKEN_TYPE);
+    let subject_token =
+        p.get("subject_token").ok_or_else(|| OAuthError::invalid_request("subject_token is required."))?;
+    let subject_type =
+        p.get("subject_token_type").ok_or_else(|| OAuthError::invalid_request("subject_token_type is required."))?;
+    let actor_token = p.get("actor_token").ok_or_else(|| {
+        OAuthError::invalid_request("actor_token is required: a delegated token always names its actor.")
+    })?;
+    if !token_type_ok(Some(subject_type)) || !token_type_ok(p.get("actor_token_type")) {
+        return Err(OAuthError::invalid_request(
+            "Token types are urn:ietf:params:oauth:token-type:access_token (or :jwt).",
+        ));
+    }
+    if !token_type_ok(p.get("requested_token_type")) {
+        return Err(OAuthError::invalid_request("Only access tokens are issued (requested_token_type)."));
+    }
+    let refused = |why: &str| OAuthError::invalid_request(why.to_owned());
+    // The actor: an agent's own, live access token (not a delegated one).
+    let actor =
+        live_claims(state, actor_token).await?.ok_or_else(|| refused("The actor_token is not a live access token."))?;
+    if actor.act.is_some() || actor.delegation_id.is_some() {
+        return Err(refused("The actor_token must be the agent's own token, not a delegated one."));
+    }
+    let agent_id = actor.agent_id().ok_or_else(|| refused("The actor_token names no agent."))?;
+    // The subject: a human, or a delegated token (a chain, or the same agent narrowing its token).
+    let (subject, subject_scopes) = if tokens::looks_like_jwt(subject_token) {
+        let c = live_claims(state, subject_token).await?.ok_or_else(|| refused("The subject_token is not live."))?;
+        if c.org_id != actor.org_id {
+            return Err(refused("The subject_token and actor_token belong to different organizations."));
+        }
+        let d = c.delegation_id.ok_or_else(|| refused("An agent's own token is not a delegator's."))?;
+        (crate::delegation::ExchangeSubject::Delegated(d), Some(c.scopes().map(str::to_owned).collect::<Vec<_>>()))
+    } else {
+        let auth = state.auth();
+        let principal = super::credentials::resolve(state.db(), &auth.cache, &auth.lookups, subject_token)
+            .await
+            .map_err(|f| match f {
+                Failure::Unavailable => OAuthError::server_error(),
+                Failure::Throttled => OAuthError::lookups_throttled(),
+                Failure::Invalid => refused("The subject_token is not live."),
+            })?;
+        if principal.actor_type != ActorType::Human {
+            return Err(refused("The subject_token must be a human's or a delegated token."));
+        }
+        let in_org = principal.memberships.iter().any(|(o, _)| *o == actor.org_id)
+            && principal.credential.bound_org().is_none_or(|o| o == actor.org_id);
+        if !in_org {
+            return Err(refused("The subject_token and actor_token belong to different organizations."));
+        }
+        let scopes = match &principal.credential {
+            Credential::ApiKey { scopes, .. } => Some(scopes.iter().map(|s| s.as_str().to_owned()).collect()),
+            _ => None,
+        };
+        (crate::delegation::ExchangeSubject::Human(principal.user_id), scopes)
+    };
+    let grant = crate::delegation::for_exchange(state, actor.org_id, &subject, agent_id)
+        .await?
+        .ok_or_else(|| refused("No active delegation from this subject to this agent."))?;
+    // Within the delegation, and within the subject token's own scopes.
+    let within = |s: &str| {
+        grant.scopes.iter().any(|g| g == s) && subject_scopes.as_ref().is_none_or(|v| v.iter().any(|x| x == s))
+    };
+    let scope = match p.get("scope") {
+        None => grant.scopes.iter().filter(|s| within(s)).cloned().collect::<Vec<_>>().join(" "),
+        Some(asked) => {
+            let mut out: Vec<&str> = Vec::new();
+            for s in asked.split(' ').filter(|s| !s.is_empty()) {
+                if !within(s) {
+                    return Err(OAuthError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_scope",
+                        format!(
+                            "The scope `{}` is not within the delegation.",
+                            s.chars().take(100).collect::<String>()
+                        ),
+                    ));
+                }
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+            out.join(" ")
+        }
+    };
+    let mut resources = form.resources.clone();
+    if let Some(a) = p.get("audience") {
+        resources.push(a.clone());
+    }
+    let aud = audience(state.config(), &resources)?;
+    let (tier, charged, limit_headers) = crate::tiers::charge_token(state, actor.org_id, &actor.client_id).await;
+    if let Some(refusal) = charged.refused {
+        let error = if refusal == crate::tiers::Refusal::Rate { "too_many_requests" } else { "quota_exceeded" };
+        let mut e = OAuthError::new(StatusCode::TOO_MANY_REQUESTS, error, crate::tiers::refusal_detail(refusal, &tier));
+        e.headers = Some(Box::new(limit_headers));
+        return Err(e);
+    }
+    let (access_token, expires_in) =
+        issue_delegated(state, &grant, &actor.client_id, actor.cid, &scope, aud).map_err(|e| {
+            tracing::error!(error = %e, "signing failed");
+            OAuthError::server_error()
+        })?;
+    let mut response = Json(ExchangeResponse {
+        access_token,
+        issued_token_type: ACCESS_TOKEN_TYPE,
+        token_type: "Bearer",
+        expires_in,
+        scope,
+    })
+    .into_response();
+    no_store(response.headers_mut());
+    response.headers_mut().extend(limit_headers);
+    Ok(response)
+}
+
+/// Signs a delegated token under `grant`: `sub` is the human at the root, `act` the agent (the
+/// earlier agents of a chain nested inside), `delegation_id` the delegation, and it never
+/// outlives the delegation. Returns the token and its lifetime in seconds.
+pub fn issue_delegated(
+    state: &AppState,
+    grant: &crate::delegation::Grant,
+    client_id: &str,
+    credential_id: Uuid,
+    scope: &str,
+    aud: Audience,
+) -> anyhow::Result<(String, u64)> {
+    let now = state.clock().now();
+    let iat = now.unix_timestamp();
+    let exp = (iat + state.config().auth.access_token_ttl_secs as i64).min(grant.expires_at.unix_timestamp());
+    if exp <= iat {
+        anyhow::bail!("the delegation expires now");
+    }
+    let act = grant.act();
+    let agent = act.as_ref().map(|a| a.sub.clone());
+    let claims = Claims {
+        iss: state.config().server.public_url.clone(),
+        sub: grant.chain.first().cloned().unwrap_or_default(),
+        aud,
+        exp,
+        iat,
+        nbf: iat,
+        jti: Uuid::new_v4(),
+        client_id: client_id.to_owned(),
+        scope: scope.to_owned(),
+        org_id: grant.org_id,
+        actor_type: "agent".into(),
+        cid: credential_id,
+        act,
+        delegation_id: Some(grant.delegation_id),
+    };
+    let token = tokens::sign(state.keys(), &claims)?;
+    metrics::counter!("tokens_issued_total", "grant_type" => "token_exchange").increment(1);
+    state.analytics().record(crate::analytics::Event {
+        org_id: grant.org_id,
+        kind: crate::analytics::Kind::TokenIssued,
+        actor_id: agent,
+        client_id: Some(client_id.to_owned()),
+        method: "POST".into(),
+        route: "/api/v1/token".into(),
+        status: 200,
+        latency_us: 0,
+        at: now,
+    });
+    Ok((token, (exp - iat) as u64))
 }
 
 /// The requested scopes, each within the agent's `allowed_scopes` (default: all of them).
@@ -418,6 +634,8 @@ fn issue(state: &AppState, client: &ClientRecord, aud: Audience, scope: &str, tt
         org_id: client.org_id,
         actor_type: "agent".into(),
         cid: client.credential_id,
+        act: None,
+        delegation_id: None,
     };
     let access_token = tokens::sign(state.keys(), &claims).map_err(|e| {
         tracing::error!(error = %e, "signing failed");
@@ -611,7 +829,9 @@ fn metadata(state: &AppState) -> Value {
         "jwks_uri": format!("{base}/.well-known/jwks.json"),
         "introspection_endpoint": format!("{base}/api/v1/token/introspect"),
         "revocation_endpoint": format!("{base}/api/v1/token/revoke"),
-        "grant_types_supported": ["client_credentials"],
+        "grant_types_supported": ["client_credentials", TOKEN_EXCHANGE],
+        // RFC 8693: the token types accepted as subject_token_type and actor_token_type, and issued.
+        "token_types_supported": [ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE],
         "response_types_supported": [],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],

@@ -391,8 +391,11 @@ pub(super) async fn remove_member(
     let data = json!({ "user_id": user_id, "role": old.as_str() });
     crate::events::emit(&mut tx, org_id, "member.removed", format!("organizations/{org_id}/members/{user_id}"), data)
         .await?;
+    let hang = crate::delegation::Hang::Member { org_id, user_id };
+    let ending = crate::delegation::end_hanging(&state, &mut tx, hang, Some(&actor)).await?;
     tx.commit().await?;
     credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::User(user_id)).await;
+    crate::delegation::finish(&state, ending).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -30,6 +30,9 @@ pub enum Subject {
     Agent(Uuid),
     Credential(Uuid),
     Org(Uuid),
+    /// Every token issued under a delegation (its watermark is set past the delegation's expiry
+    /// when it ends: a delegation never resumes).
+    Delegation(Uuid),
 }
 
 impl Subject {
@@ -41,6 +44,7 @@ impl Subject {
             "agent" => Some(Self::Agent(id)),
             "credential" => Some(Self::Credential(id)),
             "org" => Some(Self::Org(id)),
+            "delegation" => Some(Self::Delegation(id)),
             _ => None,
         }
     }
@@ -50,6 +54,7 @@ impl Subject {
             Self::Agent(id) => format!("agent:{id}"),
             Self::Credential(id) => format!("credential:{id}"),
             Self::Org(id) => format!("org:{id}"),
+            Self::Delegation(id) => format!("delegation:{id}"),
         }
     }
 }
@@ -93,6 +98,7 @@ impl Revocations {
         c.agent_id().is_some_and(|a| dead(Subject::Agent(a)))
             || dead(Subject::Credential(c.cid))
             || dead(Subject::Org(c.org_id))
+            || c.delegation_id.is_some_and(|d| dead(Subject::Delegation(d)))
     }
 
     /// The verdict for a request: memory, and Postgres too while memory may be behind.
@@ -106,6 +112,7 @@ impl Revocations {
         let subjects: Vec<String> = [Subject::Credential(c.cid), Subject::Org(c.org_id)]
             .into_iter()
             .chain(c.agent_id().map(Subject::Agent))
+            .chain(c.delegation_id.map(Subject::Delegation))
             .map(|s| s.key())
             .collect();
         let iat = OffsetDateTime::from_unix_timestamp(c.iat).unwrap_or(OffsetDateTime::UNIX_EPOCH);

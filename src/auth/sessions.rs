@@ -152,9 +152,12 @@ pub(super) async fn logout(
         .await?;
     let org = actor.principal.memberships.first().map(|(o, _)| *o).unwrap_or(audit::SYSTEM_CHAIN);
     audit::record(&mut tx, Event::by(&actor, org, "auth.logout").target("session", session_id)).await?;
+    let hang = crate::delegation::Hang::Credential(format!("session:{session_id}"));
+    let ending = crate::delegation::end_hanging(&state, &mut tx, hang, Some(&actor)).await?;
     tx.commit().await?;
     credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::Credential(actor.principal.secret_hash))
         .await;
+    crate::delegation::finish(&state, ending).await;
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, session_cookie("", 0, secure))]).into_response())
 }
 
@@ -390,9 +393,12 @@ pub(super) async fn delete_api_key(
     .await?;
     let data = json!({ "api_key_id": id, "prefix": row.prefix });
     crate::events::emit(&mut tx, org_id, "apikey.revoked", format!("api-keys/{id}"), data).await?;
+    let hang = crate::delegation::Hang::Credential(format!("api_key:{id}"));
+    let ending = crate::delegation::end_hanging(&state, &mut tx, hang, Some(&actor)).await?;
     tx.commit().await?;
     if let Ok(hash) = <[u8; 32]>::try_from(row.key_hash.as_slice()) {
         credentials::invalidate(&state.auth().cache, state.redis(), Invalidation::Credential(hash)).await;
     }
+    crate::delegation::finish(&state, ending).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -29,6 +29,40 @@ pub struct Claims {
     pub actor_type: String,
     /// The credential the token was issued to (for per-credential revocation).
     pub cid: Uuid,
+    /// RFC 8693 §4.1: the acting party of a delegated token (`sub` is then the delegator), with
+    /// the earlier actors of a chain nested inside, newest outermost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Act>,
+    /// The delegation a delegated token was issued under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation_id: Option<Uuid>,
+}
+
+/// An RFC 8693 `act` claim: the actor, and the actor before it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Act {
+    /// `agent:<uuid>`.
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Act>>,
+}
+
+impl Act {
+    /// The actors from the newest to the oldest.
+    pub fn actors(&self) -> Vec<&str> {
+        let mut out = vec![self.sub.as_str()];
+        let mut next = self.act.as_deref();
+        while let Some(a) = next {
+            out.push(a.sub.as_str());
+            next = a.act.as_deref();
+        }
+        out
+    }
+
+    /// A chain whose newest actor is `sub`, with `earlier` (newest first) inside it.
+    pub fn chain(sub: String, earlier: Option<Act>) -> Self {
+        Self { sub, act: earlier.map(Box::new) }
+    }
 }
 
 /// `aud` is a string or an array of strings (RFC 7519 §4.1.3).
@@ -49,9 +83,10 @@ impl Audience {
 }
 
 impl Claims {
-    /// The agent id in `sub`.
+    /// The agent that acts with this token: the outermost `act` of a delegated token, else `sub`.
     pub fn agent_id(&self) -> Option<Uuid> {
-        self.sub.strip_prefix("agent:")?.parse().ok()
+        let acting = self.act.as_ref().map_or(self.sub.as_str(), |a| a.sub.as_str());
+        acting.strip_prefix("agent:")?.parse().ok()
     }
 
     pub fn scopes(&self) -> impl Iterator<Item = &str> {

@@ -152,6 +152,61 @@ pub const CATALOG: &[EventType] = &[
         description: "A test event, sent to one endpoint on request.",
         fields: &[("endpoint_id", Uuid), ("message", Text)],
     },
+    EventType {
+        name: "delegation.created",
+        description: "A delegation was made (event_code 0x3001 = 12289). chronicle_cid is sha256: + the hex SHA-256 \
+                      of the RFC 8785 canonical JSON of this data without chronicle_cid.",
+        fields: &[
+            ("event_code", Int),
+            ("delegation_id", Uuid),
+            ("delegator_id", Text),
+            ("agent_id", Uuid),
+            ("agent_type", Text),
+            ("chain", Texts),
+            ("depth", Int),
+            ("scopes", Texts),
+            ("capability_ceiling", Text),
+            ("max_commands", Int),
+            ("expires_at", Time),
+            ("purpose", Text),
+            ("chronicle_cid", Text),
+        ],
+    },
+    EventType {
+        name: "delegation.revoked",
+        description: "A delegation was revoked (event_code 0x3003 = 12291): by hand, with its parent, or when its \
+                      delegator's credential or membership or its agent ended; its tokens were revoked.",
+        fields: DELEGATION_ENDED,
+    },
+    EventType {
+        name: "delegation.expired",
+        description: "A delegation ran out (event_code 0x3004 = 12292): its TTL (`ttl`), its command budget \
+                      (`command_limit`) or its spend budget (`spend_limit`); its tokens were revoked.",
+        fields: DELEGATION_ENDED,
+    },
+    EventType {
+        name: "delegation.approval_requested",
+        description: "A command under a delegation needs its delegator's approval (a ceremony).",
+        fields: &[
+            ("delegation_id", Uuid),
+            ("approval_id", Uuid),
+            ("delegator_id", Text),
+            ("command", Text),
+            ("expires_at", Time),
+            ("chronicle_cid", Text),
+        ],
+    },
+];
+
+const DELEGATION_ENDED: &[(&str, Field)] = &[
+    ("event_code", Int),
+    ("delegation_id", Uuid),
+    ("agent_id", Uuid),
+    ("delegator_id", Text),
+    ("reason", Text),
+    ("commands_executed", Int),
+    ("ended_at", Time),
+    ("chronicle_cid", Text),
 ];
 
 /// Whether `name` is an event type of the catalog.
@@ -184,7 +239,8 @@ mod tests {
         assert!(matches_known("tier.changed"));
         assert!(!matches_known("agent"));
         assert!(!matches_known(".*"));
-        assert!(!matches_known("delegation.revoked"));
+        assert!(matches_known("delegation.revoked"));
+        assert!(!matches_known("delegation"));
         assert!(!matches_known("agent.created.*"));
     }
 

@@ -31,6 +31,8 @@ use super::error::{FieldError, PROBLEM_JSON, Problem};
         (name = "tiers", description = "Plans, limits and usage; upgrades and Stripe billing. Every charged response carries \
 X-RateLimit-Limit / -Remaining / -Reset (a Unix time) for the limit closest to refusing, and RateLimit-Policy / RateLimit \
 (draft-ietf-httpapi-ratelimit-headers) for all of them; a refusal is 429 with Retry-After"),
+        (name = "delegations", description = "The delegation broker: bounded authority for agents (TTL, command and spend \
+budgets, capability ceiling, ceremonies, chains), cascading revocation; delegated tokens come from RFC 8693 token exchange"),
     )
 )]
 pub struct ApiDoc;

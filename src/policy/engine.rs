@@ -43,6 +43,7 @@ pub enum Resource {
     Tool { org_id: Uuid, allowed_agents: Vec<String> },
     UsageReport { org_id: Uuid, subject_id: String },
     Platform,
+    Delegation { org_id: Uuid },
 }
 
 impl Resource {
@@ -57,6 +58,7 @@ impl Resource {
             Self::Tool { .. } => "Tool",
             Self::UsageReport { .. } => "UsageReport",
             Self::Platform => "Platform",
+            Self::Delegation { .. } => "Delegation",
         }
     }
 
@@ -69,7 +71,8 @@ impl Resource {
             | Self::PolicySet { org_id }
             | Self::Channel { org_id, .. }
             | Self::Tool { org_id, .. }
-            | Self::UsageReport { org_id, .. } => Some(*org_id),
+            | Self::UsageReport { org_id, .. }
+            | Self::Delegation { org_id } => Some(*org_id),
             Self::Platform => None,
         }
     }
@@ -161,8 +164,18 @@ pub struct Partitioned {
 }
 
 /// Every resource type of the schema.
-const RESOURCE_TYPES: &[&str] =
-    &["Organization", "Agent", "ApiKey", "AuditLog", "PolicySet", "Channel", "Tool", "UsageReport", "Platform"];
+const RESOURCE_TYPES: &[&str] = &[
+    "Organization",
+    "Agent",
+    "ApiKey",
+    "AuditLog",
+    "PolicySet",
+    "Channel",
+    "Tool",
+    "UsageReport",
+    "Platform",
+    "Delegation",
+];
 
 impl Partitioned {
     fn new(all: PolicySet) -> Result<Self, String> {

@@ -30,6 +30,7 @@ pub enum Kind {
     AuditLog,
     PolicySet,
     Platform,
+    Delegation,
 }
 
 /// How a route is checked.
@@ -134,6 +135,29 @@ pub const RULES: &[Rule] = &[
     rule("GET", "/api/v1/webhooks/{id}/deliveries", "read", Org(Organization), "webhooks:read"),
     rule("POST", "/api/v1/webhooks/{id}/replay", "update", Org(Organization), "webhooks:write"),
     rule("POST", "/api/v1/webhooks/deliveries/{id}/retry", "update", Org(Organization), "webhooks:write"),
+    // Delegations: the layer checks membership (or an agent of the org) and scope; the handlers
+    // decide who in the organization sees and acts on which delegation.
+    rule("POST", "/api/v1/delegations", "create", Org(Delegation), "delegations:write"),
+    rule("GET", "/api/v1/delegations", "read", Org(Delegation), "delegations:read"),
+    rule("GET", "/api/v1/delegations/{id}", "read", Org(Delegation), "delegations:read"),
+    rule("POST", "/api/v1/delegations/{id}/revoke", "update", Org(Delegation), "delegations:write"),
+    // The enforcement point: the delegation's own token, or a service key (checked by the handler).
+    rule("POST", "/api/v1/delegations/{id}/commands", "update", Authenticated, ""),
+    rule("GET", "/api/v1/delegations/{id}/approvals", "read", Org(Delegation), "delegations:read"),
+    rule(
+        "POST",
+        "/api/v1/delegations/{id}/approvals/{approval_id}/approve",
+        "update",
+        Org(Delegation),
+        "delegations:write",
+    ),
+    rule(
+        "POST",
+        "/api/v1/delegations/{id}/approvals/{approval_id}/deny",
+        "update",
+        Org(Delegation),
+        "delegations:write",
+    ),
 ];
 
 /// The declaration for a route, if any.
@@ -241,6 +265,7 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
                     (Kind::PolicySet, Some(org_id)) => Some(Resource::PolicySet { org_id }),
                     (Kind::Agent, Some(org_id)) => Some(Resource::Agent { org_id, owner_id: None }),
                     (Kind::ApiKey, Some(org_id)) => Some(Resource::ApiKey { org_id, created_by: actor.actor_id() }),
+                    (Kind::Delegation, Some(org_id)) => Some(Resource::Delegation { org_id }),
                 };
                 match resource {
                     None => {

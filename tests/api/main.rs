@@ -3,6 +3,7 @@
 mod helpers;
 
 mod audit;
+mod delegation;
 mod events;
 mod foundation;
 mod identity;

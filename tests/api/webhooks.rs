@@ -687,7 +687,11 @@ async fn bad_input_is_a_422_naming_the_field() {
         ),
         (json!({ "url": "http://bücher.example/", "event_types": ["*"] }), "url_refused", "non_ascii_host"),
         (json!({ "url": ok_url, "event_types": ["agent.exploded"] }), "validation_failed", "unknown_event_type"),
-        (json!({ "url": ok_url, "event_types": ["delegation.revoked"] }), "validation_failed", "unknown_event_type"),
+        (
+            json!({ "url": ok_url, "event_types": ["usage.nothing_happened"] }),
+            "validation_failed",
+            "unknown_event_type",
+        ),
         (json!({ "url": ok_url, "event_types": [] }), "validation_failed", "length"),
         (
             json!({ "url": ok_url, "event_types": ["*"], "description": "x".repeat(5000) }),
