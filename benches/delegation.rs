@@ -134,10 +134,8 @@ async fn start_peer(client: &reqwest::Client) -> Result<(u32, String), String> {
 }
 
 fn stop_pid(pid: u32) {
-    // SAFETY: a plain kill(2) of the process this bench started.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGTERM);
-    }
+    // SIGTERM to the process this bench started (kill(1), so no unsafe code).
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
 }
 
 #[tokio::main]
