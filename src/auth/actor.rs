@@ -106,6 +106,9 @@ scopes! {
     TiersWrite => "tiers:write",
     WebhooksRead => "webhooks:read",
     WebhooksWrite => "webhooks:write",
+    UsageRead => "usage:read",
+    UsageWrite => "usage:write",
+    UsageManage => "usage:manage",
 }
 
 /// The authenticated caller of this request.

@@ -31,6 +31,9 @@ use super::error::{FieldError, PROBLEM_JSON, Problem};
         (name = "tiers", description = "Plans, limits and usage; upgrades and Stripe billing. Every charged response carries \
 X-RateLimit-Limit / -Remaining / -Reset (a Unix time) for the limit closest to refusing, and RateLimit-Policy / RateLimit \
 (draft-ietf-httpapi-ratelimit-headers) for all of them; a refusal is 429 with Retry-After"),
+        (name = "usage", description = "Usage events over HTTP and NATS, counted once per (organization, event_id); prices, \
+rollup aggregations, monthly budgets and entitlements"),
+        (name = "analytics", description = "Token trends, agent activity and per-agent summaries from the per-request records"),
     )
 )]
 pub struct ApiDoc;
