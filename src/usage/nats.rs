@@ -114,8 +114,9 @@ async fn connect(cfg: &UsageNatsConfig) -> anyhow::Result<jetstream::consumer::C
                 durable_name: Some(cfg.consumer.clone()),
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(cfg.ack_wait_secs.max(1)),
+                // No max_batch: instances sharing the consumer may fetch batches of different
+                // sizes (the first one's settings stay on the durable consumer).
                 max_ack_pending: (cfg.batch_size as i64 * 4).max(1000),
-                max_batch: cfg.batch_size as i64,
                 ..Default::default()
             },
         )

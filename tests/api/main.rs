@@ -11,3 +11,5 @@ mod policy;
 mod retention;
 mod tiers;
 mod webhooks;
+mod usage;
+mod analytics_api;
