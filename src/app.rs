@@ -198,7 +198,12 @@ async fn drain(writer: Option<tokio::task::JoinHandle<()>>, deadline: tokio::tim
 /// Background work of one instance: cache invalidations from other instances, the safety-net
 /// syncs, scheduled key rotation.
 fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
-    let listeners = vec![crate::auth::credentials::listener(), crate::policy::listener(), crate::tiers::listener(), crate::usage::listener()];
+    let listeners = vec![
+        crate::auth::credentials::listener(),
+        crate::policy::listener(),
+        crate::tiers::listener(),
+        crate::usage::listener(),
+    ];
     let subscriber = tokio::spawn(crate::cache::invalidation::run(state.clone(), listeners));
     let state = state.clone();
     tokio::spawn(async move {

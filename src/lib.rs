@@ -39,8 +39,8 @@ pub mod retention;
 pub mod state;
 pub mod telemetry;
 pub mod tiers;
-pub mod webhooks;
 pub mod usage;
+pub mod webhooks;
 
 /// The name of the session cookie.
 pub const SESSION_COOKIE: &str = "agentidp_session";

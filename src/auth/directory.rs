@@ -44,8 +44,7 @@ pub async fn agent_orgs(db: &PgPool, ids: &[Uuid]) -> sqlx::Result<Vec<(Uuid, Uu
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query!("select agent_id, organization_id from agent where agent_id = any($1)", ids)
-        .fetch_all(db)
-        .await?;
+    let rows =
+        sqlx::query!("select agent_id, organization_id from agent where agent_id = any($1)", ids).fetch_all(db).await?;
     Ok(rows.into_iter().map(|r| (r.agent_id, r.organization_id)).collect())
 }

@@ -41,9 +41,8 @@ pub(super) async fn run(state: AppState) {
 /// or `None` when another instance holds the lock.
 pub async fn roll_up(db: &PgPool, retention_days: u32) -> anyhow::Result<Option<u64>> {
     let mut conn = db.acquire().await?;
-    let locked: bool = sqlx::query_scalar!(r#"select pg_try_advisory_lock($1) as "l!""#, LOCK)
-        .fetch_one(&mut *conn)
-        .await?;
+    let locked: bool =
+        sqlx::query_scalar!(r#"select pg_try_advisory_lock($1) as "l!""#, LOCK).fetch_one(&mut *conn).await?;
     if !locked {
         return Ok(None);
     }
@@ -87,7 +86,9 @@ fn reader(actor: &Actor) -> ApiResult<Uuid> {
     let org_id = actor.current_org()?;
     match actor.actor_type {
         ActorType::Service => Ok(org_id),
-        ActorType::Agent => Err(ApiError::forbidden("agent_not_allowed", "Agents cannot read the organization's analytics.")),
+        ActorType::Agent => {
+            Err(ApiError::forbidden("agent_not_allowed", "Agents cannot read the organization's analytics."))
+        }
         ActorType::Human => {
             actor.require_role(org_id, Role::Admin)?;
             Ok(org_id)
@@ -121,7 +122,8 @@ fn range(state: &AppState, q: &AnalyticsQuery) -> ApiResult<(OffsetDateTime, Off
     }
     // Whole hours: the rollup's grain.
     let floor = |t: OffsetDateTime| {
-        t.to_offset(time::UtcOffset::UTC).replace_time(time::Time::from_hms(t.hour(), 0, 0).unwrap_or(time::Time::MIDNIGHT))
+        t.to_offset(time::UtcOffset::UTC)
+            .replace_time(time::Time::from_hms(t.hour(), 0, 0).unwrap_or(time::Time::MIDNIGHT))
     };
     let u = floor(until);
     Ok((floor(since), if u == until { u } else { u + time::Duration::hours(1) }))

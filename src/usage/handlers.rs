@@ -163,9 +163,8 @@ pub(super) async fn post_events(
                 .into(),
         });
     }
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request("malformed_json", e.to_string().chars().take(300).collect::<String>())
-    })?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", e.to_string().chars().take(300).collect::<String>()))?;
     let items: Vec<Value> = match value {
         Value::Array(items) => items,
         other if !batch_type => vec![other],
@@ -647,8 +646,8 @@ async fn internal_rows(state: &AppState, actor: &Actor, q: &InternalQuery) -> Ap
     need(actor, Scope::UsageRead)?;
     let org_id = q.microdao_id;
     let bound = actor.principal.credential.bound_org();
-    let allowed = actor.is_system_admin_for(Some(org_id))
-        || (actor.actor_type == ActorType::Service && bound == Some(org_id));
+    let allowed =
+        actor.is_system_admin_for(Some(org_id)) || (actor.actor_type == ActorType::Service && bound == Some(org_id));
     if !allowed {
         if actor.actor_type == ActorType::Service || actor.is_system_admin() {
             return Err(ApiError::NotFound);
@@ -660,13 +659,8 @@ async fn internal_rows(state: &AppState, actor: &Actor, q: &InternalQuery) -> Ap
         return Err(ApiError::bad_request("invalid_query", "period_hours must be between 1 and 8784"));
     }
     let until = floor_hour(state.clock().now()) + time::Duration::hours(1);
-    let f = Filter {
-        org_id,
-        since: until - time::Duration::hours(hours as i64),
-        until,
-        agent_id: None,
-        group_by: None,
-    };
+    let f =
+        Filter { org_id, since: until - time::Duration::hours(hours as i64), until, agent_id: None, group_by: None };
     let rows = query::aggregate(state.db(), &f).await?;
     Ok((f, rows))
 }
@@ -757,11 +751,17 @@ pub(super) async fn list_prices(State(state): State<AppState>, actor: Actor) -> 
         .prices
         .iter()
         .map(|(m, p)| {
-            (m.clone(), PriceView { model: m.clone(), prompt: p.prompt, completion: p.completion, source: "configuration" })
+            (
+                m.clone(),
+                PriceView { model: m.clone(), prompt: p.prompt, completion: p.completion, source: "configuration" },
+            )
         })
         .collect();
     for (m, p) in own.iter() {
-        out.insert(m.clone(), PriceView { model: m.clone(), prompt: p.prompt, completion: p.completion, source: "organization" });
+        out.insert(
+            m.clone(),
+            PriceView { model: m.clone(), prompt: p.prompt, completion: p.completion, source: "organization" },
+        );
     }
     Ok(Json(out.into_values().collect()))
 }
@@ -780,11 +780,19 @@ pub(super) async fn set_price(
     let mut errors = Vec::new();
     let model_len = body.model.chars().count();
     if model_len == 0 || model_len > 200 || body.model.chars().any(char::is_control) {
-        errors.push(FieldError { field: "model".into(), code: "length".into(), message: "1 to 200 printable characters.".into() });
+        errors.push(FieldError {
+            field: "model".into(),
+            code: "length".into(),
+            message: "1 to 200 printable characters.".into(),
+        });
     }
     for (field, v) in [("prompt", body.prompt), ("completion", body.completion)] {
         if !(0..=1_000_000_000_000_000).contains(&v) {
-            errors.push(FieldError { field: field.into(), code: "range".into(), message: "Between 0 and 10^18.".into() });
+            errors.push(FieldError {
+                field: field.into(),
+                code: "range".into(),
+                message: "Between 0 and 10^18.".into(),
+            });
         }
     }
     if !errors.is_empty() {
@@ -896,7 +904,11 @@ pub(super) async fn set_budget(
     }
     let threshold = body.threshold_percent.unwrap_or(80);
     if !(1..=100).contains(&threshold) {
-        errors.push(FieldError { field: "threshold_percent".into(), code: "range".into(), message: "1 to 100.".into() });
+        errors.push(FieldError {
+            field: "threshold_percent".into(),
+            code: "range".into(),
+            message: "1 to 100.".into(),
+        });
     }
     if let Some(agent) = body.agent_id {
         let orgs = crate::auth::directory::agent_orgs(state.db(), &[agent]).await?;

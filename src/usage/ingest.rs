@@ -116,21 +116,19 @@ pub async fn ingest(
             }
         };
         if !known_orgs.contains(&e.org_id) {
-            outcomes[i] =
-                Some(Outcome::Rejected(Rejection::new("unknown_org", "org_id: no such organization")));
+            outcomes[i] = Some(Outcome::Rejected(Rejection::new("unknown_org", "org_id: no such organization")));
             continue;
         }
         if let Some(agent) = e.agent_id
             && agent_orgs.get(&agent) != Some(&e.org_id)
         {
-            outcomes[i] = Some(Outcome::Rejected(Rejection::new(
-                "unknown_agent",
-                "agent_id: no such agent in the organization",
-            )));
+            outcomes[i] =
+                Some(Outcome::Rejected(Rejection::new("unknown_agent", "agent_id: no such agent in the organization")));
             continue;
         }
         if e.actor_id.is_empty() || e.actor_type.is_empty() {
-            outcomes[i] = Some(Outcome::Rejected(Rejection::new("invalid_field", "actor_id and actor_type are required")));
+            outcomes[i] =
+                Some(Outcome::Rejected(Rejection::new("invalid_field", "actor_id and actor_type are required")));
             continue;
         }
         // The first of the same event in one batch counts; the others are its duplicates.
@@ -140,8 +138,7 @@ pub async fn ingest(
         }
         if e.kind == Kind::Llm {
             let price = state.usage().price(state, e.org_id, e.model.as_deref().unwrap_or_default()).await?;
-            e.cost_micros =
-                super::model::cost(price, e.prompt_tokens.unwrap_or(0), e.completion_tokens.unwrap_or(0));
+            e.cost_micros = super::model::cost(price, e.prompt_tokens.unwrap_or(0), e.completion_tokens.unwrap_or(0));
         }
         batch.push((i, e));
     }

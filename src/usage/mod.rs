@@ -199,7 +199,13 @@ impl Usage {
         Ok(rows)
     }
 
-    async fn month_spend(&self, db: &PgPool, org_id: Uuid, agent_id: Option<Uuid>, period: Date) -> sqlx::Result<Spend> {
+    async fn month_spend(
+        &self,
+        db: &PgPool,
+        org_id: Uuid,
+        agent_id: Option<Uuid>,
+        period: Date,
+    ) -> sqlx::Result<Spend> {
         let key = (org_id, agent_id, period);
         if let Some(s) = self.spend.get(&key) {
             return Ok(s);
@@ -290,9 +296,8 @@ pub async fn entitlement(state: &AppState, org_id: Uuid, agent_id: Option<Uuid>)
     for b in budgets.iter().filter(|b| b.agent_id.is_none() || b.agent_id == agent_id) {
         let s = usage.month_spend(db, org_id, b.agent_id, period).await?;
         let pct = b.threshold_percent as i128;
-        let reached = |used: i64, limit: Option<i64>, pct: i128| {
-            limit.is_some_and(|l| used as i128 * 100 >= l as i128 * pct)
-        };
+        let reached =
+            |used: i64, limit: Option<i64>, pct: i128| limit.is_some_and(|l| used as i128 * 100 >= l as i128 * pct);
         standings.push(BudgetStanding {
             budget_id: b.id,
             scope: b.agent_id.map(|a| format!("agent:{a}")).unwrap_or_else(|| "organization".into()),
@@ -303,7 +308,8 @@ pub async fn entitlement(state: &AppState, org_id: Uuid, agent_id: Option<Uuid>)
             cost_used_micros: s.cost_micros,
             cost_remaining_micros: b.cost_limit_micros.map(|l| (l - s.cost_micros).max(0)),
             threshold_percent: b.threshold_percent,
-            threshold_reached: reached(s.tokens, b.token_limit, pct) || reached(s.cost_micros, b.cost_limit_micros, pct),
+            threshold_reached: reached(s.tokens, b.token_limit, pct)
+                || reached(s.cost_micros, b.cost_limit_micros, pct),
             exceeded: reached(s.tokens, b.token_limit, 100) || reached(s.cost_micros, b.cost_limit_micros, 100),
         });
     }
@@ -401,7 +407,8 @@ pub async fn maintain_once(state: &AppState) -> anyhow::Result<Vec<String>> {
     let mut dropped = Vec::new();
     for name in existing {
         // Names are usage_event_YYYYMM: they sort as their months do.
-        let month_digits = name.strip_prefix("usage_event_").is_some_and(|m| m.len() == 6 && m.bytes().all(|b| b.is_ascii_digit()));
+        let month_digits =
+            name.strip_prefix("usage_event_").is_some_and(|m| m.len() == 6 && m.bytes().all(|b| b.is_ascii_digit()));
         if month_digits && name.as_str() < keep_from.as_str() {
             let mut tx = state.db().begin().await?;
             sqlx::query(&format!("drop table if exists {name}")).execute(&mut *tx).await?;

@@ -164,9 +164,7 @@ pub fn parse(value: &Value, hint: Option<Kind>, default_org: Option<Uuid>, limit
     let org_value = body.get("org_id").or_else(|| body.get("microdao_id")).or(ce_org);
     let org_id = match org_value {
         None | Some(Value::Null) => Ok(default_org),
-        Some(Value::String(s)) => {
-            s.parse::<Uuid>().map(Some).map_err(|_| Rejection::field("org_id", "must be a UUID"))
-        }
+        Some(Value::String(s)) => s.parse::<Uuid>().map(Some).map_err(|_| Rejection::field("org_id", "must be a UUID")),
         Some(_) => Err(Rejection::field("org_id", "must be a UUID")),
     };
     let parsed_org = org_id.clone().ok().flatten();
@@ -183,7 +181,10 @@ pub fn parse(value: &Value, hint: Option<Kind>, default_org: Option<Uuid>, limit
         if let (Some(h), true) = (hint, ce_kind.is_some())
             && h != kind
         {
-            return Err(Rejection::new("unknown_kind", format!("kind: {} sent on the subject of {}", kind.as_str(), h.subject())));
+            return Err(Rejection::new(
+                "unknown_kind",
+                format!("kind: {} sent on the subject of {}", kind.as_str(), h.subject()),
+            ));
         }
         event(body, org, kind, event_id_value, ce_time.or(body.get("timestamp")), limits)
     });
@@ -413,6 +414,9 @@ mod tests {
         assert_eq!(cost(p, 1_000_000, 0), 2_500_000);
         assert_eq!(cost(p, 1000, 500), 2_500 + 5_000);
         assert_eq!(cost(None, 1000, 500), 0);
-        assert_eq!(cost(Some(crate::usage::Price { prompt: i64::MAX, completion: i64::MAX }), 1 << 53, 1 << 53), i64::MAX);
+        assert_eq!(
+            cost(Some(crate::usage::Price { prompt: i64::MAX, completion: i64::MAX }), 1 << 53, 1 << 53),
+            i64::MAX
+        );
     }
 }

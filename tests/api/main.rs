@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod analytics_api;
 mod audit;
 mod events;
 mod foundation;
@@ -10,6 +11,5 @@ mod oauth;
 mod policy;
 mod retention;
 mod tiers;
-mod webhooks;
 mod usage;
-mod analytics_api;
+mod webhooks;

@@ -138,12 +138,18 @@ async fn service_key(app: &TestApp, by: &Caller) -> Caller {
         StatusCode::CREATED,
     )
     .await;
-    Caller { token: created["key"].as_str().unwrap().to_owned(), org_id: by.org_id.clone(), user_id: by.user_id.clone() }
+    Caller {
+        token: created["key"].as_str().unwrap().to_owned(),
+        org_id: by.org_id.clone(),
+        user_id: by.user_id.clone(),
+    }
 }
 
 /// An agent of the caller's organization; its id.
 async fn agent(app: &TestApp, by: &Caller, name: &str) -> String {
-    let a = app.create_agent(by, json!({ "name": name, "allowed_scopes": ["usage:read", "usage:write", "agents:read"] })).await;
+    let a = app
+        .create_agent(by, json!({ "name": name, "allowed_scopes": ["usage:read", "usage:write", "agents:read"] }))
+        .await;
     a["id"].as_str().unwrap().to_owned()
 }
 
@@ -245,14 +251,21 @@ fn assert_summary(s: &Value, x: &Expected) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["model"].as_str().unwrap().to_owned(), (m["calls"].as_i64().unwrap(), m["total_tokens"].as_i64().unwrap())))
+        .map(|m| {
+            (
+                m["model"].as_str().unwrap().to_owned(),
+                (m["calls"].as_i64().unwrap(), m["total_tokens"].as_i64().unwrap()),
+            )
+        })
         .collect();
     assert_eq!(models, x.by_model);
     let tools: BTreeMap<String, (i64, i64)> = s["by_tool"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["tool"].as_str().unwrap().to_owned(), (t["calls"].as_i64().unwrap(), t["successes"].as_i64().unwrap())))
+        .map(|t| {
+            (t["tool"].as_str().unwrap().to_owned(), (t["calls"].as_i64().unwrap(), t["successes"].as_i64().unwrap()))
+        })
         .collect();
     assert_eq!(tools, x.by_tool);
     let agents: BTreeMap<String, (i64, i64, i64, i64)> = s["by_agent"]
@@ -284,7 +297,13 @@ async fn mixed(app: &TestApp, admin: &Caller) -> (Caller, Vec<Value>, String) {
     let o2 = other.org_id.as_str();
     let mut events = Vec::new();
     for i in 0..12 {
-        let ag = if i % 3 == 0 { None } else if i % 3 == 1 { Some(a1.as_str()) } else { Some(a2.as_str()) };
+        let ag = if i % 3 == 0 {
+            None
+        } else if i % 3 == 1 {
+            Some(a1.as_str())
+        } else {
+            Some(a2.as_str())
+        };
         let model = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4"][i % 3];
         events.push(llm(&format!("l{i}"), org, ag, model, 100 + i as i64, 10 * i as i64, [30, 80, 300, 7000][i % 4]));
         events.push(tool(&format!("t{i}"), org, ag, ["search", "browse"][i % 2], i % 4 != 0));
@@ -302,8 +321,16 @@ async fn http_ingest_counts_each_event_once_and_the_aggregations_equal_the_raw_s
     let app = spawn_app_with(&[]).await;
     let admin = app.bootstrap().await;
     let (other, events, a1) = mixed(&app, &admin).await;
-    let mine: Vec<Value> = events.iter().filter(|e| e.get("org_id").or(e.get("microdao_id")).unwrap() == admin.org_id.as_str()).cloned().collect();
-    let theirs: Vec<Value> = events.iter().filter(|e| e.get("org_id").or(e.get("microdao_id")).unwrap() == other.org_id.as_str()).cloned().collect();
+    let mine: Vec<Value> = events
+        .iter()
+        .filter(|e| e.get("org_id").or(e.get("microdao_id")).unwrap() == admin.org_id.as_str())
+        .cloned()
+        .collect();
+    let theirs: Vec<Value> = events
+        .iter()
+        .filter(|e| e.get("org_id").or(e.get("microdao_id")).unwrap() == other.org_id.as_str())
+        .cloned()
+        .collect();
     let key = service_key(&app, &admin).await;
     let other_key = service_key(&app, &other).await;
 
@@ -312,7 +339,11 @@ async fn http_ingest_counts_each_event_once_and_the_aggregations_equal_the_raw_s
     assert_eq!(first["duplicate"], 0);
     // The same batch again, as a retry would: nothing changes.
     let again = json_ok(post_events(&app, &key, &json!(mine)).await, StatusCode::OK).await;
-    assert_eq!((again["accepted"].as_u64(), again["duplicate"].as_u64()), (Some(0), Some(mine.len() as u64)), "{again}");
+    assert_eq!(
+        (again["accepted"].as_u64(), again["duplicate"].as_u64()),
+        (Some(0), Some(mine.len() as u64)),
+        "{again}"
+    );
     assert!(again["results"].as_array().unwrap().iter().all(|r| r["status"] == "duplicate"));
     // The other organization reuses the same event ids: its own, counted apart.
     let o = json_ok(post_events(&app, &other_key, &json!(theirs)).await, StatusCode::OK).await;
@@ -323,13 +354,20 @@ async fn http_ingest_counts_each_event_once_and_the_aggregations_equal_the_raw_s
     let x = expect(&events, &admin.org_id);
     assert_summary(&s, &x);
     // Priced by the configuration: cost is the sum of each call's own cost.
-    let prices = HashMap::from([("gpt-4o", (2_500_000i128, 10_000_000i128)), ("gpt-4o-mini", (150_000, 600_000)), ("claude-sonnet-4", (3_000_000, 15_000_000))]);
+    let prices = HashMap::from([
+        ("gpt-4o", (2_500_000i128, 10_000_000i128)),
+        ("gpt-4o-mini", (150_000, 600_000)),
+        ("claude-sonnet-4", (3_000_000, 15_000_000)),
+    ]);
     let cost: i128 = mine
         .iter()
         .filter(|e| e["kind"] == "llm")
         .map(|e| {
             let (p, c) = prices[e["model"].as_str().unwrap()];
-            (e["prompt_tokens"].as_i64().unwrap() as i128 * p + e["completion_tokens"].as_i64().unwrap() as i128 * c + 500_000) / 1_000_000
+            (e["prompt_tokens"].as_i64().unwrap() as i128 * p
+                + e["completion_tokens"].as_i64().unwrap() as i128 * c
+                + 500_000)
+                / 1_000_000
         })
         .sum();
     assert_eq!(s["llm"]["cost_micros"], cost as i64, "{s}");
@@ -353,15 +391,24 @@ async fn http_ingest_counts_each_event_once_and_the_aggregations_equal_the_raw_s
     assert_eq!(by_day["llm"]["calls"], x.llm_calls);
 
     // The original routes: a system admin for any organization, a service key for its own only.
-    let internal = get(&app, &admin, &format!("/internal/usage/summary?microdao_id={}&period_hours=3", other.org_id)).await;
+    let internal =
+        get(&app, &admin, &format!("/internal/usage/summary?microdao_id={}&period_hours=3", other.org_id)).await;
     assert_summary(&internal, &expect(&events, &other.org_id));
     let own = get(&app, &key, &format!("/internal/usage/tools?microdao_id={}&period_hours=3", admin.org_id)).await;
     assert_eq!(own["tools"], s["by_tool"]);
     for path in ["summary", "models", "agents", "tools"] {
-        let resp = app.as_(&key, Method::GET, &format!("/internal/usage/{path}?microdao_id={}", other.org_id)).send().await.unwrap();
+        let resp = app
+            .as_(&key, Method::GET, &format!("/internal/usage/{path}?microdao_id={}", other.org_id))
+            .send()
+            .await
+            .unwrap();
         assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
     }
-    let resp = app.as_(&other, Method::GET, &format!("/internal/usage/summary?microdao_id={}", other.org_id)).send().await.unwrap();
+    let resp = app
+        .as_(&other, Method::GET, &format!("/internal/usage/summary?microdao_id={}", other.org_id))
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::FORBIDDEN, "system_admin_required").await;
     // The other organization's owner sees only its own usage through the org-scoped routes.
     let theirs_summary = get(&app, &other, &format!("/api/v1/usage/summary?since={since}")).await;
@@ -405,9 +452,15 @@ async fn an_agent_reports_and_reads_only_for_itself() {
     let own = get(&app, &bearer, "/api/v1/usage/summary").await;
     assert_eq!(own["agent_id"], me.agent_id.as_str());
     assert_eq!(own["llm"]["calls"], 1);
-    let resp = app.as_(&bearer, Method::GET, &format!("/api/v1/usage/summary?agent_id={sibling}")).send().await.unwrap();
+    let resp =
+        app.as_(&bearer, Method::GET, &format!("/api/v1/usage/summary?agent_id={sibling}")).send().await.unwrap();
     assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
-    let resp = app.as_(&bearer, Method::POST, "/api/v1/usage/budgets").json(&json!({ "token_limit": 5 })).send().await.unwrap();
+    let resp = app
+        .as_(&bearer, Method::POST, "/api/v1/usage/budgets")
+        .json(&json!({ "token_limit": 5 }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     // A member who is not an admin reads nothing.
     app.add_member(&admin, org, "m@acme.test", "member").await;
@@ -446,11 +499,22 @@ async fn bad_events_are_rejected_with_a_reason_and_the_rest_of_the_batch_counts(
     let batch = json!([good, wrong_type, negative, absurd, future, past, unknown_kind, bad_agent, no_id, 42]);
     let body = json_ok(post_events(&app, &key, &batch).await, StatusCode::OK).await;
     assert_eq!((body["accepted"].as_u64(), body["rejected"].as_u64()), (Some(1), Some(9)), "{body}");
-    let codes: Vec<&str> = body["results"].as_array().unwrap().iter().map(|r| r["code"].as_str().unwrap_or("-")).collect();
+    let codes: Vec<&str> =
+        body["results"].as_array().unwrap().iter().map(|r| r["code"].as_str().unwrap_or("-")).collect();
     assert_eq!(
         codes,
-        ["-", "invalid_field", "invalid_field", "invalid_field", "timestamp_out_of_window", "timestamp_out_of_window",
-         "unknown_kind", "unknown_agent", "invalid_field", "invalid_event"]
+        [
+            "-",
+            "invalid_field",
+            "invalid_field",
+            "invalid_field",
+            "timestamp_out_of_window",
+            "timestamp_out_of_window",
+            "unknown_kind",
+            "unknown_agent",
+            "invalid_field",
+            "invalid_event"
+        ]
     );
     assert!(body["results"][1]["reason"].as_str().unwrap().starts_with("prompt_tokens"), "{body}");
     let stored: i64 = sqlx::query_scalar("select count(*) from usage_event").fetch_one(&app.db).await.unwrap();
@@ -459,33 +523,64 @@ async fn bad_events_are_rejected_with_a_reason_and_the_rest_of_the_batch_counts(
     // CloudEvents, one and a batch.
     let ce = json!({ "specversion": "1.0", "id": "ce-1", "type": "usage.tool", "source": "gw", "time": rfc3339(now()),
                      "data": { "org_id": org, "actor_id": "service:gw", "actor_type": "service", "tool_name": "search" } });
-    let resp = app.as_(&key, Method::POST, "/api/v1/usage/events").header("content-type", "application/cloudevents+json")
-        .body(ce.to_string()).send().await.unwrap();
+    let resp = app
+        .as_(&key, Method::POST, "/api/v1/usage/events")
+        .header("content-type", "application/cloudevents+json")
+        .body(ce.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(json_ok(resp, StatusCode::OK).await["accepted"], 1);
-    let resp = app.as_(&key, Method::POST, "/api/v1/usage/events").header("content-type", "application/cloudevents-batch+json")
-        .body(json!([ce]).to_string()).send().await.unwrap();
+    let resp = app
+        .as_(&key, Method::POST, "/api/v1/usage/events")
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(json!([ce]).to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(json_ok(resp, StatusCode::OK).await["duplicate"], 1);
-    let resp = app.as_(&key, Method::POST, "/api/v1/usage/events").header("content-type", "application/cloudevents-batch+json")
-        .body(ce.to_string()).send().await.unwrap();
+    let resp = app
+        .as_(&key, Method::POST, "/api/v1/usage/events")
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(ce.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
     // Not JSON, not a JSON type, too many, too large, an empty batch.
-    let resp = app.as_(&key, Method::POST, "/api/v1/usage/events").header("content-type", "application/json")
-        .body("{not json").send().await.unwrap();
+    let resp = app
+        .as_(&key, Method::POST, "/api/v1/usage/events")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::BAD_REQUEST, "malformed_json").await;
-    let resp = app.as_(&key, Method::POST, "/api/v1/usage/events").header("content-type", "text/plain").body("{}").send().await.unwrap();
+    let resp = app
+        .as_(&key, Method::POST, "/api/v1/usage/events")
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
     let many: Vec<Value> = (0..21).map(|i| llm(&format!("n{i}"), org, None, "gpt-4o", 1, 1, 1)).collect();
-    assert_problem(post_events(&app, &key, &json!(many)).await, StatusCode::UNPROCESSABLE_ENTITY, "batch_too_large").await;
+    assert_problem(post_events(&app, &key, &json!(many)).await, StatusCode::UNPROCESSABLE_ENTITY, "batch_too_large")
+        .await;
     let mut huge = llm("huge", org, None, "gpt-4o", 1, 1, 1);
     huge["error"] = json!("x".repeat(1_100_000));
     assert_eq!(post_events(&app, &key, &huge).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let mut big = llm("big", org, None, "gpt-4o", 1, 1, 1);
     big["padding"] = json!("x".repeat(70_000));
-    let p = assert_problem(post_events(&app, &key, &big).await, StatusCode::UNPROCESSABLE_ENTITY, "usage_rejected").await;
+    let p =
+        assert_problem(post_events(&app, &key, &big).await, StatusCode::UNPROCESSABLE_ENTITY, "usage_rejected").await;
     assert_eq!(p["errors"][0]["code"], "too_large");
-    assert_problem(post_events(&app, &key, &json!([])).await, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    assert_problem(post_events(&app, &key, &json!([])).await, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+        .await;
     // Query parameters.
-    for q in ["since=yesterday", "group_by=week", "since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z", "agent_id=nope"] {
+    for q in
+        ["since=yesterday", "group_by=week", "since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z", "agent_id=nope"]
+    {
         let resp = app.as_(&admin, Method::GET, &format!("/api/v1/usage/summary?{q}")).send().await.unwrap();
         assert_problem(resp, StatusCode::BAD_REQUEST, "invalid_query").await;
     }
@@ -549,9 +644,16 @@ async fn nats_events_published_while_stopped_are_counted_once_and_bad_ones_are_k
     }
     let reasons: Vec<&str> = rejected.iter().map(|(r, _)| r.split(':').next().unwrap()).collect();
     assert_eq!(reasons, ["invalid_json", "invalid_json", "unknown_org", "unknown_kind", "too_large"], "{rejected:?}");
-    let raw: Vec<u8> = sqlx::query_scalar("select payload from usage_rejected order by usage_rejected_id limit 1").fetch_one(&app.db).await.unwrap();
+    let raw: Vec<u8> = sqlx::query_scalar("select payload from usage_rejected order by usage_rejected_id limit 1")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     assert_eq!(raw, vec![0xff, 0xfe, 0x00, 0x7b], "the payload is kept as it came");
-    let big_kept: i64 = sqlx::query_scalar("select length(payload)::int8 from usage_rejected where reason like 'too_large%'").fetch_one(&app.db).await.unwrap();
+    let big_kept: i64 =
+        sqlx::query_scalar("select length(payload)::int8 from usage_rejected where reason like 'too_large%'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
     assert_eq!(big_kept, 4096, "capped at usage.rejected_payload_bytes");
 
     // The same events over HTTP now: duplicates; the summary counts each once.
@@ -669,7 +771,9 @@ impl Receiver {
 
 #[tokio::test]
 async fn budgets_notify_webhooks_once_per_period_and_deny_through_entitlements_and_policy() {
-    let app = spawn_app_with(&[("webhooks.allow_private_networks", json!(true)), ("webhooks.poll_interval_ms", json!(100))]).await;
+    let app =
+        spawn_app_with(&[("webhooks.allow_private_networks", json!(true)), ("webhooks.poll_interval_ms", json!(100))])
+            .await;
     let admin = app.bootstrap().await;
     let org = admin.org_id.clone();
     let rx = Receiver::start().await;
@@ -696,7 +800,11 @@ async fn budgets_notify_webhooks_once_per_period_and_deny_through_entitlements_a
     )
     .await;
     json_ok(
-        app.as_(&admin, Method::POST, "/api/v1/usage/budgets").json(&json!({ "cost_limit_micros": 1_000_000_000 })).send().await.unwrap(),
+        app.as_(&admin, Method::POST, "/api/v1/usage/budgets")
+            .json(&json!({ "cost_limit_micros": 1_000_000_000 }))
+            .send()
+            .await
+            .unwrap(),
         StatusCode::OK,
     )
     .await;
@@ -707,8 +815,20 @@ async fn budgets_notify_webhooks_once_per_period_and_deny_through_entitlements_a
     let policy = r#"@id("stop-spenders") @reason("budget_exceeded")
         forbid (principal is AgentIdP::Agent, action, resource is AgentIdP::Agent)
         when { context has budget_exceeded && context.budget_exceeded };"#;
-    json_ok(app.as_(&admin, Method::POST, "/api/v1/policies/versions").json(&json!({ "source": policy })).send().await.unwrap(), StatusCode::CREATED).await;
-    json_ok(app.as_(&admin, Method::POST, "/api/v1/policies/versions/1/activate").send().await.unwrap(), StatusCode::OK).await;
+    json_ok(
+        app.as_(&admin, Method::POST, "/api/v1/policies/versions")
+            .json(&json!({ "source": policy }))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    json_ok(
+        app.as_(&admin, Method::POST, "/api/v1/policies/versions/1/activate").send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
     let own_record = format!("/api/v1/agents/{}", me.agent_id);
     assert_eq!(app.as_(&bearer, Method::GET, &own_record).send().await.unwrap().status(), StatusCode::OK);
 
@@ -720,7 +840,10 @@ async fn budgets_notify_webhooks_once_per_period_and_deny_through_entitlements_a
     let data = &bodies[0]["data"];
     assert_eq!(data["budget_id"], budget["id"]);
     assert_eq!(data["scope"], format!("agent:{}", me.agent_id));
-    assert_eq!((data["metric"].as_str(), data["limit"].as_i64(), data["used"].as_i64()), (Some("tokens"), Some(1000), Some(600)));
+    assert_eq!(
+        (data["metric"].as_str(), data["limit"].as_i64(), data["used"].as_i64()),
+        (Some("tokens"), Some(1000), Some(600))
+    );
     let e = get(&app, &bearer, "/api/v1/usage/entitlements").await;
     assert_eq!((e["allowed"].as_bool(), e["tokens_remaining"].as_i64()), (Some(true), Some(400)), "{e}");
 
@@ -744,13 +867,31 @@ async fn budgets_notify_webhooks_once_per_period_and_deny_through_entitlements_a
 
     // Another organization's agent and budget are not found.
     let other = app.org_with_owner(&admin, "Other Co", "owner@other.test").await;
-    let resp = app.as_(&other, Method::GET, &format!("/api/v1/usage/entitlements?agent_id={}", me.agent_id)).send().await.unwrap();
+    let resp = app
+        .as_(&other, Method::GET, &format!("/api/v1/usage/entitlements?agent_id={}", me.agent_id))
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
-    let resp = app.as_(&other, Method::DELETE, &format!("/api/v1/usage/budgets/{}", budget["id"].as_str().unwrap())).send().await.unwrap();
+    let resp = app
+        .as_(&other, Method::DELETE, &format!("/api/v1/usage/budgets/{}", budget["id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
-    let resp = app.as_(&other, Method::POST, "/api/v1/usage/budgets").json(&json!({ "agent_id": me.agent_id, "token_limit": 1 })).send().await.unwrap();
+    let resp = app
+        .as_(&other, Method::POST, "/api/v1/usage/budgets")
+        .json(&json!({ "agent_id": me.agent_id, "token_limit": 1 }))
+        .send()
+        .await
+        .unwrap();
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
-    let resp = app.as_(&admin, Method::POST, "/api/v1/usage/budgets").json(&json!({ "threshold_percent": 0 })).send().await.unwrap();
+    let resp = app
+        .as_(&admin, Method::POST, "/api/v1/usage/budgets")
+        .json(&json!({ "threshold_percent": 0 }))
+        .send()
+        .await
+        .unwrap();
     let p = assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
     assert_eq!(p["errors"].as_array().unwrap().len(), 2, "{p}");
 }
@@ -767,10 +908,19 @@ async fn a_price_change_applies_to_new_events_and_leaves_history_alone() {
             .send()
     };
     json_ok(set(1_000_000, 2_000_000).await.unwrap(), StatusCode::OK).await;
-    json_ok(post_events(&app, &key, &llm("p1", &org, None, "acme/large-1", 1_000_000, 1_000_000, 10)).await, StatusCode::OK).await;
+    json_ok(
+        post_events(&app, &key, &llm("p1", &org, None, "acme/large-1", 1_000_000, 1_000_000, 10)).await,
+        StatusCode::OK,
+    )
+    .await;
     json_ok(set(10_000_000, 20_000_000).await.unwrap(), StatusCode::OK).await;
-    json_ok(post_events(&app, &key, &llm("p2", &org, None, "acme/large-1", 1_000_000, 1_000_000, 10)).await, StatusCode::OK).await;
-    let costs: Vec<i64> = sqlx::query_scalar("select cost_micros from usage_event order by event_id").fetch_all(&app.db).await.unwrap();
+    json_ok(
+        post_events(&app, &key, &llm("p2", &org, None, "acme/large-1", 1_000_000, 1_000_000, 10)).await,
+        StatusCode::OK,
+    )
+    .await;
+    let costs: Vec<i64> =
+        sqlx::query_scalar("select cost_micros from usage_event order by event_id").fetch_all(&app.db).await.unwrap();
     assert_eq!(costs, [3_000_000, 30_000_000]);
     let models = get(&app, &admin, "/api/v1/usage/models").await;
     assert_eq!(models["models"][0]["cost_micros"], 33_000_000);
@@ -795,10 +945,21 @@ async fn old_partitions_are_dropped_past_retention_with_their_keys() {
     let old = now() - time::Duration::days(120);
     let month = time::Date::from_calendar_date(old.year(), old.month(), 1).unwrap();
     sqlx::query("select usage_event_partition($1)").bind(month).execute(&app.db).await.unwrap();
-    sqlx::query("insert into usage_event (organization_id, event_id, kind, occurred_at, source, actor_id, actor_type)
-                 values ($1::uuid, 'old', 'llm', $2, 'http', 'x', 'service')")
-        .bind(&admin.org_id).bind(old).execute(&app.db).await.unwrap();
-    sqlx::query("insert into usage_event_key values ($1::uuid, 'old', $2)").bind(&admin.org_id).bind(old).execute(&app.db).await.unwrap();
+    sqlx::query(
+        "insert into usage_event (organization_id, event_id, kind, occurred_at, source, actor_id, actor_type)
+                 values ($1::uuid, 'old', 'llm', $2, 'http', 'x', 'service')",
+    )
+    .bind(&admin.org_id)
+    .bind(old)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query("insert into usage_event_key values ($1::uuid, 'old', $2)")
+        .bind(&admin.org_id)
+        .bind(old)
+        .execute(&app.db)
+        .await
+        .unwrap();
     let dropped = agentidp::usage::maintain_once(&app.state).await.unwrap();
     assert_eq!(dropped, [format!("usage_event_{:04}{:02}", month.year(), month.month() as u8)]);
     let keys: i64 = sqlx::query_scalar("select count(*) from usage_event_key").fetch_one(&app.db).await.unwrap();
