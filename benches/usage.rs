@@ -302,11 +302,12 @@ async fn main() {
     .execute(&db)
     .await
     .unwrap();
-    let in_month: i64 = sqlx::query_scalar("select sum(events)::int8 from usage_rollup_hourly where organization_id = $1")
-        .bind(month_org)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let in_month: i64 =
+        sqlx::query_scalar("select sum(events)::int8 from usage_rollup_hourly where organization_id = $1")
+            .bind(month_org)
+            .fetch_one(&db)
+            .await
+            .unwrap();
     let since = (time::OffsetDateTime::now_utc() - time::Duration::days(30))
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();

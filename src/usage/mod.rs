@@ -387,7 +387,8 @@ async fn maintain(state: AppState) {
 }
 
 /// Creates this month's and next month's partitions, and drops those past `usage.retention_months`
-/// (with the idempotency keys of their events). Returns the partitions dropped.
+/// (with the idempotency keys of their events, and rejected messages as old). Returns the
+/// partitions dropped.
 pub async fn maintain_once(state: &AppState) -> anyhow::Result<Vec<String>> {
     let now = state.clock().now();
     let this = ingest::month_of(now);
@@ -431,5 +432,7 @@ pub async fn maintain_once(state: &AppState) -> anyhow::Result<Vec<String>> {
             break;
         }
     }
+    // Rejected messages are kept as long as the raw events.
+    sqlx::query!("delete from usage_rejected where received_at < $1", cutoff_at).execute(state.db()).await?;
     Ok(dropped)
 }
