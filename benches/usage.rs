@@ -40,7 +40,7 @@ fn event(org: Uuid, agents: &[Uuid], i: usize, now: &str) -> Vec<u8> {
         "kind": "llm", "event_id": format!("e{i}"), "timestamp": now, "org_id": org, "agent_id": agents[i % agents.len()],
         "actor_id": "service:bench", "actor_type": "service", "model": models[i % models.len()],
         "provider": "bench", "prompt_tokens": 100 + (i % 50), "completion_tokens": 20 + (i % 30),
-        "latency_ms": 50 + (i % 900), "success": i % 50 != 0,
+        "latency_ms": 50 + (i % 900), "success": !i.is_multiple_of(50),
     }))
     .unwrap()
 }
@@ -216,12 +216,13 @@ async fn main() {
     while seen < total && steady_began.elapsed() < Duration::from_secs(steady_secs as u64 + 60) {
         let c = count(&db).await as usize - base;
         let at = Instant::now();
-        let sent = sent.lock().unwrap();
-        for t in &sent[seen.min(sent.len())..c.min(sent.len())] {
-            lags.push((at - *t).as_secs_f64() * 1000.0);
+        {
+            let sent = sent.lock().unwrap();
+            for t in &sent[seen.min(sent.len())..c.min(sent.len())] {
+                lags.push((at - *t).as_secs_f64() * 1000.0);
+            }
+            seen = seen.max(c.min(sent.len()));
         }
-        seen = seen.max(c.min(sent.len()));
-        drop(sent);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let _ = publisher.await;
