@@ -550,6 +550,24 @@ else
     fi
 fi
 
+# --- usage: NATS and HTTP ingest, summary and entitlements ------------------------------
+# benches/usage.rs: a NATS backlog drained to durable rows with rollups (events/s), the lag from
+# publish to queryable at a steady 10,000 events/s, HTTP batch ingest, the summary over one
+# org-month of 10 million events, the entitlement check. In-process, on its own database and NATS
+# stream; its output goes below the table like webhooks'. A failure is noted, not fatal.
+rm -f "$OUT/usage.txt"
+if [[ ${BENCH_USAGE:-1} != 1 ]]; then
+    note "usage skipped: BENCH_USAGE=${BENCH_USAGE}"
+else
+    log "usage: cargo bench --bench usage"
+    if (cd "$ROOT" && SQLX_OFFLINE=true timeout 900 cargo bench --bench usage) >"$OUT/usage.txt" 2>"$OUT/usage.log"; then
+        note "usage: the output of cargo bench --bench usage is below the table"
+    else
+        note "usage failed: cargo bench --bench usage exited non-zero (see $OUT/usage.log)"
+        rm -f "$OUT/usage.txt"
+    fi
+fi
+
 # --- the peer: oidc-provider ------------------------------------------------------
 IDLE_RSS_PEER=0
 if [[ $RUN_PEER == 1 ]]; then
@@ -620,6 +638,10 @@ if [[ -f $OUT/webhooks.txt ]]; then
 fi
 if [[ -f $OUT/delegation.txt ]]; then
     { echo; echo 'delegation, the output of `cargo bench --bench delegation`:'; echo; echo '```'; cat "$OUT/delegation.txt"; echo '```'; } \
+        >>"$OUT/summary.md"
+fi
+if [[ -f $OUT/usage.txt ]]; then
+    { echo; echo 'usage, the output of `cargo bench --bench usage`:'; echo; echo '```'; cat "$OUT/usage.txt"; echo '```'; } \
         >>"$OUT/summary.md"
 fi
 echo

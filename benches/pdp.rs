@@ -19,6 +19,7 @@ fn scenarios(org: Uuid) -> Vec<(&'static str, Query)> {
         action: action.into(),
         resource_id: "r".into(),
         resource,
+        budget_exceeded: false,
         validate: false,
     };
     let mut agent_tool = base(

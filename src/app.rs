@@ -28,6 +28,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::tiers::router())
         .merge(crate::webhooks::router())
         .merge(crate::delegation::router())
+        .merge(crate::usage::router())
 }
 
 /// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
@@ -90,6 +91,8 @@ impl Application {
         crate::auth::revocation::catch_up(&state).await?;
         // Every organization's active policies.
         crate::policy::sync_all(&state).await?;
+        // This month's and next month's usage partitions.
+        crate::usage::maintain_once(&state).await?;
         Ok(Self { state, listener, tls })
     }
 
@@ -119,6 +122,8 @@ impl Application {
         let retention = crate::retention::spawn(&state);
         let settler = spawn_settler(&state);
         let delegation = crate::delegation::spawn(&state);
+        let usage_ingest = crate::usage::nats::spawn(&state);
+        let usage_tasks = crate::usage::spawn(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
         let decisions = state.decision_log().spawn_writer(state.db().clone());
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -141,6 +146,16 @@ impl Application {
             if tokio::time::timeout(grace, &mut p.task).await.is_err() {
                 p.task.abort();
             }
+        }
+        // The usage batch in flight commits and is acknowledged; what is left stays in the stream.
+        if let Some(mut u) = usage_ingest {
+            let _ = u.stop.send(true);
+            if tokio::time::timeout(grace, &mut u.task).await.is_err() {
+                u.task.abort();
+            }
+        }
+        for t in usage_tasks {
+            t.abort();
         }
         background.abort();
         settler.abort();
@@ -186,7 +201,12 @@ async fn drain(writer: Option<tokio::task::JoinHandle<()>>, deadline: tokio::tim
 /// Background work of one instance: cache invalidations from other instances, the safety-net
 /// syncs, scheduled key rotation.
 fn spawn_background(state: &AppState) -> tokio::task::JoinHandle<()> {
-    let listeners = vec![crate::auth::credentials::listener(), crate::policy::listener(), crate::tiers::listener()];
+    let listeners = vec![
+        crate::auth::credentials::listener(),
+        crate::policy::listener(),
+        crate::tiers::listener(),
+        crate::usage::listener(),
+    ];
     let subscriber = tokio::spawn(crate::cache::invalidation::run(state.clone(), listeners));
     let state = state.clone();
     tokio::spawn(async move {

@@ -34,6 +34,7 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub events: EventsConfig,
     pub delegation: crate::delegation::DelegationConfig,
+    pub usage: crate::usage::UsageConfig,
 }
 
 /// The event outbox's optional feed to NATS.
@@ -350,6 +351,11 @@ fn redact_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redacted_url(url))
 }
 
+/// [`redact_url`] for other modules' sections.
+pub(crate) fn redact_url_str<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    redact_url(url, s)
+}
+
 /// `scheme://user:secret@host/db` becomes `scheme://user:[redacted]@host/db`.
 pub fn redacted_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -396,6 +402,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some((key, problem)) = self.usage.problem() {
+            return Err(ConfigError::Invalid { key, problem });
+        }
         let r = &self.retention;
         if r.batch_size == 0 || r.batch_size > 100_000 {
             return Err(invalid("retention.batch_size", "must be between 1 and 100000"));

@@ -14,6 +14,7 @@
 //! - [`policy`]: the Cedar decision point, the per-route policy table and layer, the decision log.
 //! - [`tiers`]: plans and limits, the rate limiter and quota counters, Stripe upgrades.
 //! - [`analytics`]: per-request and per-token records, written in batches.
+//! - [`usage`]: usage events over HTTP and NATS, counted once, priced, rolled up, budgeted; the analytics API.
 //! - [`cache`]: the one in-process cache kind, and the change feed that drops entries on every instance.
 //! - [`retention`]: the pruning job that deletes rows past their retention, one instance at a time.
 //! - [`clock`]: the wall clock quotas read (tests move it).
@@ -40,6 +41,7 @@ pub mod retention;
 pub mod state;
 pub mod telemetry;
 pub mod tiers;
+pub mod usage;
 pub mod webhooks;
 
 /// The name of the session cookie.

@@ -34,6 +34,7 @@ struct Inner {
     clock: crate::clock::Clock,
     http: reqwest::Client,
     webhooks: crate::webhooks::Webhooks,
+    usage: crate::usage::Usage,
 }
 
 impl AppState {
@@ -50,6 +51,7 @@ impl AppState {
             .connect_timeout(Duration::from_secs(5))
             .build()?;
         let webhooks = crate::webhooks::Webhooks::new(&config.webhooks)?;
+        let usage = crate::usage::Usage::new(&config.usage);
         Ok(Self(Arc::new(Inner {
             config,
             db,
@@ -65,6 +67,7 @@ impl AppState {
             clock: crate::clock::Clock::default(),
             http,
             webhooks,
+            usage,
         })))
     }
     pub fn config(&self) -> &Config {
@@ -106,6 +109,10 @@ impl AppState {
     /// Webhook delivery: the guarded client and the dispatcher's state.
     pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
         &self.0.webhooks
+    }
+    /// Usage metering's caches (budgets, prices, spend, partitions).
+    pub fn usage(&self) -> &crate::usage::Usage {
+        &self.0.usage
     }
     /// The outbound HTTP client (Stripe).
     pub fn http_client(&self) -> &reqwest::Client {

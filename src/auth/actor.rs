@@ -108,6 +108,9 @@ scopes! {
     WebhooksWrite => "webhooks:write",
     DelegationsRead => "delegations:read",
     DelegationsWrite => "delegations:write",
+    UsageRead => "usage:read",
+    UsageWrite => "usage:write",
+    UsageManage => "usage:manage",
 }
 
 /// The authenticated caller of this request.

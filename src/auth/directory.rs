@@ -37,3 +37,14 @@ pub async fn existing(db: &PgPool, ids: &[Uuid]) -> sqlx::Result<HashSet<Uuid>> 
         .await?;
     Ok(rows.into_iter().collect())
 }
+
+/// The organization of each of these agents that exists (the usage ingest checks that an event's
+/// agent belongs to the event's organization).
+pub async fn agent_orgs(db: &PgPool, ids: &[Uuid]) -> sqlx::Result<Vec<(Uuid, Uuid)>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows =
+        sqlx::query!("select agent_id, organization_id from agent where agent_id = any($1)", ids).fetch_all(db).await?;
+    Ok(rows.into_iter().map(|r| (r.agent_id, r.organization_id)).collect())
+}

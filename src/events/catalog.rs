@@ -52,6 +52,15 @@ impl EventType {
 use Field::*;
 
 const AGENT: &[(&str, Field)] = &[("agent_id", Uuid), ("name", Text), ("status", Text)];
+const BUDGET: &[(&str, Field)] = &[
+    ("budget_id", Uuid),
+    ("scope", Text),
+    ("period", Text),
+    ("metric", Text),
+    ("limit", Int),
+    ("used", Int),
+    ("threshold_percent", Int),
+];
 const CREDENTIAL: &[(&str, Field)] = &[("credential_id", Uuid), ("agent_id", Uuid), ("client_id", Text)];
 
 /// Every event type AgentIdP emits.
@@ -195,6 +204,19 @@ pub const CATALOG: &[EventType] = &[
             ("expires_at", Time),
             ("chronicle_cid", Text),
         ],
+    },
+    EventType {
+        name: "usage.budget_threshold_reached",
+        description: "A monthly budget's threshold (`threshold_percent` of a limit) was reached; once per budget and \
+                      month. `scope` is `organization` or `agent:<id>`, `period` is `YYYY-MM`, `metric` is `tokens` or \
+                      `cost_micros`.",
+        fields: BUDGET,
+    },
+    EventType {
+        name: "usage.budget_exceeded",
+        description: "A monthly budget's limit was reached; once per budget and month. The entitlement check answers \
+                      `allowed: false` and the decision point sees `context.budget_exceeded`.",
+        fields: BUDGET,
     },
 ];
 

@@ -33,6 +33,9 @@ X-RateLimit-Limit / -Remaining / -Reset (a Unix time) for the limit closest to r
 (draft-ietf-httpapi-ratelimit-headers) for all of them; a refusal is 429 with Retry-After"),
         (name = "delegations", description = "The delegation broker: bounded authority for agents (TTL, command and spend \
 budgets, capability ceiling, ceremonies, chains), cascading revocation; delegated tokens come from RFC 8693 token exchange"),
+        (name = "usage", description = "Usage events over HTTP and NATS, counted once per (organization, event_id); prices, \
+rollup aggregations, monthly budgets and entitlements"),
+        (name = "analytics", description = "Token trends, agent activity and per-agent summaries from the per-request records"),
     )
 )]
 pub struct ApiDoc;

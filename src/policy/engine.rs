@@ -122,6 +122,8 @@ pub struct Query {
     pub action: String,
     pub resource: Resource,
     pub resource_id: String,
+    /// The caller is past a monthly usage budget (`context.budget_exceeded`).
+    pub budget_exceeded: bool,
     /// Check the request and entities against the schema. Requests from outside (the PDP API)
     /// need it; the PEP builds them from typed values and skips the cost.
     pub validate: bool,
@@ -434,6 +436,7 @@ impl Engine {
             ("scoped".to_owned(), RestrictedExpression::new_bool(q.scopes.is_some())),
             ("scopes".to_owned(), RestrictedExpression::new_set(q.scopes.iter().flatten().map(|v| s(v)))),
             ("required_scope".to_owned(), s(&q.required_scope)),
+            ("budget_exceeded".to_owned(), RestrictedExpression::new_bool(q.budget_exceeded)),
         ])
         .map_err(|e| bad(&e))?;
         let schema = q.validate.then_some(&self.schema);
@@ -492,6 +495,7 @@ mod tests {
             action: action.into(),
             resource_id: "r1".into(),
             resource,
+            budget_exceeded: false,
             validate: true,
         }
     }

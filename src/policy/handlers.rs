@@ -236,6 +236,7 @@ pub fn to_query(r: &PdpRequest, slugs: &HashMap<String, Uuid>) -> Result<Query, 
         action: r.action.clone(),
         resource_id: r.resource.id.clone(),
         resource,
+        budget_exceeded: r.context.get("budget_exceeded").and_then(Value::as_bool).unwrap_or(false),
         validate: true,
     })
 }

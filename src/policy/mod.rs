@@ -77,6 +77,7 @@ pub fn query_for(actor: &Actor, action: &str, resource: Resource, resource_id: S
         action: action.to_owned(),
         resource,
         resource_id,
+        budget_exceeded: routes::budget_exceeded_for_current_request(),
         // Built here from typed values: the schema check would find nothing.
         validate: false,
     }

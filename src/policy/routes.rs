@@ -31,6 +31,7 @@ pub enum Kind {
     PolicySet,
     Platform,
     Delegation,
+    UsageReport,
 }
 
 /// How a route is checked.
@@ -158,6 +159,27 @@ pub const RULES: &[Rule] = &[
         Org(Delegation),
         "delegations:write",
     ),
+    // Usage: the handlers decide (an agent only for itself, service keys for their organization,
+    // humans as owners or admins, and the decision point on the organization's UsageReport).
+    rule("POST", "/api/v1/usage/events", "create", Loaded(UsageReport), "usage:write"),
+    rule("GET", "/api/v1/usage/summary", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/api/v1/usage/models", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/api/v1/usage/agents", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/api/v1/usage/tools", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/api/v1/usage/entitlements", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/api/v1/usage/prices", "read", Loaded(UsageReport), "usage:read"),
+    rule("POST", "/api/v1/usage/prices", "manage", Loaded(UsageReport), "usage:manage"),
+    rule("DELETE", "/api/v1/usage/prices/{model}", "manage", Loaded(UsageReport), "usage:manage"),
+    rule("GET", "/api/v1/usage/budgets", "read", Loaded(UsageReport), "usage:read"),
+    rule("POST", "/api/v1/usage/budgets", "manage", Loaded(UsageReport), "usage:manage"),
+    rule("DELETE", "/api/v1/usage/budgets/{id}", "manage", Loaded(UsageReport), "usage:manage"),
+    rule("GET", "/internal/usage/summary", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/internal/usage/models", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/internal/usage/agents", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/internal/usage/tools", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/api/v1/analytics/token-trend", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/api/v1/analytics/agent-activity", "read", Loaded(UsageReport), "usage:read"),
+    rule("GET", "/api/v1/analytics/usage-summary", "read", Loaded(UsageReport), "usage:read"),
 ];
 
 /// The declaration for a route, if any.
@@ -198,6 +220,13 @@ fn refuse_method(path: &str) -> Response {
 
 tokio::task_local! {
     static SCOPE: String;
+    static BUDGET_EXCEEDED: bool;
+}
+
+/// Whether the caller of the current request is past a usage budget (`context.budget_exceeded`),
+/// as the policy layer found out before the handler ran.
+pub fn budget_exceeded_for_current_request() -> bool {
+    BUDGET_EXCEEDED.try_with(|b| *b).unwrap_or(false)
 }
 
 /// The scope the current route asks for (for handler-level checks).
@@ -242,6 +271,18 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     let Some(actor) = req.extensions().get::<Actor>().cloned() else {
         return ApiError::unauthorized("Authentication is required.").into_response();
     };
+    // From memory (the usage module's caches): what a policy may deny on.
+    let exceeded = match actor.org_id {
+        Some(org) => {
+            let agent = (actor.actor_type == crate::auth::ActorType::Agent).then(|| actor.user_id());
+            crate::usage::budget_exceeded(&state, org, agent).await
+        }
+        None => false,
+    };
+    BUDGET_EXCEEDED.scope(exceeded, decide(state, req, next, rule, actor)).await
+}
+
+async fn decide(state: AppState, req: Request, next: Next, rule: &'static Rule, actor: Actor) -> Response {
     let outcome = match rule.check {
         Check::Authenticated => {
             if rule.scope.is_empty() || actor.scopes().is_none_or(|s| s.iter().any(|x| x.as_str() == rule.scope)) {
@@ -266,6 +307,9 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
                     (Kind::Agent, Some(org_id)) => Some(Resource::Agent { org_id, owner_id: None }),
                     (Kind::ApiKey, Some(org_id)) => Some(Resource::ApiKey { org_id, created_by: actor.actor_id() }),
                     (Kind::Delegation, Some(org_id)) => Some(Resource::Delegation { org_id }),
+                    (Kind::UsageReport, Some(org_id)) => {
+                        Some(Resource::UsageReport { org_id, subject_id: format!("org:{org_id}") })
+                    }
                 };
                 match resource {
                     None => {

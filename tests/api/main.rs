@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod analytics_api;
 mod audit;
 mod delegation;
 mod events;
@@ -11,4 +12,5 @@ mod oauth;
 mod policy;
 mod retention;
 mod tiers;
+mod usage;
 mod webhooks;
