@@ -27,6 +27,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::policy::router())
         .merge(crate::tiers::router())
         .merge(crate::webhooks::router())
+        .merge(crate::city::router())
 }
 
 /// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
@@ -117,6 +118,7 @@ impl Application {
         let publisher = crate::events::nats::spawn(&state);
         let retention = crate::retention::spawn(&state);
         let settler = spawn_settler(&state);
+        let city = crate::city::spawn(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
         let decisions = state.decision_log().spawn_writer(state.db().clone());
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -142,6 +144,7 @@ impl Application {
         }
         background.abort();
         settler.abort();
+        city.abort();
         if let Some(r) = retention {
             r.abort();
         }

@@ -19,12 +19,14 @@
 //! - [`clock`]: the wall clock quotas read (tests move it).
 //! - [`crypto`]: random secrets, hashing, password hashing.
 //! - [`cli`]: the `agentidp` command line.
+//! - [`city`]: zones, rooms, placement, live presence and its stream, nodes and the node guardian.
 
 pub mod analytics;
 pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod cache;
+pub mod city;
 pub mod cli;
 pub mod clock;
 pub mod config;

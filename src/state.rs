@@ -34,6 +34,7 @@ struct Inner {
     clock: crate::clock::Clock,
     http: reqwest::Client,
     webhooks: crate::webhooks::Webhooks,
+    city: crate::city::City,
 }
 
 impl AppState {
@@ -50,6 +51,7 @@ impl AppState {
             .connect_timeout(Duration::from_secs(5))
             .build()?;
         let webhooks = crate::webhooks::Webhooks::new(&config.webhooks)?;
+        let city = crate::city::City::new(&config.city);
         Ok(Self(Arc::new(Inner {
             config,
             db,
@@ -65,6 +67,7 @@ impl AppState {
             clock: crate::clock::Clock::default(),
             http,
             webhooks,
+            city,
         })))
     }
     pub fn config(&self) -> &Config {
@@ -106,6 +109,10 @@ impl AppState {
     /// Webhook delivery: the guarded client and the dispatcher's state.
     pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
         &self.0.webhooks
+    }
+    /// The city: this instance's presence viewers and scripts.
+    pub fn city(&self) -> &crate::city::City {
+        &self.0.city
     }
     /// The outbound HTTP client (Stripe).
     pub fn http_client(&self) -> &reqwest::Client {

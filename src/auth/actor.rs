@@ -106,6 +106,11 @@ scopes! {
     TiersWrite => "tiers:write",
     WebhooksRead => "webhooks:read",
     WebhooksWrite => "webhooks:write",
+    CityRead => "city:read",
+    CityWrite => "city:write",
+    PresenceWrite => "presence:write",
+    NodesRead => "nodes:read",
+    NodesWrite => "nodes:write",
 }
 
 /// The authenticated caller of this request.

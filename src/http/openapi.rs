@@ -31,6 +31,8 @@ use super::error::{FieldError, PROBLEM_JSON, Problem};
         (name = "tiers", description = "Plans, limits and usage; upgrades and Stripe billing. Every charged response carries \
 X-RateLimit-Limit / -Remaining / -Reset (a Unix time) for the limit closest to refusing, and RateLimit-Policy / RateLimit \
 (draft-ietf-httpapi-ratelimit-headers) for all of them; a refusal is 429 with Retry-After"),
+        (name = "city", description = "The city map: zones, rooms, placement, agents' live presence and its stream"),
+        (name = "nodes", description = "Machines that run agents: node credentials, heartbeats with metrics and models"),
     )
 )]
 pub struct ApiDoc;
@@ -64,6 +66,15 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme(
             "session_cookie",
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(crate::SESSION_COOKIE))),
+        );
+        components.add_security_scheme(
+            "node_credential",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A node's own credential (aidp_node_...), for its heartbeats only"))
+                    .build(),
+            ),
         );
     }
 }

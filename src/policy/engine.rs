@@ -42,6 +42,8 @@ pub enum Resource {
     Channel { org_id: Uuid, members: Vec<String> },
     Tool { org_id: Uuid, allowed_agents: Vec<String> },
     UsageReport { org_id: Uuid, subject_id: String },
+    CityMap { org_id: Uuid },
+    Node { org_id: Uuid },
     Platform,
 }
 
@@ -56,6 +58,8 @@ impl Resource {
             Self::Channel { .. } => "Channel",
             Self::Tool { .. } => "Tool",
             Self::UsageReport { .. } => "UsageReport",
+            Self::CityMap { .. } => "CityMap",
+            Self::Node { .. } => "Node",
             Self::Platform => "Platform",
         }
     }
@@ -69,7 +73,9 @@ impl Resource {
             | Self::PolicySet { org_id }
             | Self::Channel { org_id, .. }
             | Self::Tool { org_id, .. }
-            | Self::UsageReport { org_id, .. } => Some(*org_id),
+            | Self::UsageReport { org_id, .. }
+            | Self::CityMap { org_id }
+            | Self::Node { org_id } => Some(*org_id),
             Self::Platform => None,
         }
     }
@@ -162,7 +168,7 @@ pub struct Partitioned {
 
 /// Every resource type of the schema.
 const RESOURCE_TYPES: &[&str] =
-    &["Organization", "Agent", "ApiKey", "AuditLog", "PolicySet", "Channel", "Tool", "UsageReport", "Platform"];
+    &["Organization", "Agent", "ApiKey", "AuditLog", "PolicySet", "Channel", "Tool", "UsageReport", "CityMap", "Node", "Platform"];
 
 impl Partitioned {
     fn new(all: PolicySet) -> Result<Self, String> {
@@ -404,6 +410,7 @@ impl Engine {
             "human" => "User",
             "agent" => "Agent",
             "service" => "Service",
+            "node" => "Node",
             other => return Err(QueryError(format!("unknown actor_type {other:?}"))),
         };
         let principal = uid(principal_type, &q.actor_id)?;
