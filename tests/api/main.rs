@@ -3,6 +3,7 @@
 mod helpers;
 
 mod audit;
+mod city;
 mod events;
 mod foundation;
 mod identity;
