@@ -61,16 +61,20 @@ pub struct Presence {
     pub at: OffsetDateTime,
 }
 
-/// Writes a report; emits `presence` when the status or activity changed.
+/// Writes a report; emits `presence` when the status or activity changed. Also says whether
+/// `last_seen` is due in Postgres (at most every `last_seen_every_secs` per agent, whichever
+/// instance the report reaches), so that a report is one round trip.
 const REPORT: &str = r#"
 local old = redis.call('HMGET', KEYS[1], 's', 'a')
 redis.call('HSET', KEYS[1], 's', ARGV[6], 'a', ARGV[7], 't', ARGV[8])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-if old[1] == ARGV[6] and old[2] == ARGV[7] then return false end
+local seen = 0
+if redis.call('SET', KEYS[5], '1', 'NX', 'EX', ARGV[10]) then seen = 1 end
+if old[1] == ARGV[6] and old[2] == ARGV[7] then return {'', seen} end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'k', 'presence', 'd', ARGV[9])
 redis.call('PUBLISH', KEYS[4], ARGV[5] .. ' ' .. id .. ' presence ' .. ARGV[9])
-return id
+return {id, seen}
 "#;
 
 /// Removes one lapsed presence from the schedule and emits its `offline`; does nothing when it was
@@ -142,14 +146,22 @@ fn now_ms(state: &AppState) -> i64 {
     (state.clock().now().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// Records a report. Returns the id of the change it made, if it made one.
+/// What a report did: the id of the change it made, if it made one, and whether `last_seen` is
+/// due in Postgres.
+#[derive(Debug)]
+pub struct Outcome {
+    pub change: Option<StreamId>,
+    pub last_seen_due: bool,
+}
+
+/// Records a report.
 pub async fn report(
     state: &AppState,
     org_id: Uuid,
     agent_id: Uuid,
     status: Status,
     activity: Option<&str>,
-) -> anyhow::Result<Option<StreamId>> {
+) -> anyhow::Result<Outcome> {
     let redis = state.redis();
     let cfg = &state.config().city;
     let ttl_ms = cfg.presence_ttl_secs * 1000;
@@ -166,6 +178,7 @@ pub async fn report(
     inv.key(schedule_key(redis))
         .key(feed::log_key(redis, org_id))
         .key(feed::channel(redis))
+        .key(redis.key(&format!("city:seen:{agent_id}")))
         .arg(ttl_ms)
         .arg(now + ttl_ms as i64)
         .arg(format!("{org_id}:{agent_id}"))
@@ -174,8 +187,9 @@ pub async fn report(
         .arg(status.as_str())
         .arg(activity.unwrap_or(""))
         .arg(now)
-        .arg(data.to_string());
-    let id: Option<String> = match tokio::time::timeout(redis.timeout(), inv.invoke_async(&mut conn)).await {
+        .arg(data.to_string())
+        .arg(cfg.last_seen_every_secs.max(1));
+    let (id, seen): (String, i64) = match tokio::time::timeout(redis.timeout(), inv.invoke_async(&mut conn)).await {
         Ok(Ok(id)) => id,
         Ok(Err(e)) => {
             redis.drop_multiplexed();
@@ -186,29 +200,7 @@ pub async fn report(
             return Err(e.into());
         }
     };
-    Ok(id.as_deref().and_then(StreamId::parse))
-}
-
-/// Whether this report should also reach Postgres as `last_seen` (at most every
-/// `last_seen_every_secs` per agent, whichever instance it reaches).
-pub async fn last_seen_due(state: &AppState, agent_id: Uuid) -> bool {
-    let redis = state.redis();
-    let run = async {
-        let mut conn = redis.multiplexed().await?;
-        let set: Option<String> = tokio::time::timeout(
-            redis.timeout(),
-            redis::cmd("SET")
-                .arg(redis.key(&format!("city:seen:{agent_id}")))
-                .arg(1)
-                .arg("NX")
-                .arg("EX")
-                .arg(state.config().city.last_seen_every_secs.max(1))
-                .query_async(&mut conn),
-        )
-        .await??;
-        anyhow::Ok(set.is_some())
-    };
-    run.await.unwrap_or(false)
+    Ok(Outcome { change: StreamId::parse(&id), last_seen_due: seen == 1 })
 }
 
 /// Every live presence among `agents` of `org_id`, in one round trip.

@@ -325,11 +325,11 @@ pub(super) async fn report(
         });
     }
     let activity = req.activity.as_deref().map(str::trim).filter(|a| !a.is_empty());
-    presence::report(&state, org_id, agent_id, req.status, activity).await.map_err(|e| {
+    let outcome = presence::report(&state, org_id, agent_id, req.status, activity).await.map_err(|e| {
         tracing::warn!(error = %e, "presence report failed");
         ApiError::Unavailable("presence store".into())
     })?;
-    if presence::last_seen_due(&state, agent_id).await {
+    if outcome.last_seen_due {
         sqlx::query!(
             "insert into agent_placement (agent_id, organization_id, last_seen_at) values ($1, $2, now())
              on conflict (agent_id) do update set last_seen_at = now()",

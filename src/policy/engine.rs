@@ -553,6 +553,8 @@ mod tests {
             Resource::Channel { org_id: org, members: vec!["user:u1".into()] },
             Resource::Tool { org_id: org, allowed_agents: vec!["agent:a1".into()] },
             Resource::UsageReport { org_id: org, subject_id: "agent:a1".into() },
+            Resource::CityMap { org_id: org },
+            Resource::Node { org_id: org },
             Resource::Platform,
         ];
         let mut out = Vec::new();
