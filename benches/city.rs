@@ -98,7 +98,8 @@ where
 #[tokio::main]
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let (rooms, agents, reporters, viewers, secs): (usize, usize, usize, usize, f64) = if full { (50, 1000, 200, 1000, 10.0) } else { (5, 40, 10, 20, 1.0) };
+    let (rooms, agents, reporters, viewers, secs): (usize, usize, usize, usize, f64) =
+        if full { (50, 1000, 200, 1000, 10.0) } else { (5, 40, 10, 20, 1.0) };
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let db_name = format!("agentidp_bench_city_{}", std::process::id());
@@ -204,7 +205,8 @@ async fn main() {
         )
         .await;
         if i < reporters {
-            let cred = ok(post(&format!("/api/v1/agents/{id}/credentials"), json!({})).await.unwrap(), "credential").await;
+            let cred =
+                ok(post(&format!("/api/v1/agents/{id}/credentials"), json!({})).await.unwrap(), "credential").await;
             let token = ok(
                 client
                     .post(format!("{base}/api/v1/token"))
@@ -265,7 +267,8 @@ async fn main() {
     }
     map_ms.sort_by(f64::total_cmp);
     let map_online = {
-        let m = ok(client.get(format!("{base}/api/v1/city/map")).bearer_auth(&session).send().await.unwrap(), "map").await;
+        let m =
+            ok(client.get(format!("{base}/api/v1/city/map")).bearer_auth(&session).send().await.unwrap(), "map").await;
         m["online_count"].as_u64().unwrap_or(0)
     };
 
@@ -349,7 +352,8 @@ async fn main() {
     if let Ok(rc) = redis::Client::open("redis://127.0.0.1:6379")
         && let Ok(mut rconn) = rc.get_multiplexed_async_connection().await
     {
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut rconn).await.unwrap_or_default();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut rconn).await.unwrap_or_default();
         if !keys.is_empty() {
             let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut rconn).await;
         }
@@ -372,5 +376,7 @@ async fn main() {
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99)
     );
-    println!("  server RSS: {idle_rss:.0} MiB idle, {rss_connected:.0} MiB with the viewers connected, {peak_rss:.0} MiB peak during the fan-out");
+    println!(
+        "  server RSS: {idle_rss:.0} MiB idle, {rss_connected:.0} MiB with the viewers connected, {peak_rss:.0} MiB peak during the fan-out"
+    );
 }

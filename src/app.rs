@@ -108,8 +108,11 @@ impl Application {
         let grace = Duration::from_secs(state.config().server.shutdown_grace_secs);
         let handle: Handle<SocketAddr> = Handle::new();
         let signal = handle.clone();
+        let streams = state.clone();
         tokio::spawn(async move {
             shutdown.await;
+            // Live streams never finish by themselves: end them, so that draining can.
+            streams.city().hub.close();
             tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
             signal.graceful_shutdown(Some(grace));
         });

@@ -111,6 +111,12 @@ impl Hub {
         }
     }
 
+    /// Ends every viewer's stream (at shutdown): their receivers see the channel closed once they
+    /// have sent what it still holds. Viewers reconnect elsewhere with `Last-Event-ID`.
+    pub fn close(&self) {
+        self.orgs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Viewers connected to this instance.
     pub fn viewers(&self) -> usize {
         self.orgs.lock().unwrap_or_else(|e| e.into_inner()).values().map(|t| t.receiver_count()).sum()
@@ -125,7 +131,11 @@ pub async fn emit(state: &AppState, org_id: Uuid, kind: &str, data: &serde_json:
     let run = async {
         let mut conn = redis.multiplexed().await?;
         let mut inv = state.city().hub.emit.key(log_key(redis, org_id));
-        inv.key(channel(redis)).arg(state.config().city.replay_window).arg(org_id.to_string()).arg(kind).arg(data.to_string());
+        inv.key(channel(redis))
+            .arg(state.config().city.replay_window)
+            .arg(org_id.to_string())
+            .arg(kind)
+            .arg(data.to_string());
         let id: String = tokio::time::timeout(redis.timeout(), inv.invoke_async(&mut conn)).await??;
         anyhow::Ok(id)
     };
@@ -144,7 +154,13 @@ pub async fn last_id(redis: &Redis, org_id: Uuid) -> anyhow::Result<StreamId> {
     let mut conn = redis.multiplexed().await?;
     let entries: Vec<(String, HashMap<String, String>)> = tokio::time::timeout(
         redis.timeout(),
-        redis::cmd("XREVRANGE").arg(log_key(redis, org_id)).arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut conn),
+        redis::cmd("XREVRANGE")
+            .arg(log_key(redis, org_id))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn),
     )
     .await??;
     Ok(entries.first().and_then(|(id, _)| StreamId::parse(id)).unwrap_or_default())
@@ -202,15 +218,16 @@ pub async fn run_subscriber(state: AppState) {
             while let Some(msg) = stream.next().await {
                 let Ok(text) = msg.get_payload::<String>() else { continue };
                 let mut parts = text.splitn(4, ' ');
-                let (Some(org), Some(id), Some(kind), Some(data)) = (parts.next(), parts.next(), parts.next(), parts.next())
+                let (Some(org), Some(id), Some(kind), Some(data)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
                 else {
                     continue;
                 };
                 let (Ok(org_id), Some(id)) = (org.parse::<Uuid>(), StreamId::parse(id)) else { continue };
-                state.city().hub.deliver(
-                    org_id,
-                    Change { id, kind: kind.to_owned(), data: data.to_owned(), catch_up: false },
-                );
+                state
+                    .city()
+                    .hub
+                    .deliver(org_id, Change { id, kind: kind.to_owned(), data: data.to_owned(), catch_up: false });
             }
             anyhow::Ok(())
         };

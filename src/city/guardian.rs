@@ -221,7 +221,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
                 opts.interval
             }
             Ok(resp) if matches!(resp.status().as_u16(), 401 | 403 | 404) => {
-                anyhow::bail!("the server refused the node credential ({}): is it this node's, and current?", resp.status());
+                anyhow::bail!(
+                    "the server refused the node credential ({}): is it this node's, and current?",
+                    resp.status()
+                );
             }
             outcome => {
                 let why = match outcome {

@@ -115,7 +115,11 @@ fn validate_kind(kind: &str) -> Result<(), validator::ValidationError> {
     let ok = (1..=32).contains(&b.len())
         && b[0].is_ascii_lowercase()
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_');
-    if ok { Ok(()) } else { Err(validator::ValidationError::new("kind").with_message("a lowercase word, e.g. `lab`".into())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(validator::ValidationError::new("kind").with_message("a lowercase word, e.g. `lab`".into()))
+    }
 }
 
 fn slug_of(given: Option<String>, name: &str) -> ApiResult<String> {

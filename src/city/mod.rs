@@ -15,7 +15,7 @@ mod map;
 pub mod nodes;
 mod placement;
 pub mod presence;
-mod views;
+pub mod views;
 
 use std::time::Duration;
 
@@ -28,11 +28,16 @@ use crate::state::AppState;
 pub struct City {
     pub hub: feed::Hub,
     pub presences: presence::Presences,
+    pub snapshots: views::Snapshots,
 }
 
 impl City {
     pub fn new(cfg: &crate::config::CityConfig) -> Self {
-        Self { hub: feed::Hub::new(cfg.viewer_buffer), presences: presence::Presences::new() }
+        Self {
+            hub: feed::Hub::new(cfg.viewer_buffer),
+            presences: presence::Presences::new(),
+            snapshots: views::Snapshots::new(),
+        }
     }
 }
 

@@ -310,8 +310,11 @@ pub(super) async fn create_node(
     .execute(&mut *tx)
     .await
     .on_constraint("node_name_unique", name_taken)?;
-    audit::record(&mut tx, Event::by(&actor, org_id, "node.created").target("node", id).details(json!({ "name": req.name })))
-        .await?;
+    audit::record(
+        &mut tx,
+        Event::by(&actor, org_id, "node.created").target("node", id).details(json!({ "name": req.name })),
+    )
+    .await?;
     tx.commit().await?;
     let node = load(&state, org_id, Some(id)).await?.pop().ok_or(ApiError::NotFound)?;
     Ok((StatusCode::CREATED, Json(CreatedNode { node, credential: secret })))
@@ -370,8 +373,9 @@ pub(super) async fn delete_node(
 ) -> ApiResult<StatusCode> {
     let org_id = actor.current_org()?;
     let mut tx = state.db().begin().await?;
-    let done =
-        sqlx::query!("delete from node where node_id = $1 and organization_id = $2", id, org_id).execute(&mut *tx).await?;
+    let done = sqlx::query!("delete from node where node_id = $1 and organization_id = $2", id, org_id)
+        .execute(&mut *tx)
+        .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::NotFound);
     }
@@ -438,7 +442,9 @@ pub(super) async fn heartbeat(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.get(..7).filter(|p| p.eq_ignore_ascii_case("bearer ")).map(|_| v[7..].trim()))
-        .ok_or_else(|| ApiError::unauthorized("A node credential is required (Authorization: Bearer aidp_node_...)."))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized("A node credential is required (Authorization: Bearer aidp_node_...).")
+        })?;
     if !secret.starts_with(NODE_CREDENTIAL_PREFIX) || secret.len() > 128 {
         return Err(node_unauthorized("The node credential is invalid."));
     }
@@ -483,7 +489,8 @@ pub(super) async fn heartbeat(
     }
     tx.commit().await?;
     if became_active {
-        super::feed::emit(&state, org_id, "node", &json!({ "node_id": id, "name": row.name, "status": "active" })).await;
+        super::feed::emit(&state, org_id, "node", &json!({ "node_id": id, "name": row.name, "status": "active" }))
+            .await;
     }
     Ok(Json(HeartbeatAck { status: "active", stale_after_secs: state.config().city.node_stale_secs }))
 }

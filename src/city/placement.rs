@@ -42,7 +42,13 @@ pub struct PlaceOnNode {
 }
 
 /// Tells viewers an agent moved (`room_id` null: unplaced).
-pub(super) async fn announce_move(state: &AppState, org_id: Uuid, agent_id: Uuid, from: Option<Uuid>, to: Option<Uuid>) {
+pub(super) async fn announce_move(
+    state: &AppState,
+    org_id: Uuid,
+    agent_id: Uuid,
+    from: Option<Uuid>,
+    to: Option<Uuid>,
+) {
     let data = json!({ "agent_id": agent_id, "from_room_id": from, "room_id": to });
     super::feed::emit(state, org_id, "moved", &data).await;
 }

@@ -204,11 +204,7 @@ pub async fn report(
 }
 
 /// Every live presence among `agents` of `org_id`, in one round trip.
-pub async fn read(
-    state: &AppState,
-    org_id: Uuid,
-    agents: &[Uuid],
-) -> anyhow::Result<HashMap<Uuid, Presence>> {
+pub async fn read(state: &AppState, org_id: Uuid, agents: &[Uuid]) -> anyhow::Result<HashMap<Uuid, Presence>> {
     let mut out = HashMap::new();
     if agents.is_empty() {
         return Ok(out);

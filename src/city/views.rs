@@ -28,11 +28,7 @@ use super::{
 };
 use crate::{
     auth::{Actor, ActorType, agents},
-    http::{
-        ApiError, ApiResult,
-        error::Problem,
-        extract::ValidatedJson,
-    },
+    http::{ApiError, ApiResult, error::Problem, extract::ValidatedJson},
     state::AppState,
 };
 
@@ -109,10 +105,13 @@ pub struct Snapshot {
     pub at: OffsetDateTime,
 }
 
+/// An agent's room, node and coarse last sighting.
+type Placed = (Option<Uuid>, Option<Uuid>, Option<OffsetDateTime>);
+
 /// Every active agent of the organization, with placement and presence.
 pub(super) async fn city_agents(state: &AppState, org_id: Uuid) -> ApiResult<Vec<CityAgent>> {
     let roster = agents::roster(state.db(), org_id).await?;
-    let placements: HashMap<Uuid, (Option<Uuid>, Option<Uuid>, Option<OffsetDateTime>)> = sqlx::query!(
+    let placements: HashMap<Uuid, Placed> = sqlx::query!(
         "select agent_id, room_id, node_id, last_seen_at from agent_placement where organization_id = $1",
         org_id
     )
@@ -151,12 +150,10 @@ fn online(agents: &[CityAgent]) -> usize {
 }
 
 async fn build_map(state: &AppState, org_id: Uuid) -> ApiResult<CityMap> {
-    let zones = sqlx::query!(
-        "select zone_id, name, slug from zone where organization_id = $1 order by name, zone_id",
-        org_id
-    )
-    .fetch_all(state.db())
-    .await?;
+    let zones =
+        sqlx::query!("select zone_id, name, slug from zone where organization_id = $1 order by name, zone_id", org_id)
+            .fetch_all(state.db())
+            .await?;
     let rooms = rooms_of(state, org_id).await?;
     let agents = city_agents(state, org_id).await?;
     let online_count = online(&agents);
@@ -342,6 +339,34 @@ pub(super) async fn report(
     Ok(Json(Reported { status: req.status, ttl_secs: cfg.presence_ttl_secs }))
 }
 
+/// How long a snapshot may be handed to further viewers while no change has happened (presence
+/// lapses are changes too, but are announced by a sweep that may lag by `sweep_interval_ms`).
+const SNAPSHOT_REUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The latest snapshot of each organization with viewers connecting, shared by viewers that
+/// connect while it is current.
+pub struct Snapshots {
+    slots: crate::cache::Cache<Uuid, Arc<SnapshotSlot>>,
+}
+
+type SnapshotSlot = tokio::sync::Mutex<Option<(StreamId, std::time::Instant, Arc<str>)>>;
+
+impl Default for Snapshots {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Snapshots {
+    pub fn new() -> Self {
+        Self { slots: crate::cache::Cache::new(100_000, std::time::Duration::from_secs(60)) }
+    }
+
+    fn slot(&self, org_id: Uuid) -> Arc<SnapshotSlot> {
+        self.slots.get_or_insert_with(org_id, Arc::default)
+    }
+}
+
 /// One viewer's stream: its receiver of live changes, what it still has to send, and the id of
 /// the last change it sent (so that live changes already replayed are not sent twice).
 struct Viewer {
@@ -357,14 +382,25 @@ fn change_event(c: &Change) -> Event {
 }
 
 impl Viewer {
-    /// A snapshot, its id the latest change it includes.
+    /// A snapshot, its id the latest change it includes. Viewers of one organization connecting
+    /// at once (a reconnect storm after a restart) share one: it is built once per change id.
     async fn snapshot(&mut self) -> ApiResult<()> {
+        let slot = self.state.city().snapshots.slot(self.org_id);
+        let mut shared = slot.lock().await;
         let last = feed::last_id(self.state.redis(), self.org_id)
             .await
             .map_err(|_| ApiError::Unavailable("presence store".into()))?;
-        let snap = build_snapshot(&self.state, self.org_id).await?;
-        let data = serde_json::to_string(&snap).map_err(anyhow::Error::from)?;
-        self.pending.push_back(Event::default().id(last.to_string()).event("snapshot").data(data));
+        let data = match &*shared {
+            Some((id, built, data)) if *id == last && built.elapsed() < SNAPSHOT_REUSE => data.clone(),
+            _ => {
+                let snap = build_snapshot(&self.state, self.org_id).await?;
+                let data: Arc<str> = serde_json::to_string(&snap).map_err(anyhow::Error::from)?.into();
+                *shared = Some((last, std::time::Instant::now(), data.clone()));
+                data
+            }
+        };
+        drop(shared);
+        self.pending.push_back(Event::default().id(last.to_string()).event("snapshot").data(&*data));
         self.last = last;
         Ok(())
     }
@@ -434,7 +470,8 @@ pub(super) async fn stream(
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(StreamId::parse);
     // Subscribed before reading, so that nothing published meanwhile is missed.
     let rx = state.city().hub.subscribe(org_id);
-    let mut viewer = Viewer { state: state.clone(), org_id, rx, pending: Default::default(), last: StreamId::default() };
+    let mut viewer =
+        Viewer { state: state.clone(), org_id, rx, pending: Default::default(), last: StreamId::default() };
     match resume {
         Some(id) => {
             viewer.last = id;

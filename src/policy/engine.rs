@@ -168,13 +168,15 @@ pub struct Partitioned {
 
 /// Every resource type of the schema.
 const RESOURCE_TYPES: &[&str] =
-    &["Organization", "Agent", "ApiKey", "AuditLog", "PolicySet", "Channel", "Tool", "UsageReport", "CityMap", "Node", "Platform"];
+    &["Organization", "Agent", "ApiKey", "AuditLog", "PolicySet", "Channel", "Tool", "UsageReport", "Platform"];
+/// The city's resource types.
+const CITY_TYPES: &[&str] = &["CityMap", "Node"];
 
 impl Partitioned {
     fn new(all: PolicySet) -> Result<Self, String> {
         use cedar_policy::ResourceConstraint as R;
         let mut by_type: HashMap<&'static str, PolicySet> = HashMap::new();
-        for ty in RESOURCE_TYPES {
+        for ty in RESOURCE_TYPES.iter().chain(CITY_TYPES) {
             let full = format!("AgentIdP::{ty}");
             let mut set = PolicySet::new();
             for p in all.policies() {
@@ -291,7 +293,7 @@ impl Engine {
         }
         let hash = hex::encode(Sha256::digest(BASELINE.as_bytes()));
         let mut types = HashMap::new();
-        for ty in RESOURCE_TYPES.iter().chain(["User", "Service"].iter()) {
+        for ty in RESOURCE_TYPES.iter().chain(CITY_TYPES).chain(["User", "Service"].iter()) {
             types.insert(*ty, EntityTypeName::from_str(&format!("AgentIdP::{ty}"))?);
         }
         let actions = schema

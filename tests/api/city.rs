@@ -26,12 +26,22 @@ async fn send(app: &TestApp, by: &Caller, method: Method, path: &str, body: Opti
 }
 
 async fn zone(app: &TestApp, by: &Caller, name: &str) -> String {
-    let z = json_ok(send(app, by, Method::POST, "/api/v1/city/zones", Some(json!({ "name": name }))).await, StatusCode::CREATED)
-        .await;
+    let z = json_ok(
+        send(app, by, Method::POST, "/api/v1/city/zones", Some(json!({ "name": name }))).await,
+        StatusCode::CREATED,
+    )
+    .await;
     z["id"].as_str().unwrap().to_owned()
 }
 
-async fn room(app: &TestApp, by: &Caller, zone_id: &str, name: &str, (x, y, w, h): (i32, i32, i32, i32), capacity: i32) -> String {
+async fn room(
+    app: &TestApp,
+    by: &Caller,
+    zone_id: &str,
+    name: &str,
+    (x, y, w, h): (i32, i32, i32, i32),
+    capacity: i32,
+) -> String {
     let body = json!({ "zone_id": zone_id, "name": name, "kind": "workspace", "capacity": capacity,
                        "x": x, "y": y, "width": w, "height": h });
     let r = json_ok(send(app, by, Method::POST, "/api/v1/city/rooms", Some(body)).await, StatusCode::CREATED).await;
@@ -142,7 +152,13 @@ impl Sse {
 }
 
 fn status_of<'a>(list: &'a Value, agent: &str) -> &'a str {
-    list["agents"].as_array().unwrap().iter().find(|a| a["id"] == agent).map(|a| a["status"].as_str().unwrap()).unwrap_or("absent")
+    list["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == agent)
+        .map(|a| a["status"].as_str().unwrap())
+        .unwrap_or("absent")
 }
 
 #[tokio::test]
@@ -154,21 +170,27 @@ async fn the_map_the_online_list_and_the_snapshot_agree_and_presence_lapses() {
     let lab = room(&app, &owner, &z, "Lab", (0, 0, 4, 3), 5).await;
     let lobby = room(&app, &owner, &z, "Lobby", (4, 0, 2, 2), 5).await;
     // Overlapping the lab: refused, naming the lab.
-    let body = json!({ "zone_id": z, "name": "Annex", "kind": "lab", "capacity": 2, "x": 3, "y": 2, "width": 3, "height": 3 });
-    let problem =
-        assert_problem(send(&app, &owner, Method::POST, "/api/v1/city/rooms", Some(body)).await, StatusCode::UNPROCESSABLE_ENTITY, "room_overlap")
-            .await;
+    let body =
+        json!({ "zone_id": z, "name": "Annex", "kind": "lab", "capacity": 2, "x": 3, "y": 2, "width": 3, "height": 3 });
+    let problem = assert_problem(
+        send(&app, &owner, Method::POST, "/api/v1/city/rooms", Some(body)).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "room_overlap",
+    )
+    .await;
     assert!(problem["detail"].as_str().unwrap().contains("Lab"), "{problem}");
     assert!(problem["detail"].as_str().unwrap().contains(&lab), "{problem}");
     // Moving the lobby onto the lab: refused too.
-    let moved = send(&app, &owner, Method::PATCH, &format!("/api/v1/city/rooms/{lobby}"), Some(json!({ "x": 2 }))).await;
+    let moved =
+        send(&app, &owner, Method::PATCH, &format!("/api/v1/city/rooms/{lobby}"), Some(json!({ "x": 2 }))).await;
     assert_problem(moved, StatusCode::UNPROCESSABLE_ENTITY, "room_overlap").await;
 
     let (a1, t1) = reporting_agent(&app, &owner, "alice").await;
     let (a2, t2) = reporting_agent(&app, &owner, "bob").await;
     let (a3, _t3) = reporting_agent(&app, &owner, "carol").await;
     for (a, r) in [(&a1, &lab), (&a2, &lab), (&a3, &lobby)] {
-        let placed = send(&app, &owner, Method::PUT, &format!("/api/v1/agents/{a}/room"), Some(json!({ "room_id": r }))).await;
+        let placed =
+            send(&app, &owner, Method::PUT, &format!("/api/v1/agents/{a}/room"), Some(json!({ "room_id": r }))).await;
         let placed = json_ok(placed, StatusCode::OK).await;
         assert_eq!(placed["room_id"], json!(r));
     }
@@ -181,8 +203,12 @@ async fn the_map_the_online_list_and_the_snapshot_agree_and_presence_lapses() {
     let rooms = map["zones"][0]["rooms"].as_array().unwrap();
     let lab_room = rooms.iter().find(|r| r["id"] == json!(lab)).unwrap();
     assert_eq!((lab_room["x"].as_i64(), lab_room["width"].as_i64()), (Some(0), Some(4)));
-    let in_lab: Vec<(&str, &str)> =
-        lab_room["agents"].as_array().unwrap().iter().map(|a| (a["name"].as_str().unwrap(), a["status"].as_str().unwrap())).collect();
+    let in_lab: Vec<(&str, &str)> = lab_room["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["name"].as_str().unwrap(), a["status"].as_str().unwrap()))
+        .collect();
     assert_eq!(in_lab, [("alice", "online"), ("bob", "busy")]);
     assert_eq!(map["online_count"], 2);
 
@@ -226,7 +252,8 @@ async fn bad_input_is_refused_and_capacity_holds_under_concurrency() {
     let b = app.org_with_owner(&admin, "Beta", "owner@beta.test").await;
     let za = zone(&app, &a, "Alpha zone").await;
     let zb = zone(&app, &b, "Beta zone").await;
-    let base = json!({ "zone_id": za, "name": "R", "kind": "lab", "capacity": 2, "x": 0, "y": 0, "width": 1, "height": 1 });
+    let base =
+        json!({ "zone_id": za, "name": "R", "kind": "lab", "capacity": 2, "x": 0, "y": 0, "width": 1, "height": 1 });
     for (field, value) in [
         ("x", json!(-1)),
         ("y", json!(10_001)),
@@ -250,22 +277,30 @@ async fn bad_input_is_refused_and_capacity_holds_under_concurrency() {
     // A room in another organization's zone.
     let mut body = base.clone();
     body["zone_id"] = json!(zb);
-    let p = assert_problem(send(&app, &a, Method::POST, "/api/v1/city/rooms", Some(body)).await, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    let p = assert_problem(
+        send(&app, &a, Method::POST, "/api/v1/city/rooms", Some(body)).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
     assert_eq!(p["errors"][0]["field"], "zone_id");
     // Placing another organization's agent, or into another organization's room.
     let rb = room(&app, &b, &zb, "Beta room", (0, 0, 2, 2), 5).await;
     let ra = room(&app, &a, &za, "Alpha room", (0, 0, 2, 2), 3).await;
     let b_agent = app.create_agent(&b, json!({ "name": "theirs" })).await;
     let b_agent = b_agent["id"].as_str().unwrap();
-    let resp = send(&app, &a, Method::PUT, &format!("/api/v1/agents/{b_agent}/room"), Some(json!({ "room_id": ra }))).await;
+    let resp =
+        send(&app, &a, Method::PUT, &format!("/api/v1/agents/{b_agent}/room"), Some(json!({ "room_id": ra }))).await;
     assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
     let resp = send(&app, &a, Method::DELETE, &format!("/api/v1/agents/{b_agent}/room"), None).await;
     assert_problem(resp, StatusCode::NOT_FOUND, "not_found").await;
     let mine = app.create_agent(&a, json!({ "name": "mine" })).await;
     let mine = mine["id"].as_str().unwrap().to_owned();
-    let resp = send(&app, &a, Method::PUT, &format!("/api/v1/agents/{mine}/room"), Some(json!({ "room_id": rb }))).await;
+    let resp =
+        send(&app, &a, Method::PUT, &format!("/api/v1/agents/{mine}/room"), Some(json!({ "room_id": rb }))).await;
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
-    let resp = send(&app, &a, Method::PUT, &format!("/api/v1/agents/{mine}/node"), Some(json!({ "node_id": rb }))).await;
+    let resp =
+        send(&app, &a, Method::PUT, &format!("/api/v1/agents/{mine}/node"), Some(json!({ "node_id": rb }))).await;
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
 
     // Ten agents placed at once into a room for three: exactly three get in.
@@ -274,12 +309,13 @@ async fn bad_input_is_refused_and_capacity_holds_under_concurrency() {
         let ag = app.create_agent(&a, json!({ "name": format!("worker {i}") })).await;
         agents.push(ag["id"].as_str().unwrap().to_owned());
     }
-    let placing = agents.iter().map(|id| {
-        let (app, a, ra) = (&app, &a, &ra);
-        async move {
-            send(app, a, Method::PUT, &format!("/api/v1/agents/{id}/room"), Some(json!({ "room_id": ra }))).await
-        }
-    });
+    let placing =
+        agents.iter().map(|id| {
+            let (app, a, ra) = (&app, &a, &ra);
+            async move {
+                send(app, a, Method::PUT, &format!("/api/v1/agents/{id}/room"), Some(json!({ "room_id": ra }))).await
+            }
+        });
     let results = futures_util::future::join_all(placing).await;
     let placed = results.iter().filter(|r| r.status() == StatusCode::OK).count();
     let full = results.iter().filter(|r| r.status() == StatusCode::CONFLICT).count();
@@ -325,8 +361,13 @@ async fn a_presence_flood_is_rate_limited_not_written() {
     assert!(refused.headers().contains_key("retry-after"));
     assert_problem(refused, StatusCode::TOO_MANY_REQUESTS, "presence_rate_limited").await;
     // Malformed reports.
-    for body in [json!({ "status": "asleep" }), json!({ "status": "online", "activity": "x".repeat(201) }), json!({ "status": "online", "extra": 1 })] {
-        let resp = app.client.post(app.url("/api/v1/city/presence")).bearer_auth(&token).json(&body).send().await.unwrap();
+    for body in [
+        json!({ "status": "asleep" }),
+        json!({ "status": "online", "activity": "x".repeat(201) }),
+        json!({ "status": "online", "extra": 1 }),
+    ] {
+        let resp =
+            app.client.post(app.url("/api/v1/city/presence")).bearer_auth(&token).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     }
 }
@@ -353,24 +394,44 @@ async fn a_stream_on_one_instance_sees_changes_made_on_another_and_resumes_witho
     // A change made through instance B reaches the viewer on A.
     json_ok(report(&b, &tx, "online").await, StatusCode::OK).await;
     let e = stream.next().await;
-    assert_eq!((e.event.as_str(), e.data["agent_id"].as_str(), e.data["status"].as_str()), ("presence", Some(x.as_str()), Some("online")));
+    assert_eq!(
+        (e.event.as_str(), e.data["agent_id"].as_str(), e.data["status"].as_str()),
+        ("presence", Some(x.as_str()), Some("online"))
+    );
     let seen = e.id.clone();
     drop(stream);
 
     // While disconnected: three changes, through B.
     json_ok(report(&b, &ty, "busy").await, StatusCode::OK).await;
-    json_ok(send(&b, &owner, Method::PUT, &format!("/api/v1/agents/{x}/room"), Some(json!({ "room_id": r1 }))).await, StatusCode::OK).await;
-    json_ok(send(&b, &owner, Method::PUT, &format!("/api/v1/agents/{x}/room"), Some(json!({ "room_id": r2 }))).await, StatusCode::OK).await;
+    json_ok(
+        send(&b, &owner, Method::PUT, &format!("/api/v1/agents/{x}/room"), Some(json!({ "room_id": r1 }))).await,
+        StatusCode::OK,
+    )
+    .await;
+    json_ok(
+        send(&b, &owner, Method::PUT, &format!("/api/v1/agents/{x}/room"), Some(json!({ "room_id": r2 }))).await,
+        StatusCode::OK,
+    )
+    .await;
 
     // Resuming on A: exactly what was missed, in order, and then live changes.
     let mut stream = Sse::open(&a, &owner, Some(&seen)).await;
     let missed = [stream.next().await, stream.next().await, stream.next().await];
     assert_eq!(missed[0].event, "presence");
-    assert_eq!((missed[0].data["agent_id"].as_str(), missed[0].data["status"].as_str()), (Some(y.as_str()), Some("busy")));
+    assert_eq!(
+        (missed[0].data["agent_id"].as_str(), missed[0].data["status"].as_str()),
+        (Some(y.as_str()), Some("busy"))
+    );
     assert_eq!(missed[1].event, "moved");
-    assert_eq!((missed[1].data["room_id"].as_str(), missed[1].data["from_room_id"].clone()), (Some(r1.as_str()), Value::Null));
+    assert_eq!(
+        (missed[1].data["room_id"].as_str(), missed[1].data["from_room_id"].clone()),
+        (Some(r1.as_str()), Value::Null)
+    );
     assert_eq!(missed[2].event, "moved");
-    assert_eq!((missed[2].data["room_id"].as_str(), missed[2].data["from_room_id"].as_str()), (Some(r2.as_str()), Some(r1.as_str())));
+    assert_eq!(
+        (missed[2].data["room_id"].as_str(), missed[2].data["from_room_id"].as_str()),
+        (Some(r2.as_str()), Some(r1.as_str()))
+    );
     assert!(seen < missed[0].id && missed[0].id < missed[1].id && missed[1].id < missed[2].id, "{missed:?}");
     // The heartbeats stopped: the lapses arrive live (announced once, by whichever instance).
     let mut lapsed = Vec::new();
@@ -424,10 +485,15 @@ async fn the_stream_of_one_organization_never_shows_another_and_suspended_agents
     // A's own change reached A's viewer; suspending the agent removes it at once.
     assert_eq!(a_stream.next().await.data["status"], "online");
     // Report again so the lapse cannot be what removes it.
-    let suspend = send(&app, &a, Method::PATCH, &format!("/api/v1/agents/{a_agent}"), Some(json!({ "status": "suspended" }))).await;
+    let suspend =
+        send(&app, &a, Method::PATCH, &format!("/api/v1/agents/{a_agent}"), Some(json!({ "status": "suspended" })))
+            .await;
     json_ok(suspend, StatusCode::OK).await;
     let e = a_stream.next().await;
-    assert_eq!((e.data["agent_id"].as_str(), e.data["status"].as_str(), e.data["reason"].as_str()), (Some(a_agent.as_str()), Some("offline"), Some("suspended")));
+    assert_eq!(
+        (e.data["agent_id"].as_str(), e.data["status"].as_str(), e.data["reason"].as_str()),
+        (Some(a_agent.as_str()), Some("offline"), Some("suspended"))
+    );
     let all = get(&app, &a, "/api/v1/city/agents").await;
     assert_eq!(status_of(&all, &a_agent), "absent");
     // Its token no longer reports.
@@ -436,7 +502,10 @@ async fn the_stream_of_one_organization_never_shows_another_and_suspended_agents
     let (c_agent, c_token) = reporting_agent(&app, &a, "gamma").await;
     json_ok(report(&app, &c_token, "online").await, StatusCode::OK).await;
     assert_eq!(a_stream.next().await.data["agent_id"], json!(c_agent));
-    assert_eq!(send(&app, &a, Method::DELETE, &format!("/api/v1/agents/{c_agent}"), None).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        send(&app, &a, Method::DELETE, &format!("/api/v1/agents/{c_agent}"), None).await.status(),
+        StatusCode::NO_CONTENT
+    );
     let e = a_stream.next().await;
     assert_eq!((e.data["agent_id"].as_str(), e.data["reason"].as_str()), (Some(c_agent.as_str()), Some("deleted")));
     assert_eq!(get(&app, &a, "/api/v1/city/agents/online").await["online_count"], 0);
@@ -460,7 +529,13 @@ fn beat() -> Value {
 }
 
 async fn heartbeat(app: &TestApp, node: &str, cred: &str, body: &Value) -> reqwest::Response {
-    app.client.post(app.url(&format!("/api/v1/nodes/{node}/heartbeat"))).bearer_auth(cred).json(body).send().await.unwrap()
+    app.client
+        .post(app.url(&format!("/api/v1/nodes/{node}/heartbeat")))
+        .bearer_auth(cred)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn events_of(app: &TestApp, kind: &str) -> i64 {
@@ -480,14 +555,22 @@ async fn nodes_heartbeat_with_their_own_credential_and_go_stale_once() {
     let shown = get(&a, &owner, &format!("/api/v1/nodes/{n1}")).await;
     assert_eq!(shown["status"], "new");
     assert!(shown.get("credential").is_none() && !shown.to_string().contains(&c1));
-    let hash: Vec<u8> = sqlx::query_scalar("select credential_hash from node where node_id = $1::uuid").bind(&n1).fetch_one(&a.db).await.unwrap();
+    let hash: Vec<u8> = sqlx::query_scalar("select credential_hash from node where node_id = $1::uuid")
+        .bind(&n1)
+        .fetch_one(&a.db)
+        .await
+        .unwrap();
     assert_eq!(hash.len(), 32);
 
     // Four agents on the laptop.
     let mut tokens = Vec::new();
     for i in 0..4 {
         let (id, t) = reporting_agent(&a, &owner, &format!("agent {i}")).await;
-        json_ok(send(&a, &owner, Method::PUT, &format!("/api/v1/agents/{id}/node"), Some(json!({ "node_id": n1 }))).await, StatusCode::OK).await;
+        json_ok(
+            send(&a, &owner, Method::PUT, &format!("/api/v1/agents/{id}/node"), Some(json!({ "node_id": n1 }))).await,
+            StatusCode::OK,
+        )
+        .await;
         tokens.push(t);
     }
     json_ok(report(&a, &tokens[0], "online").await, StatusCode::OK).await;
@@ -520,18 +603,23 @@ async fn nodes_heartbeat_with_their_own_credential_and_go_stale_once() {
         .unwrap();
     assert_eq!(nan.status(), StatusCode::BAD_REQUEST);
     let mut many = beat();
-    many["models"] = json!((0..1001).map(|i| json!({ "name": format!("m{i}"), "size_bytes": 1, "loaded": false })).collect::<Vec<_>>());
+    many["models"] = json!(
+        (0..1001).map(|i| json!({ "name": format!("m{i}"), "size_bytes": 1, "loaded": false })).collect::<Vec<_>>()
+    );
     assert_eq!(heartbeat(&a, &n1, &c1, &many).await.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let mut huge = beat();
-    huge["models"] = json!((0..900).map(|i| json!({ "name": format!("{i}{}", "m".repeat(1200)), "size_bytes": 1, "loaded": false })).collect::<Vec<_>>());
+    huge["models"] = json!(
+        (0..900)
+            .map(|i| json!({ "name": format!("{i}{}", "m".repeat(1200)), "size_bytes": 1, "loaded": false }))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(heartbeat(&a, &n1, &c1, &huge).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(get(&a, &owner, &format!("/api/v1/nodes/{n1}")).await["status"], "new");
 
     // Heartbeats through both instances at once: active, announced once.
     let (a_ref, b_ref, n1_ref, c1_ref) = (&a, &b, &n1, &c1);
-    let beats = (0..10).map(|i| async move {
-        heartbeat(if i % 2 == 0 { a_ref } else { b_ref }, n1_ref, c1_ref, &beat()).await
-    });
+    let beats = (0..10)
+        .map(|i| async move { heartbeat(if i % 2 == 0 { a_ref } else { b_ref }, n1_ref, c1_ref, &beat()).await });
     for r in futures_util::future::join_all(beats).await {
         assert_eq!(r.status(), StatusCode::OK);
     }
@@ -554,7 +642,11 @@ async fn nodes_heartbeat_with_their_own_credential_and_go_stale_once() {
     assert_eq!(events_of(&a, "node.active").await, 2);
 
     // A rotated credential replaces the old one at once.
-    let rotated = json_ok(send(&a, &owner, Method::POST, &format!("/api/v1/nodes/{n2}/rotate-credential"), None).await, StatusCode::OK).await;
+    let rotated = json_ok(
+        send(&a, &owner, Method::POST, &format!("/api/v1/nodes/{n2}/rotate-credential"), None).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(heartbeat(&a, &n2, &c2, &beat()).await.status(), StatusCode::UNAUTHORIZED);
     json_ok(heartbeat(&a, &n2, rotated["credential"].as_str().unwrap(), &beat()).await, StatusCode::OK).await;
 }
