@@ -51,15 +51,15 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(placement::place_on_node, placement::unplace_from_node))
         .routes(routes!(views::get_map))
         .routes(routes!(views::get_map_alias))
-        .routes(routes!(views::list_agents))
-        .routes(routes!(views::list_agents_alias))
+        .routes(routes!(views::list_city_agents))
+        .routes(routes!(views::list_city_agents_alias))
         .routes(routes!(views::list_online))
         .routes(routes!(views::list_online_alias))
         .routes(routes!(views::get_snapshot, views::report))
         .routes(routes!(views::stream))
         .routes(routes!(nodes::list_nodes, nodes::create_node))
         .routes(routes!(nodes::get_node, nodes::update_node, nodes::delete_node))
-        .routes(routes!(nodes::rotate_credential))
+        .routes(routes!(nodes::rotate_node_credential))
         .routes(routes!(nodes::heartbeat))
 }
 

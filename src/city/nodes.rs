@@ -388,7 +388,7 @@ pub(super) async fn delete_node(
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/rotate-credential", tag = "nodes", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = RotatedCredential), (status = 404, body = Problem)))]
-pub(super) async fn rotate_credential(
+pub(super) async fn rotate_node_credential(
     State(state): State<AppState>,
     actor: Actor,
     ApiPath(id): ApiPath<Uuid>,

@@ -232,7 +232,7 @@ pub(super) async fn get_map_alias(state: State<AppState>, actor: Actor) -> ApiRe
 #[utoipa::path(get, path = "/api/v1/city/agents", tag = "city",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = AgentList), (status = 401, body = Problem), (status = 403, body = Problem), (status = 503, body = Problem)))]
-pub(super) async fn list_agents(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<AgentList>> {
+pub(super) async fn list_city_agents(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<AgentList>> {
     let agents = city_agents(&state, actor.current_org()?).await?;
     Ok(Json(AgentList { online_count: online(&agents), agents }))
 }
@@ -241,8 +241,8 @@ pub(super) async fn list_agents(State(state): State<AppState>, actor: Actor) -> 
 #[utoipa::path(get, path = "/city/agents", tag = "city",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = AgentList), (status = 401, body = Problem), (status = 403, body = Problem)))]
-pub(super) async fn list_agents_alias(state: State<AppState>, actor: Actor) -> ApiResult<Json<AgentList>> {
-    list_agents(state, actor).await
+pub(super) async fn list_city_agents_alias(state: State<AppState>, actor: Actor) -> ApiResult<Json<AgentList>> {
+    list_city_agents(state, actor).await
 }
 
 /// The agents whose presence is live.
