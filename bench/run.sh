@@ -568,6 +568,24 @@ else
     fi
 fi
 
+# --- city: presence, the map, SSE fan-out ------------------------------------------
+# benches/city.rs: presence heartbeats per second, GET /api/v1/city/map at 50 rooms x 1,000
+# agents, and 1,000 SSE viewers at 100 changes/s (latency, server RSS), against the release
+# binary as its own process on its own database. Its output goes below the table. A failure is
+# noted, not fatal. BENCH_CITY=0 skips it; run it alone with `cargo bench --bench city`.
+rm -f "$OUT/city.txt"
+if [[ ${BENCH_CITY:-1} != 1 ]]; then
+    note "city skipped: BENCH_CITY=${BENCH_CITY}"
+else
+    log "city: cargo bench --bench city"
+    if (cd "$ROOT" && SQLX_OFFLINE=true timeout 1200 cargo bench --bench city) >"$OUT/city.txt" 2>"$OUT/city.log"; then
+        note "city: the output of cargo bench --bench city is below the table"
+    else
+        note "city failed: cargo bench --bench city exited non-zero (see $OUT/city.log)"
+        rm -f "$OUT/city.txt"
+    fi
+fi
+
 # --- the peer: oidc-provider ------------------------------------------------------
 IDLE_RSS_PEER=0
 if [[ $RUN_PEER == 1 ]]; then
@@ -642,6 +660,10 @@ if [[ -f $OUT/delegation.txt ]]; then
 fi
 if [[ -f $OUT/usage.txt ]]; then
     { echo; echo 'usage, the output of `cargo bench --bench usage`:'; echo; echo '```'; cat "$OUT/usage.txt"; echo '```'; } \
+        >>"$OUT/summary.md"
+fi
+if [[ -f $OUT/city.txt ]]; then
+    { echo; echo 'city, the output of `cargo bench --bench city`:'; echo; echo '```'; cat "$OUT/city.txt"; echo '```'; } \
         >>"$OUT/summary.md"
 fi
 echo

@@ -29,6 +29,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::webhooks::router())
         .merge(crate::delegation::router())
         .merge(crate::usage::router())
+        .merge(crate::city::router())
 }
 
 /// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
@@ -111,8 +112,11 @@ impl Application {
         let grace = Duration::from_secs(state.config().server.shutdown_grace_secs);
         let handle: Handle<SocketAddr> = Handle::new();
         let signal = handle.clone();
+        let streams = state.clone();
         tokio::spawn(async move {
             shutdown.await;
+            // Live streams never finish by themselves: end them, so that draining can.
+            streams.city().hub.close();
             tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
             signal.graceful_shutdown(Some(grace));
         });
@@ -124,6 +128,7 @@ impl Application {
         let delegation = crate::delegation::spawn(&state);
         let usage_ingest = crate::usage::nats::spawn(&state);
         let usage_tasks = crate::usage::spawn(&state);
+        let city = crate::city::spawn(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
         let decisions = state.decision_log().spawn_writer(state.db().clone());
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -160,6 +165,7 @@ impl Application {
         background.abort();
         settler.abort();
         delegation.abort();
+        city.abort();
         if let Some(r) = retention {
             r.abort();
         }

@@ -37,6 +37,30 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Send this machine's heartbeat (metrics from /proc, GPUs from nvidia-smi, served models) to
+    /// the server every interval, as node ID. The node credential is read from the
+    /// AGENTIDP_NODE_CREDENTIAL environment variable or from --credential-file, never from a flag.
+    NodeGuardian {
+        /// The server's base URL.
+        #[arg(long, value_name = "URL")]
+        url: String,
+        #[arg(long, value_name = "ID")]
+        node_id: uuid::Uuid,
+        /// A file holding the node credential (instead of AGENTIDP_NODE_CREDENTIAL).
+        #[arg(long, value_name = "FILE")]
+        credential_file: Option<PathBuf>,
+        #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval_secs: u64,
+        /// Report each entry of this directory as a served model.
+        #[arg(long, value_name = "DIR")]
+        models_dir: Option<PathBuf>,
+        /// Report the models this shell command prints as JSON (`[{name, size_bytes, loaded}]`).
+        #[arg(long, value_name = "COMMAND", conflicts_with = "models_dir")]
+        models_command: Option<String>,
+        /// The file system whose usage is reported.
+        #[arg(long, value_name = "PATH", default_value = "/")]
+        disk_path: PathBuf,
+    },
     Bootstrap {
         /// The organization's name.
         #[arg(long, value_name = "NAME")]
@@ -110,6 +134,27 @@ pub fn main() -> ExitCode {
                     rotated.activates_at.format(&time::format_description::well_known::Rfc3339)?
                 );
                 Ok(())
+            }
+            Command::NodeGuardian {
+                url,
+                node_id,
+                credential_file,
+                interval_secs,
+                models_dir,
+                models_command,
+                disk_path,
+            } => {
+                let credential = crate::city::guardian::credential(credential_file.as_deref())?;
+                let opts = crate::city::guardian::Options {
+                    url,
+                    node_id,
+                    credential,
+                    interval: std::time::Duration::from_secs(interval_secs),
+                    models_dir,
+                    models_command,
+                    disk_path,
+                };
+                crate::city::guardian::run(opts, crate::app::shutdown_signal()).await
             }
             Command::Migrate => {
                 let pool = db::connect(&config.database).await?;

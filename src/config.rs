@@ -35,6 +35,27 @@ pub struct Config {
     pub events: EventsConfig,
     pub delegation: crate::delegation::DelegationConfig,
     pub usage: crate::usage::UsageConfig,
+    pub city: CityConfig,
+}
+
+/// The city: presence in Redis, its live stream, and node staleness.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CityConfig {
+    /// An agent's presence lapses (it is `offline`) this long after its last report.
+    pub presence_ttl_secs: u64,
+    /// A node with no heartbeat for this long is `stale`.
+    pub node_stale_secs: u64,
+    /// How often lapsed presences and stale nodes are looked for.
+    pub sweep_interval_ms: u64,
+    /// Changes kept per organization for `Last-Event-ID` resumption.
+    pub replay_window: u32,
+    /// Presence reports an agent may make per second; more are refused with 429.
+    pub presence_reports_per_sec: u32,
+    /// `last_seen` reaches Postgres at most this often per agent.
+    pub last_seen_every_secs: u64,
+    /// Changes a slow viewer may fall behind before it is caught up from the replay window.
+    pub viewer_buffer: usize,
 }
 
 /// The event outbox's optional feed to NATS.
@@ -523,6 +544,19 @@ impl Config {
                 "policy.log_queue_capacity",
                 "must be at least policy.log_batch_size, which must be at least 1",
             ));
+        }
+        let c = &self.city;
+        if !(1..=86_400).contains(&c.presence_ttl_secs) || !(1..=86_400).contains(&c.node_stale_secs) {
+            return Err(invalid("city.presence_ttl_secs", "presence_ttl_secs and node_stale_secs: 1..86400"));
+        }
+        if !(10..=60_000).contains(&c.sweep_interval_ms) {
+            return Err(invalid("city.sweep_interval_ms", "must be between 10 and 60000"));
+        }
+        if !(10..=1_000_000).contains(&c.replay_window) || !(1..=1_000_000).contains(&c.viewer_buffer) {
+            return Err(invalid("city.replay_window", "replay_window 10..1000000, viewer_buffer 1..1000000"));
+        }
+        if c.presence_reports_per_sec == 0 {
+            return Err(invalid("city.presence_reports_per_sec", "must be at least 1"));
         }
         self.validate_tiers()?;
         self.delegation.validate().map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;

@@ -21,12 +21,14 @@
 //! - [`crypto`]: random secrets, hashing, password hashing.
 //! - [`cli`]: the `agentidp` command line.
 //! - [`delegation`]: the delegation broker: bounded authority for agents, RFC 8693 token exchange.
+//! - [`city`]: zones, rooms, placement, live presence and its stream, nodes and the node guardian.
 
 pub mod analytics;
 pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod cache;
+pub mod city;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -35,6 +35,7 @@ struct Inner {
     http: reqwest::Client,
     webhooks: crate::webhooks::Webhooks,
     usage: crate::usage::Usage,
+    city: crate::city::City,
 }
 
 impl AppState {
@@ -52,6 +53,7 @@ impl AppState {
             .build()?;
         let webhooks = crate::webhooks::Webhooks::new(&config.webhooks)?;
         let usage = crate::usage::Usage::new(&config.usage);
+        let city = crate::city::City::new(&config.city);
         Ok(Self(Arc::new(Inner {
             config,
             db,
@@ -68,6 +70,7 @@ impl AppState {
             http,
             webhooks,
             usage,
+            city,
         })))
     }
     pub fn config(&self) -> &Config {
@@ -113,6 +116,11 @@ impl AppState {
     /// Usage metering's caches (budgets, prices, spend, partitions).
     pub fn usage(&self) -> &crate::usage::Usage {
         &self.0.usage
+    }
+
+    /// The city: this instance's presence viewers and scripts.
+    pub fn city(&self) -> &crate::city::City {
+        &self.0.city
     }
     /// The outbound HTTP client (Stripe).
     pub fn http_client(&self) -> &reqwest::Client {

@@ -111,6 +111,11 @@ scopes! {
     UsageRead => "usage:read",
     UsageWrite => "usage:write",
     UsageManage => "usage:manage",
+    CityRead => "city:read",
+    CityWrite => "city:write",
+    PresenceWrite => "presence:write",
+    NodesRead => "nodes:read",
+    NodesWrite => "nodes:write",
 }
 
 /// The authenticated caller of this request.

@@ -311,6 +311,42 @@ pub async fn count(db: impl sqlx::PgExecutor<'_>, org_id: Uuid) -> Result<u64, s
     Ok(n.unwrap_or(0) as u64)
 }
 
+/// An agent as other modules see it: its id, name and status.
+#[derive(Debug, Clone)]
+pub struct AgentBrief {
+    pub id: Uuid,
+    pub name: String,
+    pub active: bool,
+}
+
+/// Every agent of an organization, by name (the city's map and lists).
+pub async fn roster(db: impl sqlx::PgExecutor<'_>, org_id: Uuid) -> Result<Vec<AgentBrief>, sqlx::Error> {
+    let rows = sqlx::query!(
+        "select agent_id, name, status from agent where organization_id = $1 order by name, agent_id",
+        org_id
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| AgentBrief { id: r.agent_id, name: r.name, active: r.status == "active" }).collect())
+}
+
+/// One agent of an organization, locked for the caller's transaction (placing it); `None` when
+/// the organization has no such agent.
+pub async fn brief_for_update(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+) -> Result<Option<AgentBrief>, sqlx::Error> {
+    let row = sqlx::query!(
+        "select agent_id, name, status from agent where agent_id = $1 and organization_id = $2 for update",
+        id,
+        org_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| AgentBrief { id: r.agent_id, name: r.name, active: r.status == "active" }))
+}
+
 /// Agents of the current organization, filtered, in pages.
 #[utoipa::path(get, path = "/api/v1/agents", tag = "agents", params(AgentQuery),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
@@ -426,6 +462,7 @@ pub(super) async fn update_agent(
     tx.commit().await?;
     if let Some(a) = announced {
         revocation::announce(&state, a).await;
+        crate::city::forget_agent(&state, org_id, id, "suspended").await;
     }
     if let Some(ending) = ending {
         crate::delegation::finish(&state, ending).await;
@@ -465,6 +502,7 @@ pub(super) async fn delete_agent(
     events::emit(&mut tx, org_id, "agent.deleted", format!("agents/{id}"), data).await?;
     tx.commit().await?;
     revocation::announce(&state, announced).await;
+    crate::city::forget_agent(&state, org_id, id, "deleted").await;
     for client_id in client_ids {
         forget_client(&state, &client_id).await;
     }

@@ -105,6 +105,8 @@ pub const PUBLIC_ROUTES: &[&str] = &[
     "/.well-known/oauth-protected-resource",
     "/.well-known/jwks.json",
     "/api/v1/billing/stripe/webhook",
+    // A node's heartbeat carries the node's own credential, checked by the handler.
+    "/api/v1/nodes/{id}/heartbeat",
 ];
 
 /// The OAuth endpoints: their errors are RFC 6749 JSON (`application/json`), not problem+json.

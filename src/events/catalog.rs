@@ -157,6 +157,16 @@ pub const CATALOG: &[EventType] = &[
         fields: &[("endpoint_id", Uuid), ("url", Text), ("reason", Text)],
     },
     EventType {
+        name: "node.active",
+        description: "A node sent a heartbeat after none (it is new) or after it had gone stale.",
+        fields: &[("node_id", Uuid), ("name", Text), ("hostname", Text)],
+    },
+    EventType {
+        name: "node.stale",
+        description: "A node sent no heartbeat within `city.node_stale_secs`.",
+        fields: &[("node_id", Uuid), ("name", Text), ("hostname", Text)],
+    },
+    EventType {
         name: "webhook.test",
         description: "A test event, sent to one endpoint on request.",
         fields: &[("endpoint_id", Uuid), ("message", Text)],

@@ -36,6 +36,8 @@ budgets, capability ceiling, ceremonies, chains), cascading revocation; delegate
         (name = "usage", description = "Usage events over HTTP and NATS, counted once per (organization, event_id); prices, \
 rollup aggregations, monthly budgets and entitlements"),
         (name = "analytics", description = "Token trends, agent activity and per-agent summaries from the per-request records"),
+        (name = "city", description = "The city map: zones, rooms, placement, agents' live presence and its stream"),
+        (name = "nodes", description = "Machines that run agents: node credentials, heartbeats with metrics and models"),
     )
 )]
 pub struct ApiDoc;
@@ -69,6 +71,15 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme(
             "session_cookie",
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(crate::SESSION_COOKIE))),
+        );
+        components.add_security_scheme(
+            "node_credential",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A node's own credential (aidp_node_...), for its heartbeats only"))
+                    .build(),
+            ),
         );
     }
 }

@@ -42,6 +42,8 @@ pub enum Resource {
     Channel { org_id: Uuid, members: Vec<String> },
     Tool { org_id: Uuid, allowed_agents: Vec<String> },
     UsageReport { org_id: Uuid, subject_id: String },
+    CityMap { org_id: Uuid },
+    Node { org_id: Uuid },
     Platform,
     Delegation { org_id: Uuid },
 }
@@ -57,6 +59,8 @@ impl Resource {
             Self::Channel { .. } => "Channel",
             Self::Tool { .. } => "Tool",
             Self::UsageReport { .. } => "UsageReport",
+            Self::CityMap { .. } => "CityMap",
+            Self::Node { .. } => "Node",
             Self::Platform => "Platform",
             Self::Delegation { .. } => "Delegation",
         }
@@ -72,7 +76,9 @@ impl Resource {
             | Self::Channel { org_id, .. }
             | Self::Tool { org_id, .. }
             | Self::UsageReport { org_id, .. }
-            | Self::Delegation { org_id } => Some(*org_id),
+            | Self::Delegation { org_id }
+            | Self::CityMap { org_id }
+            | Self::Node { org_id } => Some(*org_id),
             Self::Platform => None,
         }
     }
@@ -178,12 +184,14 @@ const RESOURCE_TYPES: &[&str] = &[
     "Platform",
     "Delegation",
 ];
+/// The city's resource types.
+const CITY_TYPES: &[&str] = &["CityMap", "Node"];
 
 impl Partitioned {
     fn new(all: PolicySet) -> Result<Self, String> {
         use cedar_policy::ResourceConstraint as R;
         let mut by_type: HashMap<&'static str, PolicySet> = HashMap::new();
-        for ty in RESOURCE_TYPES {
+        for ty in RESOURCE_TYPES.iter().chain(CITY_TYPES) {
             let full = format!("AgentIdP::{ty}");
             let mut set = PolicySet::new();
             for p in all.policies() {
@@ -300,7 +308,7 @@ impl Engine {
         }
         let hash = hex::encode(Sha256::digest(BASELINE.as_bytes()));
         let mut types = HashMap::new();
-        for ty in RESOURCE_TYPES.iter().chain(["User", "Service"].iter()) {
+        for ty in RESOURCE_TYPES.iter().chain(CITY_TYPES).chain(["User", "Service"].iter()) {
             types.insert(*ty, EntityTypeName::from_str(&format!("AgentIdP::{ty}"))?);
         }
         let actions = schema
@@ -419,6 +427,7 @@ impl Engine {
             "human" => "User",
             "agent" => "Agent",
             "service" => "Service",
+            "node" => "Node",
             other => return Err(QueryError(format!("unknown actor_type {other:?}"))),
         };
         let principal = uid(principal_type, &q.actor_id)?;
@@ -563,6 +572,8 @@ mod tests {
             Resource::Channel { org_id: org, members: vec!["user:u1".into()] },
             Resource::Tool { org_id: org, allowed_agents: vec!["agent:a1".into()] },
             Resource::UsageReport { org_id: org, subject_id: "agent:a1".into() },
+            Resource::CityMap { org_id: org },
+            Resource::Node { org_id: org },
             Resource::Platform,
         ];
         let mut out = Vec::new();

@@ -29,6 +29,8 @@ pub enum Kind {
     ApiKey,
     AuditLog,
     PolicySet,
+    City,
+    Node,
     Platform,
     Delegation,
     UsageReport,
@@ -180,6 +182,39 @@ pub const RULES: &[Rule] = &[
     rule("GET", "/api/v1/analytics/token-trend", "read", Loaded(UsageReport), "usage:read"),
     rule("GET", "/api/v1/analytics/agent-activity", "read", Loaded(UsageReport), "usage:read"),
     rule("GET", "/api/v1/analytics/usage-summary", "read", Loaded(UsageReport), "usage:read"),
+    // The city: members read the map; owners and admins edit it; an agent reports its own
+    // presence. The original paths (/city/...) are kept as aliases.
+    rule("GET", "/api/v1/city/zones", "read", Org(City), "city:read"),
+    rule("POST", "/api/v1/city/zones", "create", Org(City), "city:write"),
+    rule("GET", "/api/v1/city/zones/{id}", "read", Org(City), "city:read"),
+    rule("PATCH", "/api/v1/city/zones/{id}", "update", Org(City), "city:write"),
+    rule("DELETE", "/api/v1/city/zones/{id}", "delete", Org(City), "city:write"),
+    rule("GET", "/api/v1/city/rooms", "read", Org(City), "city:read"),
+    rule("POST", "/api/v1/city/rooms", "create", Org(City), "city:write"),
+    rule("GET", "/api/v1/city/rooms/{id}", "read", Org(City), "city:read"),
+    rule("PATCH", "/api/v1/city/rooms/{id}", "update", Org(City), "city:write"),
+    rule("DELETE", "/api/v1/city/rooms/{id}", "delete", Org(City), "city:write"),
+    rule("PUT", "/api/v1/agents/{id}/room", "update", Org(City), "city:write"),
+    rule("DELETE", "/api/v1/agents/{id}/room", "update", Org(City), "city:write"),
+    rule("PUT", "/api/v1/agents/{id}/node", "update", Org(City), "city:write"),
+    rule("DELETE", "/api/v1/agents/{id}/node", "update", Org(City), "city:write"),
+    rule("GET", "/api/v1/city/map", "read", Org(City), "city:read"),
+    rule("GET", "/city/map", "read", Org(City), "city:read"),
+    rule("GET", "/api/v1/city/agents", "read", Org(City), "city:read"),
+    rule("GET", "/city/agents", "read", Org(City), "city:read"),
+    rule("GET", "/api/v1/city/agents/online", "read", Org(City), "city:read"),
+    rule("GET", "/city/agents/online", "read", Org(City), "city:read"),
+    rule("GET", "/api/v1/city/presence", "read", Org(City), "city:read"),
+    rule("POST", "/api/v1/city/presence", "report_presence", Org(City), "presence:write"),
+    rule("GET", "/api/v1/city/presence/stream", "read", Org(City), "city:read"),
+    // Nodes: admins manage them; a node's own credential heartbeats it (checked by the handler:
+    // the heartbeat route takes no user credential).
+    rule("GET", "/api/v1/nodes", "read", Org(Node), "nodes:read"),
+    rule("POST", "/api/v1/nodes", "create", Org(Node), "nodes:write"),
+    rule("GET", "/api/v1/nodes/{id}", "read", Org(Node), "nodes:read"),
+    rule("PATCH", "/api/v1/nodes/{id}", "update", Org(Node), "nodes:write"),
+    rule("DELETE", "/api/v1/nodes/{id}", "delete", Org(Node), "nodes:write"),
+    rule("POST", "/api/v1/nodes/{id}/rotate-credential", "manage", Org(Node), "nodes:write"),
 ];
 
 /// The declaration for a route, if any.
@@ -310,6 +345,8 @@ async fn decide(state: AppState, req: Request, next: Next, rule: &'static Rule, 
                     (Kind::UsageReport, Some(org_id)) => {
                         Some(Resource::UsageReport { org_id, subject_id: format!("org:{org_id}") })
                     }
+                    (Kind::City, Some(org_id)) => Some(Resource::CityMap { org_id }),
+                    (Kind::Node, Some(org_id)) => Some(Resource::Node { org_id }),
                 };
                 match resource {
                     None => {

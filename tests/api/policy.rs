@@ -501,6 +501,8 @@ impl Ids {
             "/api/v1/organizations/{id}/members" => json!({ "email": "new@member.test", "role": "member" }),
             "/api/v1/organizations/{id}/members/{user_id}" => json!({ "role": "admin" }),
             "/api/v1/agents/{id}" => json!({ "name": "renamed" }),
+            "/api/v1/agents/{id}/room" => json!({ "room_id": self.api_key }),
+            "/api/v1/agents/{id}/node" => json!({ "node_id": self.api_key }),
             _ => json!({}),
         }
     }
