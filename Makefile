@@ -53,7 +53,9 @@ sqlx-prepare: services
 test: services lint openapi-check
 	@cargo sqlx --version >/dev/null 2>&1 && DATABASE_URL="$(DEV_DATABASE_URL)" SQLX_OFFLINE=false cargo sqlx migrate run --source migrations >/dev/null || true
 	$(MAKE) --no-print-directory sqlx-check
-	cargo test --all-targets -- --test-threads=$${TEST_THREADS:-8}
+	@# Four at a time: each test runs one to three instances, each with its own Postgres pool and
+	@# listeners, and Debian's Postgres allows 100 connections in all.
+	cargo test --all-targets -- --test-threads=$${TEST_THREADS:-4}
 
 bench: services
 	bash bench/run.sh
