@@ -17,7 +17,11 @@ help:
 services:
 	@bash scripts/services.sh
 
+# services.sh starts NATS with JetStream, so the service uses it: usage events are ingested from
+# it and the event feed is published to it (either can be turned off with the same variables).
 run: services
+	AGENTIDP_USAGE__NATS__ENABLED=$${AGENTIDP_USAGE__NATS__ENABLED:-true} \
+	AGENTIDP_EVENTS__NATS__ENABLED=$${AGENTIDP_EVENTS__NATS__ENABLED:-true} \
 	cargo run --release --bin agentidp -- serve
 
 build:
