@@ -101,7 +101,7 @@ async fn main() {
                 .merge(Serialized::default("usage.nats.subject_prefix", &prefix))
                 .merge(Serialized::default("usage.nats.stream", &stream))
                 .merge(Serialized::default("usage.nats.consumer", "bench"))
-                .merge(Serialized::default("usage.nats.fetch_wait_ms", 5))
+                .merge(Serialized::default("usage.nats.fetch_wait_ms", 100))
                 .merge(Serialized::default(
                     "tiers.plans.free",
                     json!({ "max_agents": "unlimited", "api_calls_per_day": "unlimited", "tokens_per_day": "unlimited",
