@@ -6,7 +6,7 @@ export SQLX_OFFLINE ?= true
 export CARGO_TERM_COLOR ?= never
 DEV_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentidp
 
-.PHONY: help services run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench
+.PHONY: help services browser run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench
 
 help:
 	@echo "make run     start Postgres and Redis if needed, migrate, serve on 127.0.0.1:8080"
@@ -16,6 +16,10 @@ help:
 
 services:
 	@bash scripts/services.sh
+
+# Headless Chromium and its WebDriver, for the browser tests.
+browser:
+	@bash scripts/browser.sh
 
 # services.sh starts NATS with JetStream, so the service uses it: usage events are ingested from
 # it and the event feed is published to it (either can be turned off with the same variables).
@@ -54,7 +58,7 @@ sqlx-prepare: services
 	SQLX_OFFLINE=false DATABASE_URL="$(DEV_DATABASE_URL)" cargo sqlx migrate run --source migrations
 	SQLX_OFFLINE=false cargo sqlx prepare --database-url "$(DEV_DATABASE_URL)" -- --all-targets
 
-test: services lint openapi-check
+test: services browser lint openapi-check
 	@cargo sqlx --version >/dev/null 2>&1 && DATABASE_URL="$(DEV_DATABASE_URL)" SQLX_OFFLINE=false cargo sqlx migrate run --source migrations >/dev/null || true
 	$(MAKE) --no-print-directory sqlx-check
 	@# Four at a time: each test runs one to three instances, each with its own Postgres pool and

@@ -4,6 +4,7 @@ mod helpers;
 
 mod analytics_api;
 mod audit;
+mod browser;
 mod city;
 mod delegation;
 mod events;

@@ -3,6 +3,7 @@
 // Helpers serve many test files; not every one uses every helper.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod proxy;
 
 use std::{sync::Once, time::Duration};
