@@ -15,16 +15,13 @@ use std::{
 use serde_json::{Value, json};
 
 /// The W3C element reference key.
-const ELEMENT: &str = "element-6066-11e4-a5ab-4e6cb5f0c6d2";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 fn chromedriver() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("CHROMEDRIVER") {
         return Some(PathBuf::from(p));
     }
-    ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"].into_iter().map(PathBuf::from).find(|p| p.exists())
 }
 
 fn chromium() -> Option<PathBuf> {
@@ -36,9 +33,9 @@ fn chromium() -> Option<PathBuf> {
 
 /// Where screenshots go: under the build's target directory, never committed.
 pub fn screenshot_dir() -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target")
-    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
     let dir = target.join("screenshots");
     std::fs::create_dir_all(&dir).expect("screenshot directory");
     dir
@@ -93,8 +90,7 @@ impl Browser {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(ready, "chromedriver did not start on port {port}");
-        let mut browser =
-            Browser { driver, http, base, _profile: TempDir(profile.clone()) };
+        let mut browser = Browser { driver, http, base, _profile: TempDir(profile.clone()) };
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -173,9 +169,8 @@ impl Browser {
 
     /// Every element matching a CSS selector.
     pub async fn find_all(&self, css: &str) -> Vec<Element> {
-        let v = self
-            .cmd(reqwest::Method::POST, "/elements", Some(json!({"using": "css selector", "value": css})))
-            .await;
+        let v =
+            self.cmd(reqwest::Method::POST, "/elements", Some(json!({"using": "css selector", "value": css}))).await;
         v.as_array()
             .map(|a| a.iter().filter_map(|e| e[ELEMENT].as_str().map(|s| Element(s.to_owned()))).collect())
             .unwrap_or_default()
@@ -273,7 +268,8 @@ impl Drop for Browser {
         {
             use std::io::{Read, Write};
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = write!(s, "DELETE /{path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ =
+                write!(s, "DELETE /{path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             let _ = s.read_to_end(&mut Vec::new());
         }
         let _ = self.driver.kill();
