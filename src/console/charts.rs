@@ -16,6 +16,12 @@ pub struct Point {
 pub struct Tick {
     pub at: f64,
     pub label: String,
+    /// `start`, `middle` or `end`: the ends of an axis keep their labels inside the drawing.
+    pub anchor: &'static str,
+}
+
+fn tick(at: f64, label: String) -> Tick {
+    Tick { at, label, anchor: "middle" }
 }
 
 /// A time series as a line over a baseline, with its points (for titles and tests).
@@ -57,8 +63,9 @@ fn nice_ceiling(max: i64) -> i64 {
 }
 
 /// Lays out `(period, where in the range 0..=1, value)` oldest first; `fmt` writes a value for
-/// people. A bucket sits at its time, so gaps in the data show as gaps in time.
-pub fn series(data: &[(String, f64, i64)], fmt: impl Fn(i64) -> String) -> Series {
+/// people; `ticks` label the time axis at fixed places of the range. A bucket sits at its time,
+/// so gaps in the data show as gaps in time.
+pub fn series(data: &[(String, f64, i64)], fmt: impl Fn(i64) -> String, ticks: &[(f64, String)]) -> Series {
     let max = nice_ceiling(data.iter().map(|(_, _, v)| *v).max().unwrap_or(0));
     let plot_w = W - LEFT - RIGHT;
     let plot_h = H - TOP - BOTTOM;
@@ -75,28 +82,28 @@ pub fn series(data: &[(String, f64, i64)], fmt: impl Fn(i64) -> String) -> Serie
         })
         .collect();
     let line = points.iter().map(|p| format!("{},{}", p.x, p.y)).collect::<Vec<_>>().join(" ");
-    let y_ticks = (0..=4).map(|k| Tick { at: round(y_of(max * k / 4)), label: fmt(max * k / 4) }).collect();
-    // At most six labels along the bottom: the hour (or the day) of the bucket.
-    let every = data.len().div_ceil(6).max(1);
-    let x_ticks = data
+    let y_ticks = (0..=4).map(|k| tick(round(y_of(max * k / 4)), fmt(max * k / 4))).collect();
+    let last = ticks.len().saturating_sub(1);
+    let x_ticks = ticks
         .iter()
         .enumerate()
-        .filter(|(i, _)| i % every == 0)
-        .map(|(_, (period, at, _))| Tick { at: round(x_at(*at)), label: short_time(period) })
+        .map(|(i, (at, label))| Tick {
+            at: round(x_at(*at)),
+            label: label.clone(),
+            anchor: if i == 0 {
+                "start"
+            } else if i == last {
+                "end"
+            } else {
+                "middle"
+            },
+        })
         .collect();
     Series { width: W, height: H, left: LEFT, bottom: H - BOTTOM, points, line, y_ticks, x_ticks, max }
 }
 
 fn round(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
-}
-
-/// `2026-12-03T14:00:00Z` as `12-03 14:00` (the page's script shows local time in titles).
-fn short_time(rfc3339: &str) -> String {
-    match (rfc3339.get(5..10), rfc3339.get(11..16)) {
-        (Some(d), Some(t)) => format!("{d} {t}"),
-        _ => rfc3339.to_owned(),
-    }
 }
 
 /// One horizontal bar.
@@ -137,7 +144,7 @@ pub fn bars(rows: Vec<(String, i64, i64, String)>) -> Bars {
         })
         .collect();
     let height = (bars.len() as f64 * (BAR_H + 6.0)).max(BAR_H);
-    Bars { width: BAR_LEFT + BAR_W + 120.0, height, left: BAR_LEFT, bars }
+    Bars { width: BAR_LEFT + BAR_W + 220.0, height, left: BAR_LEFT, bars }
 }
 
 /// One cell of the activity heatmap.
@@ -187,15 +194,8 @@ pub fn heatmap(data: &[(i64, i64, i64)]) -> Heatmap {
             });
         }
     }
-    let days = DAYS
-        .iter()
-        .enumerate()
-        .map(|(d, l)| Tick { at: 16.0 + d as f64 * CELL_H + 13.0, label: (*l).into() })
-        .collect();
-    let hours = (0..24)
-        .step_by(3)
-        .map(|h| Tick { at: HEAT_LEFT + h as f64 * CELL_W + 2.0, label: format!("{h:02}") })
-        .collect();
+    let days = DAYS.iter().enumerate().map(|(d, l)| tick(16.0 + d as f64 * CELL_H + 13.0, (*l).into())).collect();
+    let hours = (0..24).step_by(3).map(|h| tick(HEAT_LEFT + h as f64 * CELL_W + 2.0, format!("{h:02}"))).collect();
     Heatmap { cells, days, hours, width: HEAT_LEFT + 24.0 * CELL_W + 4.0, height: 16.0 + 7.0 * CELL_H + 4.0 }
 }
 
@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn the_biggest_value_reaches_highest_and_zero_sits_on_the_baseline() {
-        let s = series(&[("a".into(), 0.0, 0), ("b".into(), 0.5, 50), ("c".into(), 1.0, 100)], |v| v.to_string());
+        let s = series(&[("a".into(), 0.0, 0), ("b".into(), 0.5, 50), ("c".into(), 1.0, 100)], |v| v.to_string(), &[]);
         assert_eq!(s.max, 100);
         assert_eq!(s.points[0].y, s.bottom);
         assert!(s.points[2].y < s.points[1].y && s.points[1].y < s.points[0].y);

@@ -369,7 +369,8 @@ async fn the_analytics_page_draws_the_points_the_api_returns() {
     let agent_id = agent["id"].as_str().unwrap();
     let key = json_ok(
         app.as_(&admin, Method::POST, "/auth/api-keys")
-            .json(&json!({ "description": "gateway", "service": true, "scopes": ["usage:read", "usage:write"] }))
+            .json(&json!({ "description": "gateway", "service": true,
+                           "scopes": ["usage:read", "usage:write", "usage:manage"] }))
             .send()
             .await
             .unwrap(),
@@ -377,6 +378,14 @@ async fn the_analytics_page_draws_the_points_the_api_returns() {
     )
     .await;
     let key = key["key"].as_str().unwrap().to_owned();
+    let price = json!({ "model": "gpt-4o", "prompt": 10_000_000, "completion": 30_000_000 });
+    let resp =
+        app.client.post(app.url("/api/v1/usage/prices")).header("x-api-key", &key).json(&price).send().await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let budget = json!({ "token_limit": 5000, "cost_limit_micros": 1_000_000 });
+    let resp =
+        app.client.post(app.url("/api/v1/usage/budgets")).header("x-api-key", &key).json(&budget).send().await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
     let now = time::OffsetDateTime::now_utc();
     let at = |hours_ago: i64| {
         (now - time::Duration::hours(hours_ago)).format(&time::format_description::well_known::Rfc3339).unwrap()
@@ -451,6 +460,9 @@ async fn the_analytics_page_draws_the_points_the_api_returns() {
     let top = browser.text(&browser.find("#agents-chart").await).await;
     assert!(top.contains("writer"), "{top}");
     assert_eq!(browser.text(&browser.find("#total-tokens").await).await, summary["llm"]["total_tokens"].to_string());
+    let budgets = browser.text(&browser.find("#budgets").await).await;
+    assert!(budgets.contains("organization") && budgets.contains("5000"), "{budgets}");
+    assert!(browser.find_now("#budgets meter").await.is_some(), "budget bars");
     browser.find("#heatmap").await;
     browser.find("#trend-chart, #trend-chart + p, figure").await;
     browser.screenshot("console-analytics").await;
@@ -551,4 +563,110 @@ async fn a_member_sees_no_admin_buttons_and_an_agent_name_with_markup_stays_text
         assert!(admin_browser.find_now(button).await.is_some(), "{button} is shown to an admin");
     }
     assert!(admin_browser.text(&admin_browser.find("header nav").await).await.contains("Audit"));
+}
+
+/// A page's text with the tags taken out (enough to look for what it says).
+fn page_text(client: &reqwest::Client, app: &TestApp, path: &str) -> impl Future<Output = (StatusCode, String)> {
+    let req = client.get(app.url(path));
+    async move {
+        let resp = req.send().await.unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    }
+}
+
+#[tokio::test]
+async fn the_policy_webhook_delegation_and_organization_pages_show_and_do_what_the_api_does() {
+    let app = crate::helpers::spawn_app_with(&[("webhooks.allow_private_networks", json!(true))]).await;
+    let admin = app.bootstrap().await;
+    let client = cookie_client();
+    console_sign_in(&app, &client, ADMIN_EMAIL).await;
+    let csrf = hidden_input(&page_text(&client, &app, "/console/agents").await.1, "csrf");
+
+    // Policies: two versions, their difference, the dry run, activation.
+    for source in [
+        "@id(\"a\")\npermit (principal, action == AgentIdP::Action::\"read\", resource is AgentIdP::Organization)\nwhen { context.org_role == \"member\" };\n",
+        "@id(\"b\")\npermit (principal, action == AgentIdP::Action::\"read\", resource is AgentIdP::Organization)\nwhen { context.org_role == \"admin\" };\n",
+    ] {
+        send(&app, &admin, Method::POST, "/api/v1/policies/versions", json!({ "source": source })).await;
+    }
+    let (status, page) = page_text(&client, &app, "/console/policies?a=1&b=2").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("class=\"d-del\">- @id(&quot;a&quot;)") || page.contains("class=\"d-del\">- @id(&#34;a&#34;)"),
+        "{page}"
+    );
+    assert!(page.contains("d-add") && page.contains("context.org_role == "), "the changed lines are marked");
+    let examples = hidden_textarea(&page);
+    let resp = client
+        .post(app.url("/console/policies/test"))
+        .form(&[("csrf", csrf.as_str()), ("version", "2"), ("examples", examples.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("id=\"test-results\"") && body.contains("I read my organization"), "{body}");
+    let resp = client.post(app.url("/console/policies/2/activate")).form(&[("csrf", &csrf)]).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let versions =
+        json_ok(app.as_(&admin, Method::GET, "/api/v1/policies/versions").send().await.unwrap(), StatusCode::OK).await;
+    assert!(versions.as_array().unwrap().iter().any(|v| v["version"] == 2 && v["status"] == "active"), "{versions}");
+
+    // Webhooks: the secret on the creating response only.
+    let resp = client
+        .post(app.url("/console/webhooks"))
+        .form(&[("csrf", csrf.as_str()), ("url", "http://127.0.0.1:9/hook"), ("event_types", "agent.*")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+    let body = resp.text().await.unwrap();
+    let secret = body.split("id=\"webhook-secret\">").nth(1).unwrap().split('<').next().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let (_, list) = page_text(&client, &app, "/console/webhooks").await;
+    assert!(list.contains("http://127.0.0.1:9/hook") && !list.contains(&secret));
+    let endpoints =
+        json_ok(app.as_(&admin, Method::GET, "/api/v1/webhooks").send().await.unwrap(), StatusCode::OK).await;
+    let endpoint = endpoints[0]["id"].as_str().unwrap().to_owned();
+    app.create_agent(&admin, json!({ "name": "hooked" })).await;
+    let (status, detail) = page_text(&client, &app, &format!("/console/webhooks/{endpoint}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(detail.contains("Deliveries"), "{detail}");
+
+    // Delegations: the empty state says what to do.
+    let (status, page) = page_text(&client, &app, "/console/delegations").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("POST /api/v1/delegations"), "{page}");
+
+    // Organization: members, the plan against its limits, an API key shown once.
+    let (status, page) = page_text(&client, &app, "/console/organization").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(ADMIN_EMAIL) && page.contains("Plan: free") && page.contains("Agents"), "{page}");
+    let resp = client
+        .post(app.url("/console/organization/api-keys"))
+        .form(&[("csrf", csrf.as_str()), ("description", "ci"), ("scopes", "agents:read")])
+        .send()
+        .await
+        .unwrap();
+    let body = resp.text().await.unwrap();
+    let key = body.split("id=\"api-key\">").nth(1).unwrap().split('<').next().unwrap().to_owned();
+    assert_eq!(
+        app.client.get(app.url("/api/v1/agents")).header("x-api-key", &key).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let (_, again) = page_text(&client, &app, "/console/organization").await;
+    assert!(again.contains("ci") && !again.contains(&key), "the key is not shown again");
+}
+
+/// The dry-run form's examples as the page filled them in.
+fn hidden_textarea(html: &str) -> String {
+    let start = html.find("name=\"examples\"").unwrap();
+    let from = start + html[start..].find('>').unwrap() + 1;
+    let raw = &html[from..from + html[from..].find("</textarea>").unwrap()];
+    raw.replace("&quot;", "\"")
+        .replace("&#34;", "\"")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
 }

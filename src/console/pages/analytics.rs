@@ -125,8 +125,20 @@ pub async fn show(viewer: Viewer, Query(q): Query<PeriodQuery>) -> Response {
     let points = |key: &str| -> Vec<(String, f64, i64)> {
         series.iter().map(|p| (text(p, "period"), position(&text(p, "period"), since, until), int(p, key))).collect()
     };
-    let tokens = charts::series(&points("total_tokens"), |v| v.to_string());
-    let cost = charts::series(&points("cost_micros"), dollars);
+    // Five labels along the time axis, in UTC (the titles of the points carry exact times).
+    let label = if group_by == "hour" {
+        time::macros::format_description!("[month]-[day] [hour]:00")
+    } else {
+        time::macros::format_description!("[month]-[day]")
+    };
+    let ticks: Vec<(f64, String)> = (0..=4i32)
+        .map(|k| {
+            let at: OffsetDateTime = since + (span * k) / 4;
+            (f64::from(k) / 4.0, at.format(label).unwrap_or_default())
+        })
+        .collect();
+    let tokens = charts::series(&points("total_tokens"), |v| v.to_string(), &ticks);
+    let cost = charts::series(&points("cost_micros"), dollars, &ticks);
 
     let mut by_model: Vec<&Value> = items(&summary, "by_model").iter().collect();
     by_model.sort_by_key(|m| -int(m, "total_tokens"));
@@ -219,7 +231,7 @@ pub async fn show(viewer: Viewer, Query(q): Query<PeriodQuery>) -> Response {
         tools,
         agents,
         heatmap: charts::heatmap(&cells),
-        trend: charts::series(&trend_points, |v| v.to_string()),
+        trend: charts::series(&trend_points, |v| v.to_string(), &ticks),
         total_tokens: int(&llm, "total_tokens"),
         total_cost: dollars(int(&llm, "cost_micros")),
         llm_calls: int(&llm, "calls"),

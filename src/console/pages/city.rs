@@ -77,6 +77,9 @@ pub struct CityView {
     pub zones: Vec<ZoneTile>,
     pub width: i64,
     pub height: i64,
+    /// The size it is drawn at: larger than its units, within a wide screen.
+    pub display_width: i64,
+    pub display_height: i64,
     pub agents: Vec<CityAgentView>,
     pub unplaced: Vec<CityAgentView>,
     pub online: i64,
@@ -203,10 +206,13 @@ async fn city_view(viewer: &Viewer) -> Result<CityView, crate::console::api::Fai
             }
         })
         .collect();
+    let display_width = (width * 2).min(1180);
     Ok(CityView {
         zones,
         width,
         height,
+        display_width,
+        display_height: height * display_width / width.max(1),
         agents,
         unplaced,
         online: int(&map, "online_count"),

@@ -101,9 +101,10 @@ pub fn split_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// Micro-units of currency as dollars with cents.
+/// Micro-units of currency as dollars: cents, or finer for amounts under a cent.
 pub fn dollars(micros: i64) -> String {
-    format!("${:.2}", micros as f64 / 1_000_000.0)
+    let d = micros as f64 / 1_000_000.0;
+    if micros != 0 && micros.abs() < 10_000 { format!("${d:.4}") } else { format!("${d:.2}") }
 }
 
 /// A byte count for people.
@@ -126,6 +127,13 @@ mod tests {
     fn lists_split_on_commas_and_spaces() {
         assert_eq!(split_list(" a, b  c,,"), vec!["a", "b", "c"]);
         assert!(split_list("  ").is_empty());
+    }
+
+    #[test]
+    fn small_amounts_keep_their_digits() {
+        assert_eq!(dollars(1_234_567), "$1.23");
+        assert_eq!(dollars(2_500), "$0.0025");
+        assert_eq!(dollars(0), "$0.00");
     }
 
     #[test]

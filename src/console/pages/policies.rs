@@ -93,9 +93,15 @@ async fn source(viewer: &Viewer, version: i64) -> Result<String, Failure> {
     Ok(text(&v, "source"))
 }
 
-const EXAMPLE: &str = r#"[{"name": "a member reads an agent", "expect": "permit",
-  "request": {"actor": {"id": "user:00000000-0000-0000-0000-000000000001", "type": "human", "org_role": "member"},
-              "action": "read", "resource": {"type": "agent", "id": "agent:00000000-0000-0000-0000-000000000002"}}}]"#;
+/// A starting example for the tester: you, reading your organization.
+fn example(viewer: &Viewer) -> String {
+    let org = viewer.org_id().map(|o| o.to_string()).unwrap_or_default();
+    let roles: Vec<&str> = viewer.role().map(|r| vec![r.as_str()]).unwrap_or_default();
+    let example = json!([{ "name": "I read my organization", "expect": "permit",
+        "request": { "actor": { "actor_id": viewer.actor.actor_id(), "actor_type": "human", "org_ids": [org], "roles": roles },
+                     "action": "read", "resource": { "type": "organization", "id": org } } }]);
+    serde_json::to_string_pretty(&example).unwrap_or_default()
+}
 
 async fn page(
     viewer: &Viewer,
@@ -142,7 +148,7 @@ async fn page(
         shown,
         diff,
         can_manage,
-        examples: if examples.is_empty() { EXAMPLE.to_owned() } else { examples },
+        examples: if examples.is_empty() { example(viewer) } else { examples },
         test_version: test_version.unwrap_or(newest),
         results,
     })
