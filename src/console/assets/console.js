@@ -36,6 +36,19 @@
     });
   }
 
+  // Work that takes a while says so: the button of a form marked data-busy shows its text.
+  function busyForms(root) {
+    root.querySelectorAll("form[data-busy]").forEach(function (f) {
+      f.addEventListener("submit", function () {
+        var b = f.querySelector("button[type=submit]");
+        if (!b) return;
+        b.disabled = true;
+        b.textContent = f.getAttribute("data-busy");
+        f.setAttribute("aria-busy", "true");
+      });
+    });
+  }
+
   function backButtons(root) {
     root.querySelectorAll("[data-back]").forEach(function (b) {
       if (history.length < 2) return;
@@ -147,6 +160,7 @@
     copyButtons(document);
     confirmations(document);
     backButtons(document);
+    busyForms(document);
     city();
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

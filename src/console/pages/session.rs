@@ -116,6 +116,7 @@ pub struct LoginForm {
 /// `POST /console/login`: the API's `POST /auth/login`; its session cookie is handed on.
 pub async fn login(
     Extension(api): Extension<Api>,
+    Extension(Secure(secure)): Extension<Secure>,
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
@@ -132,7 +133,7 @@ pub async fn login(
         let token = crate::crypto::random_token("l_");
         let mut r =
             (StatusCode::FORBIDDEN, render(page(token.clone(), next, form.email, Some(failure), None))).into_response();
-        set_login_cookie(&mut r, &token, false);
+        set_login_cookie(&mut r, &token, secure);
         return r;
     }
     let caller = Caller::from_request(&headers, connect.map(|Extension(c)| c), None).anonymous();
