@@ -87,7 +87,11 @@ pub fn router(api: Api) -> Router<AppState> {
         .route("/console/organization", get(organization::show))
         .route("/console/organization/api-keys", post(organization::create_key))
         .route("/console/organization/api-keys/{id}/delete", post(organization::delete_key))
+        .route("/console/organization/members", post(organization::invite))
         .route("/console/organization/members/{user}/role", post(organization::set_role))
+        .route("/console/organization/members/{user}/remove", post(organization::remove_member))
+        .route("/console/organization/upgrade", post(organization::upgrade))
+        .route("/console/policies/versions", post(policies::create))
         .layer(from_fn(security_headers))
         .layer(Extension(api))
 }

@@ -214,7 +214,7 @@ async fn browser_sign_in(app: &TestApp, browser: &Browser, email: &str, next: &s
     let p = browser.find("#password").await;
     browser.fill(&p, PASSWORD).await;
     browser.click(&browser.find("#sign-in").await).await;
-    browser.wait_for_url(Duration::from_secs(10), |u| u.contains(next)).await;
+    browser.wait_for_url(Duration::from_secs(30), |u| u.contains(next)).await;
 }
 
 #[tokio::test]
@@ -418,7 +418,7 @@ async fn the_analytics_page_draws_the_points_the_api_returns() {
     let path = format!("/api/v1/usage/summary?since={}&until={}&group_by=hour", urlencode(&since), urlencode(&until));
     // The same question to the API, until the events are counted.
     let mut summary = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..300 {
         summary = json_ok(app.as_(&admin, Method::GET, &path).send().await.unwrap(), StatusCode::OK).await;
         if summary["llm"]["calls"] == 4 && summary["tools"]["calls"] == 3 {
             break;
@@ -656,6 +656,36 @@ async fn the_policy_webhook_delegation_and_organization_pages_show_and_do_what_t
     );
     let (_, again) = page_text(&client, &app, "/console/organization").await;
     assert!(again.contains("ci") && !again.contains(&key), "the key is not shown again");
+    // An invitation's token is shown once, and it works.
+    let resp = client
+        .post(app.url("/console/organization/members"))
+        .form(&[("csrf", csrf.as_str()), ("email", "new@acme.test"), ("role", "member")])
+        .send()
+        .await
+        .unwrap();
+    let body = resp.text().await.unwrap();
+    let token = body.split("id=\"invitation-token\">").nth(1).unwrap().split('<').next().unwrap().to_owned();
+    let redeemed = app.post_json("/auth/set-password", &json!({ "token": token, "password": PASSWORD })).await;
+    assert_eq!(redeemed.status(), StatusCode::NO_CONTENT);
+    let (_, members) = page_text(&client, &app, "/console/organization").await;
+    assert!(members.contains("new@acme.test") && !members.contains(&token), "{members}");
+    // A draft policy from the page, refused with the API's diagnostics when it does not compile.
+    let resp = client
+        .post(app.url("/console/policies/versions"))
+        .form(&[("csrf", csrf.as_str()), ("source", "permit(principal, action,")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(resp.text().await.unwrap().contains("class=\"problem\""));
+    let resp = client
+        .post(app.url("/console/policies/versions"))
+        .form(&[("csrf", csrf.as_str()), ("source", "// nothing beyond the baseline\n")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()[header::LOCATION], "/console/policies?v=3&done=created");
 }
 
 /// The dry-run form's examples as the page filled them in.

@@ -48,6 +48,7 @@ pub fn notice_text(code: &str) -> Option<&'static str> {
         "denied" => "Denied.",
         "retried" => "The delivery is queued again.",
         "replayed" => "The events are queued for delivery again.",
+        "upgraded" => "The plan is changed.",
         _ => return None,
     })
 }

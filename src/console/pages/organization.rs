@@ -4,7 +4,7 @@
 use askama::Template;
 use axum::{
     extract::{Path, Query},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -54,7 +54,10 @@ pub struct OrganizationPage {
     pub plan: String,
     pub limits: Vec<LimitView>,
     pub can_manage_members: bool,
+    pub can_upgrade: bool,
     pub new_key: Option<(String, String)>,
+    /// An invitation just made: its email and its one-time token.
+    pub invitation: Option<(String, String)>,
 }
 
 #[derive(Deserialize, Default)]
@@ -66,7 +69,12 @@ fn limit(plan: &Value, key: &str) -> Option<i64> {
     plan.get(key).and_then(Value::as_i64)
 }
 
-async fn page(viewer: &Viewer, new_key: Option<(String, String)>, notice: Option<&str>) -> Response {
+async fn page(
+    viewer: &Viewer,
+    new_key: Option<(String, String)>,
+    invitation: Option<(String, String)>,
+    notice: Option<&str>,
+) -> Response {
     let Some(org_id) = viewer.org_id() else {
         return viewer.failed(
             crate::console::api::Failure {
@@ -150,13 +158,15 @@ async fn page(viewer: &Viewer, new_key: Option<(String, String)>, notice: Option
             org_id.to_string(),
             "members:write",
         ),
+        can_upgrade: viewer.can("manage", Resource::Organization { org_id }, org_id.to_string(), "tiers:write"),
         new_key,
+        invitation,
     })
 }
 
 /// `GET /console/organization`.
 pub async fn show(viewer: Viewer, Query(q): Query<DoneQuery>) -> Response {
-    page(&viewer, None, q.done.as_deref()).await
+    page(&viewer, None, None, q.done.as_deref()).await
 }
 
 #[derive(Deserialize)]
@@ -180,7 +190,7 @@ pub async fn create_key(Submitted { viewer, form }: Submitted<KeyForm>) -> Respo
         body["expires_days"] = json!(days);
     }
     match viewer.api.post(&viewer.caller, "/auth/api-keys", &body).await {
-        Ok(k) => page(&viewer, Some((text(&k, "key"), joined(&k, "scopes"))), None).await,
+        Ok(k) => page(&viewer, Some((text(&k, "key"), joined(&k, "scopes"))), None, None).await,
         Err(e) => viewer.failed(e, "organization"),
     }
 }
@@ -207,6 +217,50 @@ pub async fn set_role(Path(user): Path<Uuid>, Submitted { viewer, form }: Submit
     let path = format!("/api/v1/organizations/{org_id}/members/{user}");
     match viewer.api.patch(&viewer.caller, &path, &json!({ "role": form.role })).await {
         Ok(_) => done("/console/organization", "saved"),
+        Err(e) => viewer.failed(e, "organization"),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct InviteForm {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    role: String,
+}
+
+/// `POST /console/organization/members`: an invitation; its one-time token shown on this response
+/// only, to hand to the invitee.
+pub async fn invite(Submitted { viewer, form }: Submitted<InviteForm>) -> Response {
+    let Some(org_id) = viewer.org_id() else { return done("/console/organization", "") };
+    let body = json!({ "email": form.email.trim(), "role": form.role });
+    match viewer.api.post(&viewer.caller, &format!("/api/v1/organizations/{org_id}/members"), &body).await {
+        Ok(inv) => page(&viewer, None, Some((text(&inv, "email"), text(&inv, "invitation_token"))), None).await,
+        Err(e) => viewer.failed(e, "organization"),
+    }
+}
+
+/// `POST /console/organization/members/{user}/remove`.
+pub async fn remove_member(Path(user): Path<Uuid>, Submitted { viewer, .. }: Submitted<Empty>) -> Response {
+    let Some(org_id) = viewer.org_id() else { return done("/console/organization", "") };
+    match viewer.api.delete(&viewer.caller, &format!("/api/v1/organizations/{org_id}/members/{user}")).await {
+        Ok(_) => done("/console/organization", "deleted"),
+        Err(e) => viewer.failed(e, "organization"),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct UpgradeForm {
+    plan: String,
+}
+
+/// `POST /console/organization/upgrade`: the plan changes now, or the owner is sent to pay.
+pub async fn upgrade(Submitted { viewer, form }: Submitted<UpgradeForm>) -> Response {
+    match viewer.api.post(&viewer.caller, "/api/v1/tiers/upgrade", &json!({ "plan": form.plan })).await {
+        Ok(r) => match r.get("checkout_url").and_then(Value::as_str).filter(|u| u.starts_with("https://")) {
+            Some(url) => axum::response::Redirect::to(url).into_response(),
+            None => done("/console/organization", "upgraded"),
+        },
         Err(e) => viewer.failed(e, "organization"),
     }
 }

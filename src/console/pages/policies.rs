@@ -232,3 +232,19 @@ mod tests {
         assert_eq!(texts, ["a", "b", "c", "d"]);
     }
 }
+
+#[derive(Deserialize)]
+pub struct DraftForm {
+    #[serde(default)]
+    source: String,
+}
+
+/// `POST /console/policies/versions`: a new draft version (validated by the API).
+pub async fn create(Submitted { viewer, form }: Submitted<DraftForm>) -> Response {
+    match viewer.api.post(&viewer.caller, "/api/v1/policies/versions", &json!({ "source": form.source })).await {
+        Ok(v) => {
+            done(&format!("/console/policies?v={}", v.get("version").and_then(Value::as_i64).unwrap_or(0)), "created")
+        }
+        Err(e) => viewer.failed(e, "policies"),
+    }
+}
