@@ -637,6 +637,36 @@ async fn the_policy_webhook_delegation_and_organization_pages_show_and_do_what_t
     let (status, page) = page_text(&client, &app, "/console/delegations").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains("POST /api/v1/delegations"), "{page}");
+    let worker = app.agent_client(&admin, &["agents:read"]).await;
+    let created = send(
+        &app,
+        &admin,
+        Method::POST,
+        "/api/v1/delegations",
+        json!({ "agent_id": worker.agent_id, "purpose": "triage <the> inbox",
+                "scope": { "max_commands": 3, "max_ttl_minutes": 30, "scopes": ["agents:read"] } }),
+    )
+    .await;
+    let delegation = created["delegation_id"].as_str().unwrap().to_owned();
+    let (_, page) = page_text(&client, &app, "/console/delegations").await;
+    assert!(page.contains("triage &lt;the&gt; inbox") || page.contains("triage &#60;the&#62; inbox"), "{page}");
+    assert!(page.contains("0 used, 3 left of 3") && page.contains("<meter"), "{page}");
+    assert!(page.contains("1 active in this organization"));
+    let resp = client
+        .post(app.url(&format!("/console/delegations/{delegation}/revoke")))
+        .form(&[("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let info = json_ok(
+        app.as_(&admin, Method::GET, &format!("/api/v1/delegations/{delegation}")).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(info["status"], "revoked");
+    let (_, ended) = page_text(&client, &app, "/console/delegations?status=revoked").await;
+    assert!(ended.contains("manual_revocation"), "{ended}");
 
     // Organization: members, the plan against its limits, an API key shown once.
     let (status, page) = page_text(&client, &app, "/console/organization").await;

@@ -37,6 +37,8 @@ pub struct DelegationView {
     pub expires_at: String,
     pub ended: String,
     pub approvals: Vec<ApprovalView>,
+    /// The viewer delegated it: only the delegator decides its ceremonies (the API's rule).
+    pub mine: bool,
 }
 
 #[derive(Template)]
@@ -91,10 +93,12 @@ pub async fn list(viewer: Viewer, Query(q): Query<ListQuery>) -> Response {
         }
     }))
     .await;
+    let me = viewer.actor.actor_id();
     let delegations = rows
         .iter()
         .zip(approvals)
         .map(|(d, a)| DelegationView {
+            mine: text(d, "delegator_id") == me,
             id: text(d, "delegation_id"),
             status: text(d, "status"),
             agent_id: text(d, "agent_id"),
