@@ -15,6 +15,8 @@ RUN mkdir -p src tests/api benches \
     && rm -rf src
 
 COPY src ./src
+# The console's templates are compiled into the binary.
+COPY templates ./templates
 COPY migrations ./migrations
 COPY config ./config
 COPY openapi ./openapi

@@ -32,16 +32,25 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::city::router())
 }
 
-/// The complete router: documented routes, Swagger UI, problem+json fallbacks, the middleware stack.
+/// The complete router: documented routes, the console, Swagger UI, problem+json fallbacks, the
+/// middleware stack. The console calls the API in process through a second copy of the API's
+/// router with the same stack, so each of its calls is checked as any client's would be.
 pub fn build_router(state: AppState) -> Router {
-    let (router, _) = api_router().split_for_parts();
+    let (api, _) = api_router().split_for_parts();
+    let console = crate::console::router(crate::console::Api(with_fallbacks(api.clone(), &state)));
+    let router =
+        api.merge(console).merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")));
+    with_fallbacks(router, &state)
+}
+
+/// The problem+json fallbacks and the middleware stack around `router`.
+fn with_fallbacks(router: axum::Router<AppState>, state: &AppState) -> Router {
     let router = router
-        .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
         .fallback(|| async { problem_for_status(axum::http::StatusCode::NOT_FOUND, None) })
         .method_not_allowed_fallback(|| async {
             problem_for_status(axum::http::StatusCode::METHOD_NOT_ALLOWED, None).into_response()
         });
-    http::middleware::stack(router, &state).with_state(state)
+    http::middleware::stack(router, state).with_state(state.clone())
 }
 
 /// A bound, ready-to-serve application.

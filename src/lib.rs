@@ -22,6 +22,7 @@
 //! - [`cli`]: the `agentidp` command line.
 //! - [`delegation`]: the delegation broker: bounded authority for agents, RFC 8693 token exchange.
 //! - [`city`]: zones, rooms, placement, live presence and its stream, nodes and the node guardian.
+//! - [`console`]: the web console under `/console`: server-rendered pages over the public API.
 
 pub mod analytics;
 pub mod app;
@@ -32,6 +33,7 @@ pub mod city;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod db;
 pub mod delegation;

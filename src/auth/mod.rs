@@ -112,10 +112,13 @@ pub const PUBLIC_ROUTES: &[&str] = &[
 /// The OAuth endpoints: their errors are RFC 6749 JSON (`application/json`), not problem+json.
 pub const OAUTH_ROUTES: &[&str] = &["/api/v1/token", "/api/v1/token/introspect", "/api/v1/token/revoke"];
 
-/// Whether a matched route template is public (Swagger UI's assets and unknown paths are).
+/// Whether a matched route template is public (Swagger UI's assets and unknown paths are, and the
+/// console's pages: the console signs people in itself and calls the API as them).
 pub fn is_public(route: Option<&str>) -> bool {
     match route {
         None => true,
-        Some(r) => PUBLIC_ROUTES.contains(&r) || r == "/docs" || r.starts_with("/docs/"),
+        Some(r) => {
+            PUBLIC_ROUTES.contains(&r) || r == "/docs" || r.starts_with("/docs/") || crate::console::is_console_route(r)
+        }
     }
 }

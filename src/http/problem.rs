@@ -1,6 +1,7 @@
 //! A safety net under every error: any 4xx/5xx whose body is not already JSON (axum's plain-text
 //! rejections, an empty 405, the body-limit 413, the timeout 408) is rewritten as problem+json.
-//! Headers such as `Allow` and `Retry-After` are kept.
+//! Headers such as `Allow` and `Retry-After` are kept. The console's HTML error pages are left
+//! as they are: they show the API's problem to a person.
 
 use axum::{
     extract::Request,
@@ -17,12 +18,10 @@ pub async fn layer(req: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/problem+json") || ct.starts_with("application/json"));
-    if is_json {
+    let keep = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+        ct.starts_with("application/problem+json") || ct.starts_with("application/json") || ct.starts_with("text/html")
+    });
+    if keep {
         return response;
     }
     let (parts, _) = response.into_parts();
