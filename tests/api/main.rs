@@ -14,5 +14,6 @@ mod oauth;
 mod policy;
 mod retention;
 mod tiers;
+mod trust;
 mod usage;
 mod webhooks;
