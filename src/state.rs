@@ -55,7 +55,7 @@ impl AppState {
         let webhooks = crate::webhooks::Webhooks::new(&config.webhooks)?;
         let usage = crate::usage::Usage::new(&config.usage);
         let city = crate::city::City::new(&config.city);
-        let trust = crate::trust::Trust::new(&config.trust);
+        let trust = crate::trust::Trust::new(&config.trust)?;
         Ok(Self(Arc::new(Inner {
             config,
             db,

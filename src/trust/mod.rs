@@ -8,10 +8,12 @@
 //!   from its data and cached in Redis for five minutes against its audit chain's head.
 //! - [`marketplace`]: agents an organization lists publicly; unlisting removes them at once.
 //! - [`scaffold`]: ready-to-run snippets that fetch an agent's token and call the API.
+//! - [`federation`]: external issuers and trust policies; their tokens exchanged for our agents'.
 
 pub mod cards;
 pub mod compliance;
 pub mod did;
+pub mod federation;
 pub mod marketplace;
 pub mod scaffold;
 
@@ -38,6 +40,10 @@ pub struct TrustConfig {
     pub max_privileged_members: u32,
     /// At most this many public keys per agent.
     pub max_keys_per_agent: u32,
+    /// Partners' issuers, key sets and discovery documents must be https.
+    pub federation_https_only: bool,
+    /// Let partners' keys be fetched from private and loopback addresses (tests, closed networks).
+    pub federation_allow_private_networks: bool,
 }
 
 impl TrustConfig {
@@ -62,11 +68,16 @@ impl TrustConfig {
 /// This instance's trust state: the per-IP budget for the public documents.
 pub struct Trust {
     pub public_reads: LookupLimit,
+    /// Federation partners' key sets.
+    pub keys: federation::KeyCache,
 }
 
 impl Trust {
-    pub fn new(cfg: &TrustConfig) -> Self {
-        Self { public_reads: LookupLimit::new(cfg.public_reads_per_minute) }
+    pub fn new(cfg: &TrustConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            public_reads: LookupLimit::new(cfg.public_reads_per_minute),
+            keys: federation::KeyCache::new(cfg.federation_allow_private_networks)?,
+        })
     }
 }
 
@@ -94,4 +105,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(marketplace::get_listing))
         .routes(routes!(marketplace::list_in_marketplace, marketplace::unlist_from_marketplace))
         .routes(routes!(scaffold::get_scaffold))
+        .routes(routes!(federation::list_partners, federation::create_partner))
+        .routes(routes!(federation::get_partner, federation::delete_partner))
+        .routes(routes!(federation::list_policies, federation::create_policy))
+        .routes(routes!(federation::delete_policy))
+        .routes(routes!(federation::list_templates))
 }

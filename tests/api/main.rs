@@ -8,6 +8,7 @@ mod browser;
 mod city;
 mod delegation;
 mod events;
+mod federation;
 mod foundation;
 mod identity;
 mod oauth;
