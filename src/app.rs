@@ -30,6 +30,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::delegation::router())
         .merge(crate::usage::router())
         .merge(crate::city::router())
+        .merge(crate::trust::router())
 }
 
 /// The complete router: documented routes, the console, Swagger UI, problem+json fallbacks, the

@@ -36,6 +36,7 @@ pub struct Config {
     pub delegation: crate::delegation::DelegationConfig,
     pub usage: crate::usage::UsageConfig,
     pub city: CityConfig,
+    pub trust: crate::trust::TrustConfig,
 }
 
 /// The city: presence in Redis, its live stream, and node staleness.
@@ -560,6 +561,7 @@ impl Config {
         }
         self.validate_tiers()?;
         self.delegation.validate().map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
+        self.trust.validate().map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
         let n = &self.events.nats;
         if !(n.url.starts_with("nats://") || n.url.starts_with("tls://")) {
             return Err(invalid("events.nats.url", "must be a nats:// or tls:// URL"));

@@ -23,6 +23,7 @@
 //! - [`delegation`]: the delegation broker: bounded authority for agents, RFC 8693 token exchange.
 //! - [`city`]: zones, rooms, placement, live presence and its stream, nodes and the node guardian.
 //! - [`console`]: the web console under `/console`: server-rendered pages over the public API.
+//! - [`trust`]: did:web documents, signed agent cards, compliance controls and reports, the marketplace, scaffolds.
 
 pub mod analytics;
 pub mod app;
@@ -45,6 +46,7 @@ pub mod retention;
 pub mod state;
 pub mod telemetry;
 pub mod tiers;
+pub mod trust;
 pub mod usage;
 pub mod webhooks;
 

@@ -36,6 +36,7 @@ struct Inner {
     webhooks: crate::webhooks::Webhooks,
     usage: crate::usage::Usage,
     city: crate::city::City,
+    trust: crate::trust::Trust,
 }
 
 impl AppState {
@@ -54,6 +55,7 @@ impl AppState {
         let webhooks = crate::webhooks::Webhooks::new(&config.webhooks)?;
         let usage = crate::usage::Usage::new(&config.usage);
         let city = crate::city::City::new(&config.city);
+        let trust = crate::trust::Trust::new(&config.trust)?;
         Ok(Self(Arc::new(Inner {
             config,
             db,
@@ -71,6 +73,7 @@ impl AppState {
             webhooks,
             usage,
             city,
+            trust,
         })))
     }
     pub fn config(&self) -> &Config {
@@ -116,6 +119,11 @@ impl AppState {
     /// Usage metering's caches (budgets, prices, spend, partitions).
     pub fn usage(&self) -> &crate::usage::Usage {
         &self.0.usage
+    }
+
+    /// Trust documents: this instance's budget for their public reads.
+    pub fn trust(&self) -> &crate::trust::Trust {
+        &self.0.trust
     }
 
     /// The city: this instance's presence viewers and scripts.

@@ -194,6 +194,15 @@ pub async fn record(conn: &mut PgConnection, event: Event) -> Result<(), sqlx::E
     Ok(())
 }
 
+/// How many events the organization's chain holds: it grows with every audited change, so a
+/// cache of anything computed from the organization's state can use it as its version.
+pub async fn head_seq(pool: &sqlx::PgPool, org_id: Uuid) -> Result<i64, sqlx::Error> {
+    let seq = sqlx::query_scalar!("select last_seq from audit_chain where organization_id = $1", org_id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(seq.unwrap_or(0))
+}
+
 /// The outcome of walking one chain.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Verification {

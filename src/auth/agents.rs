@@ -119,6 +119,9 @@ pub struct Agent {
     pub allowed_scopes: Vec<String>,
     pub status: AgentStatus,
     pub metadata: Value,
+    /// When the agent was listed in the marketplace; null when it is not.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub listed_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -159,6 +162,9 @@ struct AgentRow {
     metadata: Value,
     created_at: OffsetDateTime,
     updated_at: OffsetDateTime,
+    listed_at: Option<OffsetDateTime>,
+    #[allow(dead_code)]
+    listed_by: Option<Uuid>,
 }
 
 /// An agent's `data` in its events.
@@ -178,6 +184,7 @@ impl From<AgentRow> for Agent {
             allowed_scopes: r.allowed_scopes,
             status: if r.status == "active" { AgentStatus::Active } else { AgentStatus::Suspended },
             metadata: r.metadata,
+            listed_at: r.listed_at,
             created_at: r.created_at,
             updated_at: r.updated_at,
         }

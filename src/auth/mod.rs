@@ -107,6 +107,13 @@ pub const PUBLIC_ROUTES: &[&str] = &[
     "/api/v1/billing/stripe/webhook",
     // A node's heartbeat carries the node's own credential, checked by the handler.
     "/api/v1/nodes/{id}/heartbeat",
+    // Trust documents anyone may check: each read is charged to the caller's IP.
+    "/.well-known/did.json",
+    "/agents/{id}/did.json",
+    "/agents/{id}/.well-known/agent-card.json",
+    "/api/v1/compliance/controls",
+    "/api/v1/marketplace",
+    "/api/v1/marketplace/{agent_id}",
 ];
 
 /// The OAuth endpoints: their errors are RFC 6749 JSON (`application/json`), not problem+json.

@@ -297,9 +297,13 @@ pub struct TokenResponse {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct TokenForm {
-    /// `client_credentials`, or `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693).
+    /// `client_credentials`, `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693) or
+    /// `urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523, federation).
     grant_type: String,
-    /// Token exchange: the delegator's session token or API key, or a delegated token (a chain).
+    /// jwt-bearer: the external issuer's token, matched by a trust policy.
+    assertion: Option<String>,
+    /// Token exchange: the delegator's session token or API key, or a delegated token (a chain);
+    /// or, with type `...:jwt` and no actor_token, an external issuer's token (federation).
     subject_token: Option<String>,
     /// Token exchange: `urn:ietf:params:oauth:token-type:access_token` (or `:jwt`).
     subject_token_type: Option<String>,
@@ -337,8 +341,17 @@ pub(super) async fn token(
     body: Bytes,
 ) -> Result<Response, OAuthError> {
     let form = parse_form(&headers, &body)?;
-    if require_grant(&form)? == Grant::TokenExchange {
-        return exchange(&state, &headers, &form).await;
+    match require_grant(&form)? {
+        // An external issuer's JWT without an actor: federation, not delegation.
+        Grant::TokenExchange
+            if !form.params.contains_key("actor_token")
+                && form.params.get("subject_token_type").map(String::as_str) == Some(JWT_TOKEN_TYPE) =>
+        {
+            return federated(&state, &form, form.params.get("subject_token"), true).await;
+        }
+        Grant::TokenExchange => return exchange(&state, &headers, &form).await,
+        Grant::JwtBearer => return federated(&state, &form, form.params.get("assertion"), false).await,
+        Grant::ClientCredentials => {}
     }
     let client = authenticate_client(&state, &headers, &form).await?;
     if !client.agent_active {
@@ -360,9 +373,13 @@ pub(super) async fn token(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Grant {
     ClientCredentials,
-    /// RFC 8693, under a delegation.
+    /// RFC 8693: under a delegation, or an external issuer's token (federation).
     TokenExchange,
+    /// RFC 7523 §2.1: an external issuer's token as the grant (federation).
+    JwtBearer,
 }
+
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
@@ -373,10 +390,11 @@ fn require_grant(form: &Form) -> Result<Grant, OAuthError> {
         None => Err(OAuthError::invalid_request("grant_type is required.")),
         Some("client_credentials") => Ok(Grant::ClientCredentials),
         Some(TOKEN_EXCHANGE) => Ok(Grant::TokenExchange),
+        Some(JWT_BEARER) => Ok(Grant::JwtBearer),
         Some(_) => Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
-            "Only client_credentials and token-exchange are supported.",
+            "Only client_credentials, token-exchange and jwt-bearer are supported.",
         )),
     }
 }
@@ -568,6 +586,78 @@ pub fn issue_delegated(
         at: now,
     });
     Ok((token, (exp - iat) as u64))
+}
+
+/// Federation: an external issuer's token, matched by a trust policy, becomes an access token
+/// for the policy's agent. Its `cid` is the policy, so deleting the policy revokes its tokens.
+async fn federated(
+    state: &AppState,
+    form: &Form,
+    external: Option<&String>,
+    as_exchange: bool,
+) -> Result<Response, OAuthError> {
+    use crate::trust::federation::{self, Refusal};
+    let field = if as_exchange { "subject_token" } else { "assertion" };
+    let external = external.ok_or_else(|| OAuthError::invalid_request(format!("{field} is required.")))?;
+    // Each attempt costs lookups (and may cost a key fetch): charged to the caller's address.
+    state.auth().lookups.charge().map_err(|_| OAuthError::lookups_throttled())?;
+    let fed = match federation::exchange(state, external, form.params.get("scope").map(String::as_str)).await {
+        Ok(f) => f,
+        Err(Refusal::Invalid(why)) => {
+            tracing::info!(reason = %why, "external token refused");
+            metrics::counter!("federation_exchanges_total", "outcome" => "refused").increment(1);
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "The external token is not accepted.",
+            ));
+        }
+        Err(Refusal::Scope(s)) => {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                format!("The scope `{s}` is beyond what the trust policy allows."),
+            ));
+        }
+        Err(Refusal::Unavailable) => {
+            return Err(OAuthError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "The external token cannot be checked right now; try again.",
+            ));
+        }
+    };
+    metrics::counter!("federation_exchanges_total", "outcome" => "issued").increment(1);
+    let client = ClientRecord {
+        credential_id: fed.policy_id,
+        client_id: format!("federation:{}", fed.policy_id),
+        agent_id: fed.agent_id,
+        org_id: fed.org_id,
+        secret_hash: Vec::new(),
+        previous: None,
+        agent_active: true,
+        allowed_scopes: Vec::new(),
+        loaded_at: state.clock().now().unix_timestamp(),
+    };
+    let aud = audience(state.config(), &form.resources)?;
+    let limit_headers = charge(state, &client).await?;
+    let ttl = state.config().auth.access_token_ttl_secs;
+    let access_token = issue(state, &client, aud, &fed.scope, ttl)?;
+    let mut response = if as_exchange {
+        Json(ExchangeResponse {
+            access_token,
+            issued_token_type: ACCESS_TOKEN_TYPE,
+            token_type: "Bearer",
+            expires_in: ttl,
+            scope: fed.scope,
+        })
+        .into_response()
+    } else {
+        Json(TokenResponse { access_token, token_type: "Bearer", expires_in: ttl, scope: fed.scope }).into_response()
+    };
+    no_store(response.headers_mut());
+    response.headers_mut().extend(limit_headers);
+    Ok(response)
 }
 
 /// The requested scopes, each within the agent's `allowed_scopes` (default: all of them).
@@ -829,7 +919,7 @@ fn metadata(state: &AppState) -> Value {
         "jwks_uri": format!("{base}/.well-known/jwks.json"),
         "introspection_endpoint": format!("{base}/api/v1/token/introspect"),
         "revocation_endpoint": format!("{base}/api/v1/token/revoke"),
-        "grant_types_supported": ["client_credentials", TOKEN_EXCHANGE],
+        "grant_types_supported": ["client_credentials", TOKEN_EXCHANGE, JWT_BEARER],
         // RFC 8693: the token types accepted as subject_token_type and actor_token_type, and issued.
         "token_types_supported": [ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE],
         "response_types_supported": [],

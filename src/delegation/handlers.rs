@@ -112,11 +112,9 @@ impl Row {
     }
 }
 
-/// The agent's DID: `did:web:<host>:agents:<id>` (the host of `server.public_url`).
+/// The agent's DID: `did:web:<host>:agents:<id>`, resolvable at `/agents/<id>/did.json`.
 fn did(state: &AppState, agent_id: Uuid) -> String {
-    let url = &state.config().server.public_url;
-    let host = url.split("://").nth(1).unwrap_or(url).replace(':', "%3A");
-    format!("did:web:{host}:agents:{agent_id}")
+    crate::trust::did::agent_did(&state.config().server.public_url, agent_id)
 }
 
 async fn fetch(conn: &mut PgConnection, org_id: Uuid, id: Uuid, lock: bool) -> ApiResult<Row> {

@@ -383,6 +383,24 @@ pub async fn active_count(db: impl sqlx::PgExecutor<'_>, org_id: Uuid) -> Result
     .await
 }
 
+/// How many of the organization's active delegations were given a lifetime longer than
+/// `max_ttl_secs` (the compliance report flags them).
+pub async fn long_lived_count(
+    db: impl sqlx::PgExecutor<'_>,
+    org_id: Uuid,
+    max_ttl_secs: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select count(*) as "n!" from delegation
+           where organization_id = $1 and status = 'active'
+             and expires_at - created_at > make_interval(secs => $2::bigint::double precision)"#,
+        org_id,
+        max_ttl_secs
+    )
+    .fetch_one(db)
+    .await
+}
+
 /// Ends, as expired with reason `ttl`, up to `limit` delegations past their expiry, deleting their
 /// ephemeral agents. Rows are taken with `FOR UPDATE SKIP LOCKED`, so any number of instances may
 /// sweep at once; returns how many ended.

@@ -38,6 +38,11 @@ rollup aggregations, monthly budgets and entitlements"),
         (name = "analytics", description = "Token trends, agent activity and per-agent summaries from the per-request records"),
         (name = "city", description = "The city map: zones, rooms, placement, agents' live presence and its stream"),
         (name = "nodes", description = "Machines that run agents: node credentials, heartbeats with metrics and models"),
+        (name = "trust", description = "did:web documents for the issuer and agents, agents' public keys, signed A2A agent \
+cards, compliance controls and reports, scaffolds"),
+        (name = "federation", description = "External issuers (GitHub Actions, Kubernetes, SPIFFE, any OIDC issuer) and \
+trust policies: their tokens exchanged for our agents' (RFC 7523 jwt-bearer, RFC 8693)"),
+        (name = "marketplace", description = "Agents listed publicly by their organizations: search, publish, unlist"),
     )
 )]
 pub struct ApiDoc;
