@@ -91,6 +91,8 @@ pub fn router(api: Api) -> Router<AppState> {
         .route("/console/organization/members/{user}/role", post(organization::set_role))
         .route("/console/organization/members/{user}/remove", post(organization::remove_member))
         .route("/console/organization/upgrade", post(organization::upgrade))
+        .route("/console/trust", get(trust::show))
+        .route("/console/trust/listing/{id}/{verb}", post(trust::set_listing))
         .route("/console/policies/versions", post(policies::create))
         .layer(from_fn(security_headers))
         .layer(Extension(api))

@@ -730,3 +730,44 @@ fn hidden_textarea(html: &str) -> String {
         .replace("&gt;", ">")
         .replace("&amp;", "&")
 }
+
+#[tokio::test]
+async fn the_trust_page_shows_the_compliance_report_and_lists_an_agent_in_the_marketplace() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let agent = app.create_agent(&admin, json!({ "name": "publishable", "capabilities": ["translate"] })).await;
+    let agent_id = agent["id"].as_str().unwrap().to_owned();
+    let browser = Browser::start(1280, 800).await;
+    browser_sign_in(&app, &browser, ADMIN_EMAIL, "/console/trust").await;
+
+    // The report the page shows is the API's.
+    let report =
+        json_ok(app.as_(&admin, Method::GET, "/api/v1/compliance/report").send().await.unwrap(), StatusCode::OK).await;
+    let summary = browser.text(&browser.find("#compliance-summary").await).await;
+    assert_eq!(summary, format!("{} controls pass, {} fail", report["summary"]["passed"], report["summary"]["failed"]),);
+    let row = browser.text(&browser.find("[data-control=audit_chain_intact]").await).await;
+    assert!(row.contains("pass"), "{row}");
+
+    // Listing from the page lists it through the API, and the public marketplace shows it.
+    let toggle = browser.find(&format!("#listings [data-agent=\"{agent_id}\"] button.list-toggle")).await;
+    assert_eq!(browser.text(&toggle).await, "List publicly");
+    browser.click(&toggle).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=listed")).await;
+    let public = json_ok(app.get(&format!("/api/v1/marketplace/{agent_id}")).await, StatusCode::OK).await;
+    assert_eq!(public["name"], "publishable");
+    assert!(browser.text(&browser.find("#market").await).await.contains("publishable"));
+    browser.screenshot("console-trust").await;
+    let toggle = browser.find(&format!("#listings [data-agent=\"{agent_id}\"] button.list-toggle")).await;
+    assert_eq!(browser.text(&toggle).await, "Unlist");
+    browser.click(&toggle).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=unlisted")).await;
+    assert_eq!(app.get(&format!("/api/v1/marketplace/{agent_id}")).await.status(), StatusCode::NOT_FOUND);
+
+    // A member sees the controls (not the report) and no list button on the admin's agent.
+    app.add_member(&admin, &admin.org_id, "member@acme.test", "member").await;
+    let member = Browser::start(1280, 800).await;
+    browser_sign_in(&app, &member, "member@acme.test", "/console/trust").await;
+    member.find("#compliance-controls").await;
+    assert!(member.find_now("#compliance-summary").await.is_none());
+    assert!(member.find_now(&format!("#listings [data-agent=\"{agent_id}\"] button")).await.is_none());
+}

@@ -219,7 +219,7 @@ pub async fn show(viewer: Viewer, Path(id): Path<String>, Query(q): Query<DoneQu
     agent_page(&viewer, id, None, q.done.as_deref()).await
 }
 
-fn not_found(viewer: &Viewer) -> Response {
+pub(crate) fn not_found(viewer: &Viewer) -> Response {
     viewer.failed(
         crate::console::api::Failure {
             status: StatusCode::NOT_FOUND.as_u16(),

@@ -10,6 +10,7 @@ pub mod home;
 pub mod organization;
 pub mod policies;
 pub mod session;
+pub mod trust;
 pub mod webhooks;
 
 use askama::Template;
@@ -49,6 +50,8 @@ pub fn notice_text(code: &str) -> Option<&'static str> {
         "retried" => "The delivery is queued again.",
         "replayed" => "The events are queued for delivery again.",
         "upgraded" => "The plan is changed.",
+        "listed" => "The agent is listed in the marketplace.",
+        "unlisted" => "The agent is off the marketplace.",
         _ => return None,
     })
 }
