@@ -10,6 +10,7 @@ mod delegation;
 mod events;
 mod foundation;
 mod identity;
+mod isolation;
 mod oauth;
 mod policy;
 mod retention;
