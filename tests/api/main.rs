@@ -14,6 +14,7 @@ mod isolation;
 mod oauth;
 mod policy;
 mod retention;
+mod secrets;
 mod tiers;
 mod usage;
 mod webhooks;
