@@ -6,6 +6,7 @@ mod analytics_api;
 mod audit;
 mod browser;
 mod city;
+mod conformance;
 mod delegation;
 mod events;
 mod foundation;
