@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEV_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentidp
 
 .PHONY: help services browser run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench \
-	fuzz-api fuzz-api-quick
+	fuzz-api fuzz-api-quick chaos
 
 help:
 	@echo "make run     start Postgres and Redis if needed, migrate, serve on 127.0.0.1:8080"
@@ -15,6 +15,7 @@ help:
 	@echo "make openapi regenerate openapi/openapi.json"
 	@echo "make bench   benchmarks (not part of make test)"
 	@echo "make fuzz-api  schemathesis over the whole OpenAPI document (make test runs a short one)"
+	@echo "make chaos     three instances, steady load, one fault at a time, the invariants' table"
 
 services:
 	@bash scripts/services.sh
@@ -78,3 +79,8 @@ fuzz-api: services
 
 fuzz-api-quick:
 	FUZZ_API_SECONDS=$${FUZZ_API_SECONDS:-40} FUZZ_API_EXAMPLES=$${FUZZ_API_EXAMPLES:-15} bash scripts/fuzz-api.sh
+
+# Fault injection on services of its own (scripts/chaos.py); not part of `make test`.
+chaos:
+	cargo build --bin agentidp
+	python3 scripts/chaos.py
