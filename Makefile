@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEV_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentidp
 
 .PHONY: help services browser run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench \
-	fuzz-api fuzz-api-quick chaos
+	fuzz-api fuzz-api-quick chaos soak
 
 help:
 	@echo "make run     start Postgres and Redis if needed, migrate, serve on 127.0.0.1:8080"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench   benchmarks (not part of make test)"
 	@echo "make fuzz-api  schemathesis over the whole OpenAPI document (make test runs a short one)"
 	@echo "make chaos     three instances, steady load, one fault at a time, the invariants' table"
+	@echo "make soak DURATION=10m  half of the measured capacity held; RSS and fds over time"
 
 services:
 	@bash scripts/services.sh
@@ -84,3 +85,8 @@ fuzz-api-quick:
 chaos:
 	cargo build --bin agentidp
 	python3 scripts/chaos.py
+
+DURATION ?= 10m
+soak: services
+	cargo build --bin agentidp
+	python3 scripts/soak.py $(DURATION)
