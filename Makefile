@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEV_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentidp
 
 .PHONY: help services browser run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench \
-	fuzz-api fuzz-api-quick chaos soak
+	fuzz-api fuzz-api-quick fuzz chaos soak
 
 help:
 	@echo "make run     start Postgres and Redis if needed, migrate, serve on 127.0.0.1:8080"
@@ -15,6 +15,7 @@ help:
 	@echo "make openapi regenerate openapi/openapi.json"
 	@echo "make bench   benchmarks (not part of make test)"
 	@echo "make fuzz-api  schemathesis over the whole OpenAPI document (make test runs a short one)"
+	@echo "make fuzz      cargo-fuzz targets for the byte parsers, FUZZ_SECONDS each"
 	@echo "make chaos     three instances, steady load, one fault at a time, the invariants' table"
 	@echo "make soak DURATION=10m  half of the measured capacity held; RSS and fds over time"
 
@@ -80,6 +81,10 @@ fuzz-api: services
 
 fuzz-api-quick:
 	FUZZ_API_SECONDS=$${FUZZ_API_SECONDS:-40} FUZZ_API_EXAMPLES=$${FUZZ_API_EXAMPLES:-15} bash scripts/fuzz-api.sh
+
+# Parser fuzzing with cargo-fuzz (scripts/fuzz.sh); FUZZ_SECONDS per target.
+fuzz:
+	bash scripts/fuzz.sh
 
 # Fault injection on services of its own (scripts/chaos.py); not part of `make test`.
 chaos:
