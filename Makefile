@@ -6,13 +6,18 @@ export SQLX_OFFLINE ?= true
 export CARGO_TERM_COLOR ?= never
 DEV_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentidp
 
-.PHONY: help services browser run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench
+.PHONY: help services browser run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench \
+	fuzz-api fuzz-api-quick fuzz chaos soak
 
 help:
 	@echo "make run     start Postgres and Redis if needed, migrate, serve on 127.0.0.1:8080"
 	@echo "make test    fmt, clippy, OpenAPI drift, offline-query check and all tests"
 	@echo "make openapi regenerate openapi/openapi.json"
 	@echo "make bench   benchmarks (not part of make test)"
+	@echo "make fuzz-api  schemathesis over the whole OpenAPI document (make test runs a short one)"
+	@echo "make fuzz      cargo-fuzz targets for the byte parsers, FUZZ_SECONDS each"
+	@echo "make chaos     three instances, steady load, one fault at a time, the invariants' table"
+	@echo "make soak DURATION=10m  half of the measured capacity held; RSS and fds over time"
 
 services:
 	@bash scripts/services.sh
@@ -64,6 +69,29 @@ test: services browser lint openapi-check
 	@# Four at a time: each test runs one to three instances, each with its own Postgres pool and
 	@# listeners, and Debian's Postgres allows 100 connections in all.
 	cargo test --all-targets -- --test-threads=$${TEST_THREADS:-4}
+	$(MAKE) --no-print-directory fuzz-api-quick
 
 bench: services
 	bash bench/run.sh
+
+# Schema-driven fuzzing of the running binary (scripts/fuzz-api.sh): as a system admin, an org
+# member and an agent. The quick run is part of `make test`.
+fuzz-api: services
+	FUZZ_API_SECONDS=$${FUZZ_API_SECONDS:-300} FUZZ_API_EXAMPLES=$${FUZZ_API_EXAMPLES:-200} bash scripts/fuzz-api.sh
+
+fuzz-api-quick:
+	FUZZ_API_SECONDS=$${FUZZ_API_SECONDS:-40} FUZZ_API_EXAMPLES=$${FUZZ_API_EXAMPLES:-15} bash scripts/fuzz-api.sh
+
+# Parser fuzzing with cargo-fuzz (scripts/fuzz.sh); FUZZ_SECONDS per target.
+fuzz:
+	bash scripts/fuzz.sh
+
+# Fault injection on services of its own (scripts/chaos.py); not part of `make test`.
+chaos:
+	cargo build --bin agentidp
+	python3 scripts/chaos.py
+
+DURATION ?= 10m
+soak: services
+	cargo build --bin agentidp
+	python3 scripts/soak.py $(DURATION)

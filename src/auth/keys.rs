@@ -261,6 +261,26 @@ impl KeyRing {
         Self { kek, current: RwLock::new(None), last_reload: std::sync::Mutex::new(None) }
     }
 
+    /// A ring holding one freshly generated key and nothing in Postgres, for the fuzz targets
+    /// (token verification needs a key to get past the signature to the claims).
+    #[doc(hidden)]
+    pub fn ephemeral(algorithm: Algorithm) -> anyhow::Result<Self> {
+        let ring = Self::new([7; 32]);
+        let kid = format!("ephemeral-{}", algorithm.as_str());
+        let generated = generate(algorithm, &kid)?;
+        let verifier = Arc::new(verifier_from_jwk(algorithm, &generated.jwk)?);
+        let active =
+            Arc::new(ActiveKey { kid: kid.clone(), algorithm, signer: signer_from(algorithm, &generated.private)? });
+        let set = KeySet {
+            active,
+            next: None,
+            verifiers: HashMap::from([(kid, verifier)]),
+            jwks: Arc::new(json!({ "keys": [generated.jwk] })),
+        };
+        *ring.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
+        Ok(ring)
+    }
+
     /// Encrypts with the key-encryption key (AES-256-GCM), bound to `kid`: a signing key's id, or
     /// any label naming the row the secret belongs to (a webhook endpoint's).
     pub fn seal(&self, kid: &str, plaintext: &[u8]) -> anyhow::Result<Vec<u8>> {

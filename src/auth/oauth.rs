@@ -238,6 +238,25 @@ async fn authenticate_client(
     headers: &HeaderMap,
     form: &Form,
 ) -> Result<Arc<ClientRecord>, OAuthError> {
+    let (id, secret) = presented_client(headers, form)?;
+    let record = load_client(state, &id).await?;
+    let presented = crate::crypto::sha256(&secret);
+    let now = OffsetDateTime::now_utc();
+    let ok = record.as_ref().is_some_and(|r| {
+        let current = crate::crypto::ct_eq(&r.secret_hash, &presented);
+        let previous =
+            r.previous.as_ref().is_some_and(|(h, until)| *until > now && crate::crypto::ct_eq(h, &presented));
+        current | previous
+    });
+    match record {
+        Some(r) if ok => Ok(r),
+        _ => Err(OAuthError::invalid_client()),
+    }
+}
+
+/// The client id and secret a token request presents: HTTP Basic (RFC 6749 §2.3.1, both parts
+/// form-urlencoded before base64) or `client_id` and `client_secret` in the form, never both.
+fn presented_client(headers: &HeaderMap, form: &Form) -> Result<(String, String), OAuthError> {
     let basic = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
         let (scheme, rest) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("basic").then(|| rest.trim().to_owned())
@@ -268,19 +287,16 @@ async fn authenticate_client(
         }
         (None, None) => return Err(OAuthError::invalid_client()),
     };
-    let record = load_client(state, &id).await?;
-    let presented = crate::crypto::sha256(&secret);
-    let now = OffsetDateTime::now_utc();
-    let ok = record.as_ref().is_some_and(|r| {
-        let current = crate::crypto::ct_eq(&r.secret_hash, &presented);
-        let previous =
-            r.previous.as_ref().is_some_and(|(h, until)| *until > now && crate::crypto::ct_eq(h, &presented));
-        current | previous
-    });
-    match record {
-        Some(r) if ok => Ok(r),
-        _ => Err(OAuthError::invalid_client()),
-    }
+    Ok((id, secret))
+}
+
+/// Runs the token endpoint's parsing of untrusted bytes (the form body, the Basic header) alone,
+/// for the fuzz targets: any input must give an answer, never a panic.
+#[doc(hidden)]
+pub fn parse_token_request(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), String> {
+    let form = parse_form(headers, body).map_err(|e| e.error.to_owned())?;
+    let _ = require_grant(&form);
+    presented_client(headers, &form).map_err(|e| e.error.to_owned())
 }
 
 /// The token response (RFC 6749 §5.1).

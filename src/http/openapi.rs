@@ -103,7 +103,8 @@ pub fn document() -> utoipa::openapi::OpenApi {
 /// - a protected route (not in [`crate::auth::PUBLIC_ROUTES`]): 401 (auth layer), 403 (policy
 ///   layer), 429 (tier layer);
 /// - a JSON request body: 400 (malformed), 413 (body limit), 415 (not JSON), 422 (validation);
-/// - a path parameter: 404 (malformed or another organization's id).
+/// - a path parameter: 404 (malformed or another organization's id);
+/// - a query parameter: 400 (malformed).
 ///
 /// Every error is `application/problem+json` with the `Problem` schema, except on the OAuth
 /// endpoints ([`crate::auth::OAUTH_ROUTES`]), which answer RFC 6749 JSON and keep what their
@@ -183,6 +184,9 @@ fn document_errors(doc: &mut utoipa::openapi::OpenApi) {
             }
             if path_params {
                 add(op, 404, "No such resource (or another organization's)", false);
+            }
+            if op.parameters.iter().flatten().any(|p| matches!(p.parameter_in, ParameterIn::Query)) {
+                add(op, 400, "A query parameter is malformed", oauth);
             }
             add(op, 500, "An internal error; logged with the request id", false);
             add(op, 503, "A dependency is unavailable; retry shortly", oauth);

@@ -575,9 +575,10 @@ async fn nodes_heartbeat_with_their_own_credential_and_go_stale_once() {
     }
     json_ok(report(&a, &tokens[0], "online").await, StatusCode::OK).await;
 
-    // Someone else's heartbeats: refused.
-    assert_problem(heartbeat(&a, &n1, &c2, &beat()).await, StatusCode::FORBIDDEN, "not_this_node").await;
-    assert_eq!(heartbeat(&a, &nb, &c1, &beat()).await.status(), StatusCode::FORBIDDEN);
+    // Someone else's heartbeats: refused, as if the node did not exist (another organization's
+    // node above all: its existence must not leak).
+    assert_problem(heartbeat(&a, &n1, &c2, &beat()).await, StatusCode::NOT_FOUND, "not_found").await;
+    assert_problem(heartbeat(&a, &nb, &c1, &beat()).await, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(heartbeat(&a, &n1, "aidp_node_made-up", &beat()).await.status(), StatusCode::UNAUTHORIZED);
     let no_cred = a.client.post(a.url(&format!("/api/v1/nodes/{n1}/heartbeat"))).json(&beat()).send().await.unwrap();
     assert_eq!(no_cred.status(), StatusCode::UNAUTHORIZED);
