@@ -270,7 +270,11 @@ async fn populate(app: &TestApp, owner: Caller, tag: &str, receiver: &str) -> Ob
 
     // A public key of the agent's, a federation partner (an IP literal: nothing is fetched) and
     // a trust policy under it.
-    let x = if tag == "a" { "1HjTm5a4qYbT8o6KZ2fJ6mHn0uKIzS8nvFD9bk0Jt8w" } else { "J3w0mX9eMgk1nW2lA3bK4cL5dM6eN7fO8gP9hQ0iR1s" };
+    let x = if tag == "a" {
+        "1HjTm5a4qYbT8o6KZ2fJ6mHn0uKIzS8nvFD9bk0Jt8w"
+    } else {
+        "J3w0mX9eMgk1nW2lA3bK4cL5dM6eN7fO8gP9hQ0iR1s"
+    };
     let agent_key = created(
         app,
         &owner,
