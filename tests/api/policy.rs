@@ -503,6 +503,8 @@ impl Ids {
             "/api/v1/agents/{id}" => json!({ "name": "renamed" }),
             "/api/v1/agents/{id}/room" => json!({ "room_id": self.api_key }),
             "/api/v1/agents/{id}/node" => json!({ "node_id": self.api_key }),
+            "/api/v1/agents/{id}/keys" => json!({ "jwk": {
+                "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo" } }),
             _ => json!({}),
         }
     }
