@@ -36,6 +36,7 @@ pub struct Config {
     pub delegation: crate::delegation::DelegationConfig,
     pub usage: crate::usage::UsageConfig,
     pub city: CityConfig,
+    pub oidc: crate::auth::oidc::OidcConfig,
 }
 
 /// The city: presence in Redis, its live stream, and node staleness.

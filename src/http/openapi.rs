@@ -38,6 +38,8 @@ rollup aggregations, monthly budgets and entitlements"),
         (name = "analytics", description = "Token trends, agent activity and per-agent summaries from the per-request records"),
         (name = "city", description = "The city map: zones, rooms, placement, agents' live presence and its stream"),
         (name = "nodes", description = "Machines that run agents: node credentials, heartbeats with metrics and models"),
+        (name = "clients", description = "OAuth clients of an organization: applications that sign people in"),
+        (name = "oidc", description = "OpenID Connect: the authorization endpoint, sign-in and consent pages, userinfo, logout, consents"),
     )
 )]
 pub struct ApiDoc;

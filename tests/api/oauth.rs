@@ -301,9 +301,17 @@ async fn independent_verification(alg: &str) {
     assert_eq!(meta["issuer"], app.config.server.public_url);
     assert_eq!(
         meta["grant_types_supported"],
-        json!(["client_credentials", "urn:ietf:params:oauth:grant-type:token-exchange"])
+        json!([
+            "authorization_code",
+            "refresh_token",
+            "client_credentials",
+            "urn:ietf:params:oauth:grant-type:token-exchange"
+        ])
     );
-    assert_eq!(meta["token_endpoint_auth_methods_supported"], json!(["client_secret_basic", "client_secret_post"]));
+    assert_eq!(
+        meta["token_endpoint_auth_methods_supported"],
+        json!(["client_secret_basic", "client_secret_post", "none"])
+    );
     for key in ["token_endpoint", "introspection_endpoint", "revocation_endpoint", "scopes_supported"] {
         assert!(!meta[key].is_null(), "{key}");
     }
