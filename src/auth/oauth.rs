@@ -927,6 +927,7 @@ fn metadata(state: &AppState) -> Value {
         "subject_types_supported": ["public"],
         "dpop_signing_alg_values_supported": super::oidc::dpop::ALGS,
         "authorization_response_iss_parameter_supported": true,
+        "client_id_metadata_document_supported": cfg.oidc.metadata_documents.enabled,
         "request_parameter_supported": false,
         "request_uri_parameter_supported": false,
         "claims_parameter_supported": false,

@@ -11,6 +11,7 @@ mod dpop;
 mod events;
 mod foundation;
 mod identity;
+mod metadata_documents;
 mod oauth;
 mod oidc;
 mod policy;

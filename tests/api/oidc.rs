@@ -755,6 +755,7 @@ async fn discovery_lists_the_openid_endpoints_truthfully() {
     assert_eq!(meta["code_challenge_methods_supported"], json!(["S256"]));
     assert_eq!(meta["response_types_supported"], json!(["code"]));
     assert_eq!(meta["authorization_response_iss_parameter_supported"], true);
+    assert_eq!(meta["client_id_metadata_document_supported"], true);
     assert!(meta["grant_types_supported"].as_array().unwrap().contains(&json!("refresh_token")));
     assert!(meta["dpop_signing_alg_values_supported"].as_array().unwrap().contains(&json!("ES256")));
     assert!(meta["claims_supported"].as_array().unwrap().contains(&json!("at_hash")));

@@ -328,6 +328,27 @@ fn respond(issued: Issued, mut extra: HeaderMap) -> Response {
     response
 }
 
+/// The RFC 8707 resources of a token request: those granted, or fewer of them; when the grant
+/// named none, any resource served here.
+fn narrowed(state: &AppState, granted: &[String], asked: &[String]) -> Result<Vec<String>, OAuthError> {
+    if asked.is_empty() {
+        return Ok(granted.to_vec());
+    }
+    let ok = asked
+        .iter()
+        .all(|r| if granted.is_empty() { super::authorize::resource_served(state, r) } else { granted.contains(r) });
+    if !ok {
+        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_target", "This resource was not granted here."));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for r in asked {
+        if !out.contains(r) {
+            out.push(r.clone());
+        }
+    }
+    Ok(out)
+}
+
 /// `grant_type=authorization_code`.
 pub(in crate::auth) async fn authorization_code(
     state: &AppState,
@@ -391,13 +412,14 @@ pub(in crate::auth) async fn authorization_code(
     if !crypto::ct_eq(computed.as_bytes(), row.code_challenge.as_bytes()) {
         return Err(invalid_grant("The code_verifier does not match the code_challenge."));
     }
+    let resources = narrowed(state, &row.resources, &form.resources)?;
     let limit_headers = charge(state, row.organization_id, &client.client_id).await?;
     let family = Uuid::now_v7();
     let subject = Subject {
         org_id: row.organization_id,
         user_id: row.user_id,
         scope: row.scope,
-        resources: row.resources,
+        resources,
         auth_time: row.auth_time,
         nonce: row.nonce,
         session_id: row.session_id,
@@ -490,6 +512,7 @@ pub(in crate::auth) async fn refresh_token(
             out.join(" ")
         }
     };
+    let resources = narrowed(state, &row.resources, &form.resources)?;
     let limit_headers = charge(state, row.organization_id, &client.client_id).await?;
     sqlx::query!("update oauth_refresh_token set used_at = now() where refresh_token_id = $1", row.refresh_token_id)
         .execute(&mut *tx)
@@ -498,7 +521,7 @@ pub(in crate::auth) async fn refresh_token(
         org_id: row.organization_id,
         user_id: row.user_id,
         scope,
-        resources: row.resources,
+        resources,
         auth_time: row.auth_time,
         nonce: None,
         session_id: None,
