@@ -898,7 +898,7 @@ fn metadata(state: &AppState) -> Value {
     let cfg = state.config();
     let base = &cfg.server.public_url;
     let alg = state.keys().current().map(|k| k.active.algorithm.as_str()).unwrap_or("ES256");
-    let auth_methods = ["client_secret_basic", "client_secret_post", "none"];
+    let auth_methods = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"];
     json!({
         "issuer": base,
         "authorization_endpoint": format!("{base}/oauth2/authorize"),
@@ -916,6 +916,7 @@ fn metadata(state: &AppState) -> Value {
         "code_challenge_methods_supported": ["S256"],
         "prompt_values_supported": ["none", "login", "consent", "select_account"],
         "token_endpoint_auth_methods_supported": auth_methods,
+        "token_endpoint_auth_signing_alg_values_supported": super::oidc::dpop::ALGS,
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "scopes_supported": super::oidc::all_scopes(),

@@ -42,6 +42,21 @@ impl DpopKey {
         B64.encode(Sha256::digest(canonical.as_bytes()))
     }
 
+    /// The public key as a JWK with a kid, for a client's JWKS.
+    pub fn public_jwk(&self, kid: &str) -> Value {
+        let mut j = self.jwk.clone();
+        j["kid"] = json!(kid);
+        j["use"] = json!("sig");
+        j
+    }
+
+    /// Any compact JWS, ES256.
+    pub fn sign(&self, header: Value, claims: Value) -> String {
+        let signed = format!("{}.{}", B64.encode(header.to_string()), B64.encode(claims.to_string()));
+        let sig: Signature = self.key.sign(signed.as_bytes());
+        format!("{signed}.{}", B64.encode(sig.to_bytes()))
+    }
+
     pub fn proof_at(&self, htm: &str, htu: &str, token: Option<&str>, nonce: Option<&str>, iat: i64) -> String {
         let header = json!({ "typ": "dpop+jwt", "alg": "ES256", "jwk": self.jwk });
         let mut claims = json!({ "jti": uuid::Uuid::new_v4().to_string(), "htm": htm, "htu": htu, "iat": iat });

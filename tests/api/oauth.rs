@@ -310,7 +310,7 @@ async fn independent_verification(alg: &str) {
     );
     assert_eq!(
         meta["token_endpoint_auth_methods_supported"],
-        json!(["client_secret_basic", "client_secret_post", "none"])
+        json!(["client_secret_basic", "client_secret_post", "private_key_jwt", "none"])
     );
     for key in ["token_endpoint", "introspection_endpoint", "revocation_endpoint", "scopes_supported"] {
         assert!(!meta[key].is_null(), "{key}");

@@ -977,3 +977,67 @@ async fn bad_input_to_the_new_endpoints_is_never_a_server_error() {
     let r = app.as_(&admin, Method::POST, "/api/v1/clients").json(&json!({ "name": 5 })).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+#[tokio::test]
+async fn private_key_jwt_clients_authenticate_with_signed_assertions_used_once() {
+    use crate::dpop::DpopKey;
+    let app = spawn_oidc(&[]).await;
+    let admin = app.bootstrap().await;
+    let key = DpopKey::new();
+    let c = register(
+        &app,
+        &admin,
+        json!({
+            "name": "Signed",
+            "redirect_uris": [CALLBACK],
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": { "keys": [key.public_jwk("k1")] },
+        }),
+    )
+    .await;
+    assert!(c["client_secret"].is_null());
+    let id = c["client_id"].as_str().unwrap();
+    let token_url = app.url("/api/v1/token");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let assertion = |signer: &DpopKey, aud: &str, exp: i64| {
+        signer.sign(
+            json!({ "alg": "ES256", "typ": "JWT", "kid": "k1" }),
+            json!({ "iss": id, "sub": id, "aud": aud, "exp": exp, "iat": now, "jti": uuid::Uuid::new_v4().to_string() }),
+        )
+    };
+    let (code, verifier, _) = code_for(&app, id, "openid", &[]).await;
+    let redeem_with = |a: String| {
+        let (code, verifier) = (code.clone(), verifier.clone());
+        let app = &app;
+        async move {
+            app.client
+                .post(app.url("/api/v1/token"))
+                .form(&[
+                    ("grant_type", "authorization_code"),
+                    ("code", code.as_str()),
+                    ("code_verifier", verifier.as_str()),
+                    ("redirect_uri", CALLBACK),
+                    ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                    ("client_assertion", a.as_str()),
+                ])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Another key, another audience, expired, or too long-lived: refused.
+    for bad in [
+        assertion(&DpopKey::new(), &token_url, now + 60),
+        assertion(&key, "https://elsewhere.example/token", now + 60),
+        assertion(&key, &token_url, now - 60),
+        assertion(&key, &token_url, now + 7200),
+    ] {
+        oauth_error(redeem_with(bad).await, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    }
+    let good = assertion(&key, &token_url, now + 60);
+    json_ok(redeem_with(good.clone()).await, StatusCode::OK).await;
+    // The same assertion again is refused before the code is even looked at.
+    oauth_error(redeem_with(good).await, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    let meta = json_ok(app.get("/.well-known/openid-configuration").await, StatusCode::OK).await;
+    assert!(meta["token_endpoint_auth_methods_supported"].as_array().unwrap().contains(&json!("private_key_jwt")));
+}

@@ -180,7 +180,7 @@ impl Settings {
             }
         }
         match req.token_endpoint_auth_method {
-            Some(m) => match AuthMethod::parse(&m).filter(|m| *m != AuthMethod::PrivateKeyJwt) {
+            Some(m) => match AuthMethod::parse(&m) {
                 Some(m) => self.auth_method = m,
                 None => fail("token_endpoint_auth_method", "invalid", "Not a supported method."),
             },

@@ -138,14 +138,26 @@ fn same_htu(htu: &str, expected: &str) -> bool {
 
 /// Marks `jti` of the key as used; `false` when it was used before.
 async fn first_use(state: &AppState, jkt: &str, jti: &str) -> bool {
-    let key = format!("dpop:jti:{}", hex::encode(crate::crypto::sha256(&format!("{jkt}\0{jti}"))));
     let ttl = state.config().oidc.dpop_proof_max_age_secs * 2 + 5;
+    once(state, "dpop:jti", &format!("{jkt}\0{jti}"), ttl).await
+}
+
+/// Marks `what` as seen for `ttl_secs` on every instance (Redis, with this instance's memory while
+/// Redis is away); `false` when it was seen before. Replay caches for proofs and client assertions.
+pub(crate) async fn once(state: &AppState, namespace: &str, what: &str, ttl_secs: u64) -> bool {
+    let key = format!("{namespace}:{}", hex::encode(crate::crypto::sha256(what)));
     let redis = state.redis();
     let set = async {
         let mut conn = redis.multiplexed().await?;
         let done: Option<String> = tokio::time::timeout(
             redis.timeout(),
-            redis::cmd("SET").arg(redis.key(&key)).arg(1).arg("NX").arg("EX").arg(ttl).query_async(&mut conn),
+            redis::cmd("SET")
+                .arg(redis.key(&key))
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(ttl_secs.max(1))
+                .query_async(&mut conn),
         )
         .await??;
         anyhow::Ok(done.is_some())
@@ -156,7 +168,7 @@ async fn first_use(state: &AppState, jkt: &str, jti: &str) -> bool {
     match set.await {
         Ok(first) => first && !seen_here,
         Err(e) => {
-            tracing::warn!(error = %e, "DPoP replay cache: Redis unavailable, checking this instance only");
+            tracing::warn!(error = %e, "replay cache: Redis unavailable, checking this instance only");
             !seen_here
         }
     }

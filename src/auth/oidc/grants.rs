@@ -57,9 +57,16 @@ pub(in crate::auth) async fn authenticate(
     form: &Form,
     endpoint: &str,
 ) -> Result<Arc<OidcClient>, OAuthError> {
-    let _ = endpoint;
-    if form.params.contains_key("client_assertion_type") {
-        return Err(OAuthError::invalid_client());
+    if let Some(t) = form.params.get("client_assertion_type") {
+        if t != super::assertion::JWT_BEARER || client_secret(headers, form)?.is_some() {
+            return Err(OAuthError::invalid_client());
+        }
+        let assertion = form
+            .params
+            .get("client_assertion")
+            .ok_or_else(|| OAuthError::invalid_request("client_assertion is required."))?;
+        let id = form.params.get("client_id").map(String::as_str);
+        return super::assertion::authenticate(state, id, assertion, endpoint).await;
     }
     let presented = client_secret(headers, form)?;
     let (id, secret, basic) = match presented {

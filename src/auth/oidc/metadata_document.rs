@@ -192,7 +192,6 @@ fn validate(url: &Url, raw: &str, doc: Document, state: &AppState) -> Result<Oid
 
 /// The client a metadata-document `client_id` names: from the cache, or fetched and validated.
 pub async fn client(state: &AppState, raw: &str) -> Result<Arc<OidcClient>, Refused> {
-    let cfg = &state.config().oidc.metadata_documents;
     let docs = &state.auth().documents;
     let Some(http) = &docs.client else { return Err(Refused::Disabled) };
     if let Some((c, until)) = docs.cache.get(raw)
@@ -200,6 +199,25 @@ pub async fn client(state: &AppState, raw: &str) -> Result<Arc<OidcClient>, Refu
     {
         return Ok(c);
     }
+    let (url, body, ttl) = fetch(state, http, raw).await?;
+    let doc: Document = serde_json::from_slice(&body)
+        .map_err(|_| Refused::Invalid("it is not a JSON object of client metadata.".into()))?;
+    let client = Arc::new(validate(&url, raw, doc, state)?);
+    if let Some(ttl) = ttl {
+        docs.cache.insert(raw.to_owned(), (client.clone(), Instant::now() + ttl));
+    }
+    metrics::counter!("oidc_metadata_documents_fetched_total").increment(1);
+    Ok(client)
+}
+
+/// Fetches `raw` through the guard: https only, every address checked, no redirects, the size
+/// cap and the timeout. Returns the URL, the body and how long it may be cached.
+async fn fetch(
+    state: &AppState,
+    http: &reqwest::Client,
+    raw: &str,
+) -> Result<(Url, Vec<u8>, Option<Duration>), Refused> {
+    let cfg = &state.config().oidc.metadata_documents;
     let url = ssrf::parse(raw, true).map_err(|r| Refused::Url(r.message()))?;
     if url.path() == "/" || url.query().is_some() {
         return Err(Refused::Url("it must have a path and no query."));
@@ -236,12 +254,12 @@ pub async fn client(state: &AppState, raw: &str) -> Result<Arc<OidcClient>, Refu
     };
     let (body, ttl) =
         tokio::time::timeout(Duration::from_millis(cfg.timeout_ms), fetch).await.map_err(|_| Refused::Timeout)??;
-    let doc: Document = serde_json::from_slice(&body)
-        .map_err(|_| Refused::Invalid("it is not a JSON object of client metadata.".into()))?;
-    let client = Arc::new(validate(&url, raw, doc, state)?);
-    if let Some(ttl) = ttl {
-        docs.cache.insert(raw.to_owned(), (client.clone(), Instant::now() + ttl));
-    }
-    metrics::counter!("oidc_metadata_documents_fetched_total").increment(1);
-    Ok(client)
+    Ok((url, body, ttl))
+}
+
+/// A JSON document at an https URL (a client's `jwks_uri`), fetched like metadata documents.
+pub async fn fetch_json(state: &AppState, raw: &str) -> Result<Value, Refused> {
+    let http = state.auth().documents.client.as_ref().ok_or(Refused::Disabled)?;
+    let (_, body, _) = fetch(state, http, raw).await?;
+    serde_json::from_slice(&body).map_err(|_| Refused::Invalid("it is not JSON.".into()))
 }

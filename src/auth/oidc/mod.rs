@@ -6,6 +6,7 @@
 //! redirect URIs. Codes live 60 s and are used once; a replayed code revokes what it issued.
 //! Refresh tokens rotate on every use; a used one presented again revokes its whole family.
 
+pub mod assertion;
 pub mod authorize;
 pub mod clients;
 pub mod consents;
