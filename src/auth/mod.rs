@@ -103,6 +103,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(oidc::userinfo::end_session))
         .routes(routes!(oidc::consents::list_consents))
         .routes(routes!(oidc::consents::revoke_consent))
+        .routes(routes!(oidc::registration::register))
+        .routes(routes!(oidc::registration::read_registration, oidc::registration::delete_registration))
 }
 
 /// Routes anyone may call; every other route requires a principal.
@@ -127,14 +129,22 @@ pub const PUBLIC_ROUTES: &[&str] = &[
     "/oauth2/consent",
     "/oauth2/userinfo",
     "/oauth2/logout",
+    "/oauth2/register",
+    "/oauth2/register/{client_id}",
     "/api/v1/billing/stripe/webhook",
     // A node's heartbeat carries the node's own credential, checked by the handler.
     "/api/v1/nodes/{id}/heartbeat",
 ];
 
 /// The OAuth endpoints: their errors are RFC 6749 JSON (`application/json`), not problem+json.
-pub const OAUTH_ROUTES: &[&str] =
-    &["/api/v1/token", "/api/v1/token/introspect", "/api/v1/token/revoke", "/oauth2/userinfo"];
+pub const OAUTH_ROUTES: &[&str] = &[
+    "/api/v1/token",
+    "/api/v1/token/introspect",
+    "/api/v1/token/revoke",
+    "/oauth2/userinfo",
+    "/oauth2/register",
+    "/oauth2/register/{client_id}",
+];
 
 /// The pages people's browsers are sent to: their refusals are HTML pages, never redirected to an
 /// unregistered URI and never JSON (the server errors below them still are problem+json).

@@ -899,8 +899,14 @@ fn metadata(state: &AppState) -> Value {
     let base = &cfg.server.public_url;
     let alg = state.keys().current().map(|k| k.active.algorithm.as_str()).unwrap_or("ES256");
     let auth_methods = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"];
-    json!({
+    let registration = &cfg.oidc.registration;
+    let registration_endpoint = (registration.enabled
+        && registration.organization.parse::<Uuid>().is_ok()
+        && (registration.open || !registration.initial_access_token.is_empty()))
+    .then(|| format!("{base}/oauth2/register"));
+    let mut doc = json!({
         "issuer": base,
+        "registration_endpoint": registration_endpoint,
         "authorization_endpoint": format!("{base}/oauth2/authorize"),
         "token_endpoint": format!("{base}/api/v1/token"),
         "userinfo_endpoint": format!("{base}/oauth2/userinfo"),
@@ -933,7 +939,11 @@ fn metadata(state: &AppState) -> Value {
         "request_uri_parameter_supported": false,
         "claims_parameter_supported": false,
         "service_documentation": format!("{base}/docs/"),
-    })
+    });
+    if let Some(d) = doc.as_object_mut() {
+        d.retain(|_, v| !v.is_null());
+    }
+    doc
 }
 
 /// RFC 8414 authorization server metadata.

@@ -172,11 +172,15 @@ fn document_errors(doc: &mut utoipa::openapi::OpenApi) {
                 add(op, 403, "Not allowed: the policy's reason, or a missing scope", false);
                 add(op, 429, "Over the rate limit or the daily quota", false);
             }
-            if json_body {
+            // An OAuth endpoint with a JSON body (dynamic registration) answers its own RFC JSON
+            // errors; only the body limit's 413 comes from the stack.
+            if json_body && !oauth {
                 add(op, 400, "The request is malformed", false);
-                add(op, 413, "The body is larger than the server accepts", false);
                 add(op, 415, "The body is not application/json", false);
                 add(op, 422, "The body failed validation; see `errors`", false);
+            }
+            if json_body {
+                add(op, 413, "The body is larger than the server accepts", false);
             }
             if path_params {
                 add(op, 404, "No such resource (or another organization's)", false);

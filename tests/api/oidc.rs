@@ -1041,3 +1041,120 @@ async fn private_key_jwt_clients_authenticate_with_signed_assertions_used_once()
     let meta = json_ok(app.get("/.well-known/openid-configuration").await, StatusCode::OK).await;
     assert!(meta["token_endpoint_auth_methods_supported"].as_array().unwrap().contains(&json!("private_key_jwt")));
 }
+
+#[tokio::test]
+async fn dynamic_registration_is_off_by_default_and_on_with_an_initial_access_token() {
+    let app = spawn_oidc(&[]).await;
+    let meta = json_ok(app.get("/.well-known/openid-configuration").await, StatusCode::OK).await;
+    assert!(meta.get("registration_endpoint").is_none(), "{meta}");
+    let r = app.post_json("/oauth2/register", &json!({ "redirect_uris": [CALLBACK] })).await;
+    oauth_error(r, StatusCode::NOT_FOUND, "invalid_request").await;
+
+    let first = spawn_oidc(&[]).await;
+    let admin = first.bootstrap().await;
+    let mut cfg = first.config.clone();
+    cfg.server.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.oidc.registration.enabled = true;
+    cfg.oidc.registration.organization = admin.org_id.clone();
+    cfg.oidc.registration.initial_access_token = agentidp::config::Secret::new("initial-token-for-tests");
+    let app = crate::helpers::spawn_on(cfg, None).await;
+    let meta = json_ok(app.get("/.well-known/openid-configuration").await, StatusCode::OK).await;
+    assert_eq!(meta["registration_endpoint"], format!("{}/oauth2/register", first.base));
+    let post = |body: Value, token: Option<&str>| {
+        let mut r = app.client.post(app.url("/oauth2/register")).json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let good = json!({ "client_name": "Legacy", "redirect_uris": [CALLBACK], "grant_types": ["authorization_code", "refresh_token"], "scope": "openid email" });
+    oauth_error(post(good.clone(), None).await.unwrap(), StatusCode::UNAUTHORIZED, "invalid_token").await;
+    oauth_error(post(good.clone(), Some("wrong")).await.unwrap(), StatusCode::UNAUTHORIZED, "invalid_token").await;
+    let t = Some("initial-token-for-tests");
+    let js = json!({ "redirect_uris": ["javascript:alert(document.cookie)"] });
+    oauth_error(post(js, t).await.unwrap(), StatusCode::BAD_REQUEST, "invalid_redirect_uri").await;
+    let wide = json!({ "redirect_uris": [CALLBACK], "scope": "openid agents:write" });
+    oauth_error(post(wide, t).await.unwrap(), StatusCode::BAD_REQUEST, "invalid_client_metadata").await;
+    let implicit = json!({ "redirect_uris": [CALLBACK], "response_types": ["token"] });
+    oauth_error(post(implicit, t).await.unwrap(), StatusCode::BAD_REQUEST, "invalid_client_metadata").await;
+    let r = app
+        .client
+        .post(app.url("/oauth2/register"))
+        .bearer_auth("initial-token-for-tests")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    oauth_error(r, StatusCode::BAD_REQUEST, "invalid_client_metadata").await;
+
+    let reg = json_ok(post(good, t).await.unwrap(), StatusCode::CREATED).await;
+    let id = reg["client_id"].as_str().unwrap().to_owned();
+    let secret = reg["client_secret"].as_str().unwrap().to_owned();
+    let rat = reg["registration_access_token"].as_str().unwrap().to_owned();
+    assert_eq!(reg["registration_client_uri"], format!("{}/oauth2/register/{id}", first.base));
+    // The registered client signs a person in like any other.
+    let (code, verifier, _) = code_for(&app, &id, "openid email", &[]).await;
+    json_ok(redeem(&app, (&id, &secret), &code, &verifier).await, StatusCode::OK).await;
+    // RFC 7592: read with the registration access token only.
+    let path = format!("/oauth2/register/{id}");
+    let r = app.client.get(app.url(&path)).bearer_auth("aidp_rat_wrong").send().await.unwrap();
+    oauth_error(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
+    let read = json_ok(app.client.get(app.url(&path)).bearer_auth(&rat).send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(read["client_name"], "Legacy");
+    // Unused for longer than reap_idle_days: reaped, and the client learns it must register again.
+    app.state.clock().set(time::OffsetDateTime::now_utc() + time::Duration::days(31));
+    assert_eq!(agentidp::auth::oidc::registration::reap(&app.state).await.unwrap(), 1);
+    app.state.clock().set(time::OffsetDateTime::now_utc());
+    let r = app
+        .client
+        .post(app.url("/api/v1/token"))
+        .basic_auth(&id, Some(&secret))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", "x"),
+            ("code_verifier", &"a".repeat(43)),
+            ("redirect_uri", CALLBACK),
+        ])
+        .send()
+        .await
+        .unwrap();
+    oauth_error(r, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    let r = app.client.get(app.url(&path)).bearer_auth(&rat).send().await.unwrap();
+    oauth_error(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
+    // A second registration, deleted by its own token.
+    let reg = json_ok(
+        post(json!({ "redirect_uris": [CALLBACK], "token_endpoint_auth_method": "none" }), t).await.unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    assert!(reg["client_secret"].is_null());
+    let path = format!("/oauth2/register/{}", reg["client_id"].as_str().unwrap());
+    let r = app
+        .client
+        .delete(app.url(&path))
+        .bearer_auth(reg["registration_access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn open_registration_is_limited_per_address() {
+    let first = spawn_oidc(&[]).await;
+    let admin = first.bootstrap().await;
+    let mut cfg = first.config.clone();
+    cfg.server.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.oidc.registration.enabled = true;
+    cfg.oidc.registration.open = true;
+    cfg.oidc.registration.per_ip = 2;
+    cfg.oidc.registration.organization = admin.org_id.clone();
+    let app = crate::helpers::spawn_on(cfg, None).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(app.post_json("/oauth2/register", &json!({ "redirect_uris": [CALLBACK] })).await.status());
+    }
+    assert_eq!(statuses[..2], [StatusCode::CREATED, StatusCode::CREATED]);
+    assert_eq!(statuses[3], StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
+}

@@ -14,6 +14,7 @@ pub mod dpop;
 pub mod grants;
 pub mod metadata_document;
 mod pages;
+pub mod registration;
 pub mod userinfo;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub struct OidcConfig {
     /// A nonce is valid for its window of this length and the next.
     pub dpop_nonce_lifetime_secs: u64,
     pub metadata_documents: metadata_document::MetadataDocumentConfig,
+    pub registration: registration::RegistrationConfig,
 }
 
 /// The OpenID Connect scopes, granted besides the API's own.
