@@ -97,13 +97,13 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(oidc::clients::get_client, oidc::clients::update_client, oidc::clients::delete_client))
         .routes(routes!(oidc::clients::rotate_client_secret))
         .routes(routes!(oidc::authorize::authorize))
-        .routes(routes!(oidc::authorize::login))
-        .routes(routes!(oidc::authorize::consent))
+        .routes(routes!(oidc::authorize::sign_in))
+        .routes(routes!(oidc::authorize::give_consent))
         .routes(routes!(oidc::userinfo::userinfo_get, oidc::userinfo::userinfo_post))
         .routes(routes!(oidc::userinfo::end_session))
         .routes(routes!(oidc::consents::list_consents))
         .routes(routes!(oidc::consents::revoke_consent))
-        .routes(routes!(oidc::registration::register))
+        .routes(routes!(oidc::registration::register_client))
         .routes(routes!(oidc::registration::read_registration, oidc::registration::delete_registration))
 }
 

@@ -605,7 +605,7 @@ fn expired_form() -> Response {
         (status = 401, description = "The sign-in page again: wrong email or password", content_type = "text/html"),
         (status = 403, description = "The CSRF token is missing or wrong", content_type = "text/html"),
         (status = 429, description = "Too many failed sign-ins; see Retry-After", content_type = "text/html")))]
-pub(in crate::auth) async fn login(
+pub(in crate::auth) async fn sign_in(
     State(state): State<AppState>,
     Extension(Secure(secure)): Extension<Secure>,
     headers: HeaderMap,
@@ -679,7 +679,7 @@ pub(in crate::auth) async fn login(
         (status = 303, description = "Back to the redirect URI with `code` or `error=access_denied`"),
         (status = 200, description = "The sign-in page, when the session has ended", content_type = "text/html"),
         (status = 403, description = "The CSRF token is missing or wrong", content_type = "text/html")))]
-pub(in crate::auth) async fn consent(
+pub(in crate::auth) async fn give_consent(
     State(state): State<AppState>,
     Extension(Secure(secure)): Extension<Secure>,
     actor: Option<Extension<Actor>>,

@@ -160,7 +160,7 @@ fn metadata_of(c: &clients::OAuthClient) -> Value {
         (status = 401, description = "The initial access token is missing or wrong", body = crate::auth::oauth::OAuthErrorBody),
         (status = 404, description = "Registration is off", body = crate::auth::oauth::OAuthErrorBody),
         (status = 429, description = "Too many open registrations from this address", body = crate::auth::oauth::OAuthErrorBody)))]
-pub(in crate::auth) async fn register(
+pub(in crate::auth) async fn register_client(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
