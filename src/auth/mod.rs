@@ -104,7 +104,11 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(oidc::consents::list_consents))
         .routes(routes!(oidc::consents::revoke_consent))
         .routes(routes!(oidc::registration::register_client))
-        .routes(routes!(oidc::registration::read_registration, oidc::registration::delete_registration))
+        .routes(routes!(
+            oidc::registration::read_registration,
+            oidc::registration::update_registration,
+            oidc::registration::delete_registration
+        ))
 }
 
 /// Routes anyone may call; every other route requires a principal.

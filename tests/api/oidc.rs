@@ -1102,6 +1102,22 @@ async fn dynamic_registration_is_off_by_default_and_on_with_an_initial_access_to
     oauth_error(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
     let read = json_ok(app.client.get(app.url(&path)).bearer_auth(&rat).send().await.unwrap(), StatusCode::OK).await;
     assert_eq!(read["client_name"], "Legacy");
+    let put = |body: Value| app.client.put(app.url(&path)).bearer_auth(&rat).json(&body).send();
+    let changed = json_ok(put(json!({ "client_name": "Legacy 2", "redirect_uris": [CALLBACK, "https://app.example/other"], "scope": "openid email" })).await.unwrap(), StatusCode::OK).await;
+    assert_eq!(changed["client_name"], "Legacy 2");
+    assert_eq!(changed["redirect_uris"].as_array().unwrap().len(), 2);
+    oauth_error(
+        put(json!({ "redirect_uris": ["javascript:void(0)"] })).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_redirect_uri",
+    )
+    .await;
+    oauth_error(
+        put(json!({ "redirect_uris": [CALLBACK], "token_endpoint_auth_method": "none" })).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_client_metadata",
+    )
+    .await;
     // Unused for longer than reap_idle_days: reaped, and the client learns it must register again.
     app.state.clock().set(time::OffsetDateTime::now_utc() + time::Duration::days(31));
     assert_eq!(agentidp::auth::oidc::registration::reap(&app.state).await.unwrap(), 1);

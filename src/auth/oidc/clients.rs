@@ -567,7 +567,25 @@ pub(in crate::auth) async fn update_client(
             "Moving between secret and secretless authentication needs a new client.",
         ));
     }
-    let row = sqlx::query_as!(
+    let row = update_row(&mut tx, org_id, id, &s).await?;
+    audit::record(&mut tx, Event::by(&actor, org_id, "oauth_client.updated").target("oauth_client", id)).await?;
+    tx.commit().await?;
+    Ok(Json(row))
+}
+
+/// Whether the client authenticates with a secret (its row locked for the caller's update).
+pub(crate) async fn uses_secret(tx: &mut sqlx::PgConnection, org_id: Uuid, id: Uuid) -> ApiResult<bool> {
+    Ok(fetch(tx, org_id, id).await?.settings().auth_method.uses_secret())
+}
+
+/// Writes every setting of a client.
+pub(crate) async fn update_row(
+    tx: &mut sqlx::PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+    s: &Settings,
+) -> ApiResult<OAuthClient> {
+    let row: ClientRow = sqlx::query_as!(
         ClientRow,
         "update oauth_client set name = $3, client_type = $4, token_endpoint_auth_method = $5, redirect_uris = $6,
              post_logout_redirect_uris = $7, grant_types = $8, allowed_scopes = $9, access_token_ttl_secs = $10,
@@ -599,9 +617,7 @@ pub(in crate::auth) async fn update_client(
     )
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, Event::by(&actor, org_id, "oauth_client.updated").target("oauth_client", id)).await?;
-    tx.commit().await?;
-    Ok(Json(row.into()))
+    Ok(row.into())
 }
 
 /// A new secret for a confidential client; the old one stops working at once.

@@ -1,5 +1,5 @@
 //! Dynamic client registration for older clients (RFC 7591) and its management with a
-//! registration access token (RFC 7592: read and delete). Off by default. When on, clients are
+//! registration access token (RFC 7592: read, replace, delete). Off by default. When on, clients are
 //! registered into one configured organization, with an initial access token or, for open
 //! registration, limited per client IP and by a scope ceiling. Registrations unused for
 //! `reap_idle_days` are deleted; their client then gets `invalid_client` and knows to register
@@ -188,27 +188,9 @@ pub(in crate::auth) async fn register_client(
             return Ok(r);
         }
     }
-    let meta: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(_) => return Ok(error(StatusCode::BAD_REQUEST, "invalid_client_metadata", "The body is not JSON.")),
-    };
-    let req = match settings_of(&meta, &cfg.scope_ceiling) {
-        Ok(r) => r,
-        Err((code, why)) => return Ok(error(StatusCode::BAD_REQUEST, code, &why)),
-    };
-    let settings = match Settings::defaults(&state).apply(req, true) {
+    let settings = match validated(&state, &body) {
         Ok(s) => s,
-        Err(ApiError::Validation { errors }) => {
-            let first = errors.first().map(|e| format!("{}: {}", e.field, e.message)).unwrap_or_default();
-            let code =
-                if errors.iter().any(|e| e.field.starts_with("redirect_uris") || e.field.starts_with("post_logout")) {
-                    "invalid_redirect_uri"
-                } else {
-                    "invalid_client_metadata"
-                };
-            return Ok(error(StatusCode::BAD_REQUEST, code, &first));
-        }
-        Err(e) => return Err(e),
+        Err(r) => return Ok(*r),
     };
     let token = crypto::random_token(REGISTRATION_TOKEN_PREFIX);
     let mut tx = state.db().begin().await?;
@@ -299,6 +281,67 @@ pub(in crate::auth) async fn delete_registration(
     tx.commit().await?;
     revocation::announce(&state, Announced::Subject { subject: Subject::Credential(id), not_before: nb }).await;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// RFC 7592: replaces the registration's metadata (omitted fields take their defaults). The client
+/// keeps its id and secret; moving between secret and secretless authentication needs a new
+/// registration.
+#[utoipa::path(put, path = "/oauth2/register/{client_id}", tag = "oidc", params(("client_id" = String, Path)),
+    request_body(content = Value, content_type = "application/json", description = "RFC 7591 client metadata"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The client's metadata as stored", body = Value),
+        (status = 400, description = "invalid_redirect_uri or invalid_client_metadata", body = crate::auth::oauth::OAuthErrorBody),
+        (status = 401, description = "Not this registration's access token", body = crate::auth::oauth::OAuthErrorBody)))]
+pub(in crate::auth) async fn update_registration(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(client_id): ApiPath<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some((id, org_id)) = managed(&state, &headers, &client_id).await? else {
+        return Ok(error(StatusCode::UNAUTHORIZED, "invalid_token", "The registration access token is not valid."));
+    };
+    let settings = match validated(&state, &body) {
+        Ok(s) => s,
+        Err(r) => return Ok(*r),
+    };
+    let mut tx = state.db().begin().await?;
+    if clients::uses_secret(&mut tx, org_id, id).await? != settings.auth_method.uses_secret() {
+        return Ok(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_client_metadata",
+            "Moving between secret and secretless authentication needs a new registration.",
+        ));
+    }
+    let client = clients::update_row(&mut tx, org_id, id, &settings).await?;
+    tx.commit().await?;
+    Ok(Json(metadata_of(&client)).into_response())
+}
+
+/// Registration metadata, checked; a refusal is the RFC 7591 error response.
+fn validated(state: &AppState, body: &[u8]) -> Result<Settings, Box<Response>> {
+    let meta: Value = serde_json::from_slice(body)
+        .map_err(|_| Box::new(error(StatusCode::BAD_REQUEST, "invalid_client_metadata", "The body is not JSON.")))?;
+    let req = settings_of(&meta, &state.config().oidc.registration.scope_ceiling)
+        .map_err(|(code, why)| Box::new(error(StatusCode::BAD_REQUEST, code, &why)))?;
+    Settings::defaults(state).apply(req, true).map_err(|e| {
+        Box::new(match e {
+            ApiError::Validation { errors } => {
+                let first = errors.first().map(|e| format!("{}: {}", e.field, e.message)).unwrap_or_default();
+                let code = if errors
+                    .iter()
+                    .any(|e| e.field.starts_with("redirect_uris") || e.field.starts_with("post_logout"))
+                {
+                    "invalid_redirect_uri"
+                } else {
+                    "invalid_client_metadata"
+                };
+                error(StatusCode::BAD_REQUEST, code, &first)
+            }
+            other => other.into_response(),
+        })
+    })
 }
 
 /// Deletes registrations unused for `reap_idle_days`; returns how many.
