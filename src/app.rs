@@ -139,6 +139,7 @@ impl Application {
         let usage_ingest = crate::usage::nats::spawn(&state);
         let usage_tasks = crate::usage::spawn(&state);
         let city = crate::city::spawn(&state);
+        let registrations = crate::auth::oidc::registration::spawn(&state);
         let analytics = state.analytics().spawn_writer(state.db().clone());
         let decisions = state.decision_log().spawn_writer(state.db().clone());
         let service = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -176,6 +177,9 @@ impl Application {
         settler.abort();
         delegation.abort();
         city.abort();
+        if let Some(r) = registrations {
+            r.abort();
+        }
         if let Some(r) = retention {
             r.abort();
         }

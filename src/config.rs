@@ -37,6 +37,7 @@ pub struct Config {
     pub usage: crate::usage::UsageConfig,
     pub city: CityConfig,
     pub trust: crate::trust::TrustConfig,
+    pub oidc: crate::auth::oidc::OidcConfig,
 }
 
 /// The city: presence in Redis, its live stream, and node staleness.

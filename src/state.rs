@@ -42,7 +42,7 @@ struct Inner {
 impl AppState {
     pub fn new(config: Config, db: PgPool, redis: Redis) -> anyhow::Result<Self> {
         let listener_is_tls = config.tls.enabled();
-        let auth = AuthState::new(&config.auth);
+        let auth = AuthState::new(&config.auth, &config.oidc)?;
         let keys = KeyRing::new(config.kek());
         let policy = crate::policy::Engine::with_cache(config.policy.decision_cache_entries)?;
         let decisions = crate::policy::DecisionLog::new(config.policy.log_queue_capacity, config.policy.log_batch_size);

@@ -116,6 +116,8 @@ scopes! {
     PresenceWrite => "presence:write",
     NodesRead => "nodes:read",
     NodesWrite => "nodes:write",
+    ClientsRead => "clients:read",
+    ClientsWrite => "clients:write",
 }
 
 /// The authenticated caller of this request.

@@ -103,7 +103,10 @@ pub fn presented(headers: &HeaderMap) -> Option<String> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let v = v.to_str().unwrap_or("");
         return Some(match v.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim().to_owned(),
+            // A DPoP-bound token (RFC 9449 §7.1) is checked for its proof by the org-context layer.
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("dpop") => {
+                token.trim().to_owned()
+            }
             _ => String::new(),
         });
     }
@@ -126,6 +129,8 @@ pub enum Failure {
     Unavailable,
     /// Too many credential lookups from the client's IP this minute.
     Throttled,
+    /// A DPoP-bound token without a valid proof of its key (RFC 9449 §7).
+    DpopProof,
 }
 
 /// Resolved principals by secret hash, and secrets known not to resolve.

@@ -231,7 +231,7 @@ fn signer_from(algorithm: Algorithm, private: &[u8]) -> anyhow::Result<Signer> {
 }
 
 /// Parses a published JWK of ours back into a verifier.
-fn verifier_from_jwk(algorithm: Algorithm, jwk: &Value) -> anyhow::Result<Verifier> {
+pub fn verifier_from_jwk(algorithm: Algorithm, jwk: &Value) -> anyhow::Result<Verifier> {
     let field = |name: &str| -> anyhow::Result<Vec<u8>> {
         Ok(B64.decode(jwk[name].as_str().ok_or_else(|| anyhow::anyhow!("jwk lacks {name}"))?)?)
     };

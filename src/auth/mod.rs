@@ -10,9 +10,10 @@ mod invitations;
 pub mod keys;
 pub mod model;
 pub mod oauth;
+pub mod oidc;
 mod orgs;
 pub mod revocation;
-mod sessions;
+pub(crate) mod sessions;
 mod throttle;
 pub mod tokens;
 
@@ -37,13 +38,17 @@ pub struct AuthState {
     pub clients: oauth::ClientCache,
     pub revocations: revocation::Revocations,
     pub verified: tokens::VerifiedCache,
+    /// DPoP proofs seen by this instance (Redis is the shared replay cache).
+    pub dpop_replays: oidc::dpop::ReplayCache,
+    /// Client ID metadata documents: the guarded fetcher and its cache.
+    pub documents: oidc::metadata_document::Documents,
 }
 
 impl AuthState {
-    pub fn new(cfg: &AuthConfig) -> Self {
+    pub fn new(cfg: &AuthConfig, oidc: &oidc::OidcConfig) -> anyhow::Result<Self> {
         let cache_ttl = Duration::from_secs(cfg.credential_cache_secs);
         let negative_ttl = Duration::from_secs(cfg.negative_cache_secs);
-        Self {
+        Ok(Self {
             cache: Arc::new(CredentialCache::new(cache_ttl, negative_ttl)),
             lookups: credentials::LookupLimit::new(cfg.lookups_per_minute_ip),
             throttle: LoginThrottle::new(cfg.clone()),
@@ -51,7 +56,9 @@ impl AuthState {
             clients: oauth::ClientCache::new(cache_ttl, negative_ttl),
             revocations: revocation::Revocations::default(),
             verified: tokens::VerifiedCache::new(Duration::from_secs(cfg.access_token_ttl_secs)),
-        }
+            dpop_replays: oidc::dpop::ReplayCache::new(Duration::from_secs(oidc.dpop_proof_max_age_secs)),
+            documents: oidc::metadata_document::Documents::new(&oidc.metadata_documents)?,
+        })
     }
 }
 
@@ -86,6 +93,22 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(oauth::openid_configuration))
         .routes(routes!(oauth::protected_resource))
         .routes(routes!(oauth::jwks))
+        .routes(routes!(oidc::clients::create_client, oidc::clients::list_clients))
+        .routes(routes!(oidc::clients::get_client, oidc::clients::update_client, oidc::clients::delete_client))
+        .routes(routes!(oidc::clients::rotate_client_secret))
+        .routes(routes!(oidc::authorize::authorize))
+        .routes(routes!(oidc::authorize::sign_in))
+        .routes(routes!(oidc::authorize::give_consent))
+        .routes(routes!(oidc::userinfo::userinfo_get, oidc::userinfo::userinfo_post))
+        .routes(routes!(oidc::userinfo::end_session))
+        .routes(routes!(oidc::consents::list_consents))
+        .routes(routes!(oidc::consents::revoke_consent))
+        .routes(routes!(oidc::registration::register_client))
+        .routes(routes!(
+            oidc::registration::read_registration,
+            oidc::registration::update_registration,
+            oidc::registration::delete_registration
+        ))
 }
 
 /// Routes anyone may call; every other route requires a principal.
@@ -104,6 +127,14 @@ pub const PUBLIC_ROUTES: &[&str] = &[
     "/.well-known/openid-configuration",
     "/.well-known/oauth-protected-resource",
     "/.well-known/jwks.json",
+    // OpenID Connect: the browser's pages and the endpoints that check their own tokens.
+    "/oauth2/authorize",
+    "/oauth2/login",
+    "/oauth2/consent",
+    "/oauth2/userinfo",
+    "/oauth2/logout",
+    "/oauth2/register",
+    "/oauth2/register/{client_id}",
     "/api/v1/billing/stripe/webhook",
     // A node's heartbeat carries the node's own credential, checked by the handler.
     "/api/v1/nodes/{id}/heartbeat",
@@ -117,7 +148,18 @@ pub const PUBLIC_ROUTES: &[&str] = &[
 ];
 
 /// The OAuth endpoints: their errors are RFC 6749 JSON (`application/json`), not problem+json.
-pub const OAUTH_ROUTES: &[&str] = &["/api/v1/token", "/api/v1/token/introspect", "/api/v1/token/revoke"];
+pub const OAUTH_ROUTES: &[&str] = &[
+    "/api/v1/token",
+    "/api/v1/token/introspect",
+    "/api/v1/token/revoke",
+    "/oauth2/userinfo",
+    "/oauth2/register",
+    "/oauth2/register/{client_id}",
+];
+
+/// The pages people's browsers are sent to: their refusals are HTML pages, never redirected to an
+/// unregistered URI and never JSON (the server errors below them still are problem+json).
+pub const PAGE_ROUTES: &[&str] = &["/oauth2/authorize", "/oauth2/login", "/oauth2/consent", "/oauth2/logout"];
 
 /// Whether a matched route template is public (Swagger UI's assets and unknown paths are, and the
 /// console's pages: the console signs people in itself and calls the API as them).

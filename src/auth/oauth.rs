@@ -37,19 +37,24 @@ pub struct OAuthError {
 }
 
 impl OAuthError {
-    fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
         Self { status, error, description: description.into(), headers: None }
     }
-    fn invalid_request(d: impl Into<String>) -> Self {
+    pub(super) fn invalid_request(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
     }
-    fn invalid_client() -> Self {
+    pub(super) fn invalid_client() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_client", "Client authentication failed.")
     }
-    fn server_error() -> Self {
+    /// Extra headers on the error response (rate-limit headers, `DPoP-Nonce`).
+    pub(super) fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = Some(Box::new(headers));
+        self
+    }
+    pub(super) fn server_error() -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "Try again shortly.")
     }
-    fn lookups_throttled() -> Self {
+    pub(super) fn lookups_throttled() -> Self {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_requests",
@@ -67,7 +72,7 @@ pub struct OAuthErrorBody {
     pub error_description: String,
 }
 
-fn no_store(headers: &mut HeaderMap) {
+pub(super) fn no_store(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }
@@ -98,12 +103,12 @@ impl From<sqlx::Error> for OAuthError {
 }
 
 /// Form parameters, each at most once (RFC 6749 §3.2), except RFC 8707's `resource`.
-struct Form {
-    params: HashMap<String, String>,
-    resources: Vec<String>,
+pub(super) struct Form {
+    pub params: HashMap<String, String>,
+    pub resources: Vec<String>,
 }
 
-fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Form, OAuthError> {
+pub(super) fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Form, OAuthError> {
     let form_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -232,36 +237,14 @@ async fn load_client(state: &AppState, client_id: &str) -> Result<Option<Arc<Cli
     Ok(Some(record))
 }
 
-/// `client_secret_basic` or `client_secret_post`, never both (RFC 6749 §2.3).
-async fn authenticate_client(
-    state: &AppState,
-    headers: &HeaderMap,
-    form: &Form,
-) -> Result<Arc<ClientRecord>, OAuthError> {
-    let (id, secret) = presented_client(headers, form)?;
-    let record = load_client(state, &id).await?;
-    let presented = crate::crypto::sha256(&secret);
-    let now = OffsetDateTime::now_utc();
-    let ok = record.as_ref().is_some_and(|r| {
-        let current = crate::crypto::ct_eq(&r.secret_hash, &presented);
-        let previous =
-            r.previous.as_ref().is_some_and(|(h, until)| *until > now && crate::crypto::ct_eq(h, &presented));
-        current | previous
-    });
-    match record {
-        Some(r) if ok => Ok(r),
-        _ => Err(OAuthError::invalid_client()),
-    }
-}
-
-/// The client id and secret a token request presents: HTTP Basic (RFC 6749 §2.3.1, both parts
-/// form-urlencoded before base64) or `client_id` and `client_secret` in the form, never both.
-fn presented_client(headers: &HeaderMap, form: &Form) -> Result<(String, String), OAuthError> {
+/// The client id and secret presented with `client_secret_basic` or `client_secret_post`, and
+/// whether it was Basic; never both (RFC 6749 §2.3). `None` when no secret was presented.
+pub(super) fn client_secret(headers: &HeaderMap, form: &Form) -> Result<Option<(String, String, bool)>, OAuthError> {
     let basic = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
         let (scheme, rest) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("basic").then(|| rest.trim().to_owned())
     });
-    let (id, secret) = match (basic, form.params.get("client_secret")) {
+    Ok(Some(match (basic, form.params.get("client_secret")) {
         (Some(_), Some(_)) => {
             return Err(OAuthError::invalid_request("Use one client authentication method, not two."));
         }
@@ -279,15 +262,39 @@ fn presented_client(headers: &HeaderMap, form: &Form) -> Result<(String, String)
             if form.params.get("client_id").is_some_and(|c| *c != id) {
                 return Err(OAuthError::invalid_request("client_id differs from the Authorization header."));
             }
-            (id, unescape(secret)?)
+            (id, unescape(secret)?, true)
         }
         (None, Some(secret)) => {
             let id = form.params.get("client_id").ok_or_else(OAuthError::invalid_client)?;
-            (id.clone(), secret.clone())
+            (id.clone(), secret.clone(), false)
         }
-        (None, None) => return Err(OAuthError::invalid_client()),
+        (None, None) => return Ok(None),
+    }))
+}
+
+/// `client_secret_basic` or `client_secret_post`, never both (RFC 6749 §2.3).
+async fn authenticate_client(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: &Form,
+) -> Result<Arc<ClientRecord>, OAuthError> {
+    let (id, secret) = match client_secret(headers, form)? {
+        Some((id, secret, _)) => (id, secret),
+        None => return Err(OAuthError::invalid_client()),
     };
-    Ok((id, secret))
+    let record = load_client(state, &id).await?;
+    let presented = crate::crypto::sha256(&secret);
+    let now = OffsetDateTime::now_utc();
+    let ok = record.as_ref().is_some_and(|r| {
+        let current = crate::crypto::ct_eq(&r.secret_hash, &presented);
+        let previous =
+            r.previous.as_ref().is_some_and(|(h, until)| *until > now && crate::crypto::ct_eq(h, &presented));
+        current | previous
+    });
+    match record {
+        Some(r) if ok => Ok(r),
+        _ => Err(OAuthError::invalid_client()),
+    }
 }
 
 /// Runs the token endpoint's parsing of untrusted bytes (the form body, the Basic header) alone,
@@ -296,14 +303,17 @@ fn presented_client(headers: &HeaderMap, form: &Form) -> Result<(String, String)
 pub fn parse_token_request(headers: &HeaderMap, body: &[u8]) -> Result<(String, String), String> {
     let form = parse_form(headers, body).map_err(|e| e.error.to_owned())?;
     let _ = require_grant(&form);
-    presented_client(headers, &form).map_err(|e| e.error.to_owned())
+    match client_secret(headers, &form).map_err(|e| e.error.to_owned())? {
+        Some((id, secret, _)) => Ok((id, secret)),
+        None => Err("invalid_client".to_owned()),
+    }
 }
 
 /// The token response (RFC 6749 §5.1).
 #[derive(Serialize, ToSchema)]
 pub struct TokenResponse {
     pub access_token: String,
-    /// Always `Bearer`.
+    /// `Bearer`, or `DPoP` for a token bound to a DPoP key.
     pub token_type: &'static str,
     pub expires_in: u64,
     pub scope: String,
@@ -367,6 +377,8 @@ pub(super) async fn token(
         }
         Grant::TokenExchange => return exchange(&state, &headers, &form).await,
         Grant::JwtBearer => return federated(&state, &form, form.params.get("assertion"), false).await,
+        Grant::AuthorizationCode => return super::oidc::grants::authorization_code(&state, &headers, &form).await,
+        Grant::RefreshToken => return super::oidc::grants::refresh_token(&state, &headers, &form).await,
         Grant::ClientCredentials => {}
     }
     let client = authenticate_client(&state, &headers, &form).await?;
@@ -375,13 +387,19 @@ pub(super) async fn token(
     }
     let scope = granted_scope(&client, form.params.get("scope"))?;
     let aud = audience(state.config(), &form.resources)?;
+    // RFC 9449: a proof binds the token to its key.
+    let dpop = super::oidc::dpop::at_token_endpoint(&state, &headers).await?;
     let limit_headers = charge(&state, &client).await?;
     let ttl = state.config().auth.access_token_ttl_secs;
-    let access_token = issue(&state, &client, aud, &scope, ttl)?;
-    let mut response =
-        Json(TokenResponse { access_token, token_type: "Bearer", expires_in: ttl, scope }).into_response();
+    let jkt = dpop.as_ref().map(|d| d.jkt.clone());
+    let token_type = if jkt.is_some() { "DPoP" } else { "Bearer" };
+    let access_token = issue(&state, &client, aud, &scope, ttl, jkt)?;
+    let mut response = Json(TokenResponse { access_token, token_type, expires_in: ttl, scope }).into_response();
     no_store(response.headers_mut());
     response.headers_mut().extend(limit_headers);
+    if let Some(d) = dpop {
+        response.headers_mut().extend(d.headers);
+    }
     Ok(response)
 }
 
@@ -389,6 +407,9 @@ pub(super) async fn token(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Grant {
     ClientCredentials,
+    /// OpenID Connect: a person's code, with PKCE.
+    AuthorizationCode,
+    RefreshToken,
     /// RFC 8693: under a delegation, or an external issuer's token (federation).
     TokenExchange,
     /// RFC 7523 §2.1: an external issuer's token as the grant (federation).
@@ -405,12 +426,14 @@ fn require_grant(form: &Form) -> Result<Grant, OAuthError> {
     match form.params.get("grant_type").map(String::as_str) {
         None => Err(OAuthError::invalid_request("grant_type is required.")),
         Some("client_credentials") => Ok(Grant::ClientCredentials),
+        Some("authorization_code") => Ok(Grant::AuthorizationCode),
+        Some("refresh_token") => Ok(Grant::RefreshToken),
         Some(TOKEN_EXCHANGE) => Ok(Grant::TokenExchange),
         Some(JWT_BEARER) => Ok(Grant::JwtBearer),
         Some(_) => Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
-            "Only client_credentials, token-exchange and jwt-bearer are supported.",
+            "Supported: authorization_code, refresh_token, client_credentials, token-exchange and jwt-bearer.",
         )),
     }
 }
@@ -478,7 +501,7 @@ async fn exchange_inner(state: &AppState, _headers: &HeaderMap, form: &Form) -> 
             .map_err(|f| match f {
                 Failure::Unavailable => OAuthError::server_error(),
                 Failure::Throttled => OAuthError::lookups_throttled(),
-                Failure::Invalid => refused("The subject_token is not live."),
+                Failure::Invalid | Failure::DpopProof => refused("The subject_token is not live."),
             })?;
         if principal.actor_type != ActorType::Human {
             return Err(refused("The subject_token must be a human's or a delegated token."));
@@ -587,6 +610,7 @@ pub fn issue_delegated(
         cid: credential_id,
         act,
         delegation_id: Some(grant.delegation_id),
+        cnf: None,
     };
     let token = tokens::sign(state.keys(), &claims)?;
     metrics::counter!("tokens_issued_total", "grant_type" => "token_exchange").increment(1);
@@ -658,7 +682,7 @@ async fn federated(
     let aud = audience(state.config(), &form.resources)?;
     let limit_headers = charge(state, &client).await?;
     let ttl = state.config().auth.access_token_ttl_secs;
-    let access_token = issue(state, &client, aud, &fed.scope, ttl)?;
+    let access_token = issue(state, &client, aud, &fed.scope, ttl, None)?;
     let mut response = if as_exchange {
         Json(ExchangeResponse {
             access_token,
@@ -724,7 +748,14 @@ async fn charge(state: &AppState, client: &ClientRecord) -> Result<HeaderMap, OA
 
 /// Signs the access token and counts it. `iat` is read from the application's clock, the one
 /// revocation watermarks are stamped with.
-fn issue(state: &AppState, client: &ClientRecord, aud: Audience, scope: &str, ttl: u64) -> Result<String, OAuthError> {
+fn issue(
+    state: &AppState,
+    client: &ClientRecord,
+    aud: Audience,
+    scope: &str,
+    ttl: u64,
+    jkt: Option<String>,
+) -> Result<String, OAuthError> {
     let now = state.clock().now();
     let iat = now.unix_timestamp();
     let claims = Claims {
@@ -742,6 +773,7 @@ fn issue(state: &AppState, client: &ClientRecord, aud: Audience, scope: &str, tt
         cid: client.credential_id,
         act: None,
         delegation_id: None,
+        cnf: jkt.map(|jkt| tokens::Confirmation { jkt }),
     };
     let access_token = tokens::sign(state.keys(), &claims).map_err(|e| {
         tracing::error!(error = %e, "signing failed");
@@ -763,7 +795,7 @@ fn issue(state: &AppState, client: &ClientRecord, aud: Audience, scope: &str, tt
 }
 
 /// Verifies one of our tokens for any audience we serve; expired, forged and revoked tokens are `None`.
-async fn live_claims(state: &AppState, token: &str) -> Result<Option<Arc<Claims>>, OAuthError> {
+pub(super) async fn live_claims(state: &AppState, token: &str) -> Result<Option<Arc<Claims>>, OAuthError> {
     if !tokens::looks_like_jwt(token) {
         return Ok(None);
     }
@@ -807,8 +839,11 @@ pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<P
             return Err(Failure::Unavailable);
         }
     }
-    let agent_id = claims.agent_id().ok_or(Failure::Invalid)?;
     let scopes = claims.scopes().filter_map(Scope::parse).collect();
+    if claims.actor_type == "human" {
+        return human_principal(state, token, claims, scopes).await;
+    }
+    let agent_id = claims.agent_id().ok_or(Failure::Invalid)?;
     Ok(Arc::new(Principal {
         user_id: agent_id,
         actor_type: ActorType::Agent,
@@ -816,6 +851,42 @@ pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<P
         display_name: None,
         system_admin: false,
         memberships: Vec::new(),
+        secret_hash: crate::crypto::sha256(token),
+        credential: Credential::AccessToken { claims, scopes },
+    }))
+}
+
+/// A person's access token (OpenID Connect): the person, as a member of the token's organization
+/// only, with the API scopes they allowed the client.
+async fn human_principal(
+    state: &AppState,
+    token: &str,
+    claims: Arc<Claims>,
+    scopes: Vec<Scope>,
+) -> Result<Arc<Principal>, Failure> {
+    let user_id: Uuid = claims.sub.strip_prefix("user:").and_then(|u| u.parse().ok()).ok_or(Failure::Invalid)?;
+    let row = sqlx::query!(
+        "select u.email, u.display_name, m.role from app_user u
+         join membership m on m.user_id = u.user_id and m.organization_id = $2
+         where u.user_id = $1 and u.status = 'active'",
+        user_id,
+        claims.org_id
+    )
+    .fetch_optional(state.db())
+    .await
+    .map_err(|e| {
+        tracing::warn!(error = %e, "loading a person for an access token failed");
+        Failure::Unavailable
+    })?
+    .ok_or(Failure::Invalid)?;
+    let role = Role::parse(&row.role).ok_or(Failure::Invalid)?;
+    Ok(Arc::new(Principal {
+        user_id,
+        actor_type: ActorType::Human,
+        email: Some(row.email),
+        display_name: row.display_name,
+        system_admin: false,
+        memberships: vec![(claims.org_id, role)],
         secret_hash: crate::crypto::sha256(token),
         credential: Credential::AccessToken { claims, scopes },
     }))
@@ -885,7 +956,7 @@ pub(super) async fn introspect(
         Some(c) => {
             let mut v = serde_json::to_value(&*c).unwrap_or_else(|_| json!({}));
             v["active"] = json!(true);
-            v["token_type"] = json!("Bearer");
+            v["token_type"] = json!(if c.cnf.is_some() { "DPoP" } else { "Bearer" });
             v
         }
     };
@@ -928,26 +999,52 @@ fn metadata(state: &AppState) -> Value {
     let cfg = state.config();
     let base = &cfg.server.public_url;
     let alg = state.keys().current().map(|k| k.active.algorithm.as_str()).unwrap_or("ES256");
-    let scopes: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
-    json!({
+    let auth_methods = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"];
+    let registration = &cfg.oidc.registration;
+    let registration_endpoint = (registration.enabled
+        && registration.organization.parse::<Uuid>().is_ok()
+        && (registration.open || !registration.initial_access_token.is_empty()))
+    .then(|| format!("{base}/oauth2/register"));
+    let mut doc = json!({
         "issuer": base,
+        "registration_endpoint": registration_endpoint,
+        "authorization_endpoint": format!("{base}/oauth2/authorize"),
         "token_endpoint": format!("{base}/api/v1/token"),
+        "userinfo_endpoint": format!("{base}/oauth2/userinfo"),
+        "end_session_endpoint": format!("{base}/oauth2/logout"),
         "jwks_uri": format!("{base}/.well-known/jwks.json"),
         "introspection_endpoint": format!("{base}/api/v1/token/introspect"),
         "revocation_endpoint": format!("{base}/api/v1/token/revoke"),
-        "grant_types_supported": ["client_credentials", TOKEN_EXCHANGE, JWT_BEARER],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials", TOKEN_EXCHANGE, JWT_BEARER],
         // RFC 8693: the token types accepted as subject_token_type and actor_token_type, and issued.
         "token_types_supported": [ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE],
-        "response_types_supported": [],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "code_challenge_methods_supported": ["S256"],
+        "prompt_values_supported": ["none", "login", "consent", "select_account"],
+        "token_endpoint_auth_methods_supported": auth_methods,
+        "token_endpoint_auth_signing_alg_values_supported": super::oidc::dpop::ALGS,
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "scopes_supported": scopes,
+        "scopes_supported": super::oidc::all_scopes(),
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "azp",
+            "at_hash", "sid", "email", "email_verified", "name", "org_id"],
+        "acr_values_supported": [super::oidc::grants::ACR_PASSWORD],
         "access_token_signing_alg_values_supported": [alg],
         "id_token_signing_alg_values_supported": [alg],
         "subject_types_supported": ["public"],
+        "dpop_signing_alg_values_supported": super::oidc::dpop::ALGS,
+        "authorization_response_iss_parameter_supported": true,
+        "client_id_metadata_document_supported": cfg.oidc.metadata_documents.enabled,
+        "request_parameter_supported": false,
+        "request_uri_parameter_supported": false,
+        "claims_parameter_supported": false,
         "service_documentation": format!("{base}/docs/"),
-    })
+    });
+    if let Some(d) = doc.as_object_mut() {
+        d.retain(|_, v| !v.is_null());
+    }
+    doc
 }
 
 /// RFC 8414 authorization server metadata.
@@ -977,6 +1074,8 @@ pub(super) async fn protected_resource(State(state): State<AppState>) -> Json<Va
         "authorization_servers": [base],
         "jwks_uri": format!("{base}/.well-known/jwks.json"),
         "bearer_methods_supported": ["header"],
+        "dpop_signing_alg_values_supported": super::oidc::dpop::ALGS,
+        "dpop_bound_access_tokens_required": false,
         "scopes_supported": scopes,
         "resource_signing_alg_values_supported": [alg],
         "resource_documentation": format!("{base}/docs/"),

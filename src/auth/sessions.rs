@@ -27,7 +27,7 @@ use crate::{
     state::AppState,
 };
 
-fn session_cookie(token: &str, max_age: i64, secure: bool) -> HeaderValue {
+pub(super) fn session_cookie(token: &str, max_age: i64, secure: bool) -> HeaderValue {
     let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
         "{}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}",
@@ -49,9 +49,44 @@ pub(super) async fn login(
     headers: HeaderMap,
     ValidatedJson(req): ValidatedJson<LoginRequest>,
 ) -> ApiResult<Response> {
+    let session = password_login(&state, &headers, &req.email, req.password).await?;
+    let token = session.token;
+    let auth = state.auth();
+    let principal = credentials::resolve(state.db(), &auth.cache, &auth.lookups, &token)
+        .await
+        .map_err(|_| ApiError::Unavailable("session not readable after login".into()))?;
+    let actor =
+        Actor { org_id: principal.memberships.first().map(|(o, _)| *o), principal, actor_type: ActorType::Human };
+    let body = LoginResponse {
+        actor: ActorIdentity::from(&actor),
+        session_token: token.clone(),
+        expires_at: session.expires_at,
+    };
+    Ok(([(header::SET_COOKIE, session_cookie(&token, session.ttl, secure))], Json(body)).into_response())
+}
+
+/// A session made by a password login.
+pub(super) struct NewSession {
+    pub token: String,
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub ttl: i64,
+    pub expires_at: OffsetDateTime,
+    pub created_at: OffsetDateTime,
+}
+
+/// The password check behind every login form (the API's and the sign-in page's): throttled per
+/// account and client IP before the password is verified, audited either way, and a new session
+/// on success. A wrong email or password is 401, a throttled attempt 429.
+pub(super) async fn password_login(
+    state: &AppState,
+    headers: &HeaderMap,
+    email: &str,
+    password: String,
+) -> ApiResult<NewSession> {
     let auth = state.auth();
     let ip = current_client_ip();
-    let subjects = auth.throttle.subjects(&req.email, ip.as_deref());
+    let subjects = auth.throttle.subjects(email, ip.as_deref());
     // Counted before the password is checked, so parallel attempts cannot all slip past the limit.
     if let Err(wait) = auth.throttle.reserve(state.redis(), &subjects, state.clock().now()).await {
         return Err(ApiError::TooManyRequests {
@@ -65,7 +100,7 @@ pub(super) async fn login(
                 (select m.organization_id from membership m where m.user_id = u.user_id
                  order by m.created_at, m.organization_id limit 1) as first_org
          from app_user u where lower(u.email) = lower($1) and u.status = 'active'",
-        req.email
+        email
     )
     .fetch_optional(state.db())
     .await?;
@@ -74,11 +109,11 @@ pub(super) async fn login(
         None => (None, None, None),
     };
     // Always verify something, so an unknown email takes as long as a wrong password.
-    let ok = crypto::verify_password(req.password, hash).await?;
+    let ok = crypto::verify_password(password, hash).await?;
     let audit_org = org.unwrap_or(audit::SYSTEM_CHAIN);
     let (Some(user_id), true) = (user_id, ok) else {
         let mut event = Event::anonymous(audit_org, "auth.login.failed")
-            .details(json!({ "email": req.email.chars().take(254).collect::<String>() }));
+            .details(json!({ "email": email.chars().take(254).collect::<String>() }));
         if let Some(id) = user_id {
             event = event.target("user", id);
         }
@@ -91,7 +126,8 @@ pub(super) async fn login(
 
     let token = crypto::random_token(SESSION_PREFIX);
     let ttl = state.config().auth.session_ttl_secs as i64;
-    let expires_at = OffsetDateTime::now_utc() + Duration::seconds(ttl);
+    let created_at = OffsetDateTime::now_utc();
+    let expires_at = created_at + Duration::seconds(ttl);
     let user_agent: Option<String> =
         headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(300).collect());
     let session_id = Uuid::now_v7();
@@ -116,14 +152,7 @@ pub(super) async fn login(
     )
     .await?;
     tx.commit().await?;
-
-    let principal = credentials::resolve(state.db(), &auth.cache, &auth.lookups, &token)
-        .await
-        .map_err(|_| ApiError::Unavailable("session not readable after login".into()))?;
-    let actor =
-        Actor { org_id: principal.memberships.first().map(|(o, _)| *o), principal, actor_type: ActorType::Human };
-    let body = LoginResponse { actor: ActorIdentity::from(&actor), session_token: token.clone(), expires_at };
-    Ok(([(header::SET_COOKIE, session_cookie(&token, ttl, secure))], Json(body)).into_response())
+    Ok(NewSession { token, user_id, session_id, ttl, expires_at, created_at })
 }
 
 /// The calling actor's identity.

@@ -36,6 +36,16 @@ pub struct Claims {
     /// The delegation a delegated token was issued under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegation_id: Option<Uuid>,
+    /// RFC 9449 §6: the key a DPoP-bound token is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// The `cnf` claim of a sender-constrained token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Confirmation {
+    /// The RFC 7638 thumbprint of the DPoP key.
+    pub jkt: String,
 }
 
 /// An RFC 8693 `act` claim: the actor, and the actor before it.
@@ -103,9 +113,20 @@ struct Header<'a> {
 
 /// Signs `claims` with the key that signs at their `iat`.
 pub fn sign(keys: &KeyRing, claims: &Claims) -> anyhow::Result<String> {
+    sign_jwt(keys, "at+jwt", claims.iat, claims).map(|(t, _)| t)
+}
+
+/// Signs any claims as a compact JWS of type `typ` (`at+jwt`, or `JWT` for ID tokens) with the key
+/// that signs at `iat`; returns the token and the algorithm it was signed with.
+pub fn sign_jwt(
+    keys: &KeyRing,
+    typ: &'static str,
+    iat: i64,
+    claims: &impl Serialize,
+) -> anyhow::Result<(String, super::keys::Algorithm)> {
     let set = keys.current().ok_or_else(|| anyhow::anyhow!("signing keys not loaded"))?;
-    let active = set.signer(claims.iat);
-    let header = serde_json::to_vec(&Header { alg: active.algorithm.as_str(), typ: "at+jwt", kid: &active.kid })?;
+    let active = set.signer(iat);
+    let header = serde_json::to_vec(&Header { alg: active.algorithm.as_str(), typ, kid: &active.kid })?;
     let body = serde_json::to_vec(claims)?;
     let mut token = String::with_capacity(64 + body.len() * 4 / 3 + 360);
     B64.encode_string(header, &mut token);
@@ -114,7 +135,7 @@ pub fn sign(keys: &KeyRing, claims: &Claims) -> anyhow::Result<String> {
     let signature = active.sign(token.as_bytes())?;
     token.push('.');
     B64.encode_string(signature, &mut token);
-    Ok(token)
+    Ok((token, active.algorithm))
 }
 
 /// Why a JWT was rejected. Never shown in detail to clients; logged at debug.

@@ -120,6 +120,16 @@ pub const CATALOG: &[EventType] = &[
         fields: &[("user_id", Uuid), ("role", Text)],
     },
     EventType {
+        name: "oauth_client.created",
+        description: "An OAuth client (an application that signs people in) was registered.",
+        fields: &[("oauth_client_id", Uuid), ("client_id", Text), ("name", Text)],
+    },
+    EventType {
+        name: "oauth_client.deleted",
+        description: "An OAuth client was deleted; its tokens are revoked.",
+        fields: &[("oauth_client_id", Uuid), ("client_id", Text), ("name", Text)],
+    },
+    EventType {
         name: "apikey.created",
         description: "An API key was created (its secret is never in an event).",
         fields: &[("api_key_id", Uuid), ("prefix", Text), ("scopes", Texts), ("service", Bool)],

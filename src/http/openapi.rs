@@ -43,6 +43,8 @@ cards, compliance controls and reports, scaffolds"),
         (name = "federation", description = "External issuers (GitHub Actions, Kubernetes, SPIFFE, any OIDC issuer) and \
 trust policies: their tokens exchanged for our agents' (RFC 7523 jwt-bearer, RFC 8693)"),
         (name = "marketplace", description = "Agents listed publicly by their organizations: search, publish, unlist"),
+        (name = "clients", description = "OAuth clients of an organization: applications that sign people in"),
+        (name = "oidc", description = "OpenID Connect: the authorization endpoint, sign-in and consent pages, userinfo, logout, consents"),
     )
 )]
 pub struct ApiDoc;
@@ -176,11 +178,15 @@ fn document_errors(doc: &mut utoipa::openapi::OpenApi) {
                 add(op, 403, "Not allowed: the policy's reason, or a missing scope", false);
                 add(op, 429, "Over the rate limit or the daily quota", false);
             }
-            if json_body {
+            // An OAuth endpoint with a JSON body (dynamic registration) answers its own RFC JSON
+            // errors; only the body limit's 413 comes from the stack.
+            if json_body && !oauth {
                 add(op, 400, "The request is malformed", false);
-                add(op, 413, "The body is larger than the server accepts", false);
                 add(op, 415, "The body is not application/json", false);
                 add(op, 422, "The body failed validation; see `errors`", false);
+            }
+            if json_body {
+                add(op, 413, "The body is larger than the server accepts", false);
             }
             if path_params {
                 add(op, 404, "No such resource (or another organization's)", false);

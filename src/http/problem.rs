@@ -12,10 +12,14 @@ use axum::{
 
 use super::error::problem_for_status;
 
+/// Marks a server-rendered HTML page (the sign-in pages' errors): people read it, so it stays HTML.
+#[derive(Debug, Clone, Copy)]
+pub struct Page;
+
 pub async fn layer(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
+    if !(status.is_client_error() || status.is_server_error()) || response.extensions().get::<Page>().is_some() {
         return response;
     }
     let keep = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {

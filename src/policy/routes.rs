@@ -233,6 +233,16 @@ pub const RULES: &[Rule] = &[
     rule("PATCH", "/api/v1/nodes/{id}", "update", Org(Node), "nodes:write"),
     rule("DELETE", "/api/v1/nodes/{id}", "delete", Org(Node), "nodes:write"),
     rule("POST", "/api/v1/nodes/{id}/rotate-credential", "manage", Org(Node), "nodes:write"),
+    // OAuth clients: the layer checks membership and scope; the handlers require owner or admin.
+    rule("POST", "/api/v1/clients", "update", Org(Organization), "clients:write"),
+    rule("GET", "/api/v1/clients", "read", Org(Organization), "clients:read"),
+    rule("GET", "/api/v1/clients/{id}", "read", Org(Organization), "clients:read"),
+    rule("PATCH", "/api/v1/clients/{id}", "update", Org(Organization), "clients:write"),
+    rule("DELETE", "/api/v1/clients/{id}", "update", Org(Organization), "clients:write"),
+    rule("POST", "/api/v1/clients/{id}/rotate-secret", "update", Org(Organization), "clients:write"),
+    // A person's own consents.
+    rule("GET", "/api/v1/me/consents", "read", Authenticated, ""),
+    rule("DELETE", "/api/v1/me/consents/{client_id}", "delete", Authenticated, ""),
 ];
 
 /// The declaration for a route, if any.

@@ -443,6 +443,7 @@ async fn every_operation_documents_the_errors_the_stack_sends() {
     for (path, item) in doc["paths"].as_object().unwrap() {
         let public = agentidp::auth::is_public(Some(path));
         let oauth = agentidp::auth::OAUTH_ROUTES.contains(&path.as_str());
+        let page = agentidp::auth::PAGE_ROUTES.contains(&path.as_str());
         for (method, op) in item.as_object().unwrap() {
             let responses = op["responses"].as_object().unwrap();
             let mut needed = vec!["500", "503"];
@@ -450,7 +451,7 @@ async fn every_operation_documents_the_errors_the_stack_sends() {
                 needed.extend(["401", "403", "429"]);
             }
             if op["requestBody"]["content"].get("application/json").is_some() {
-                needed.extend(["400", "415", "422"]);
+                needed.extend(if oauth { vec!["400", "413"] } else { vec!["400", "415", "422"] });
             }
             if path.contains('{') {
                 needed.push("404");
@@ -463,7 +464,13 @@ async fn every_operation_documents_the_errors_the_stack_sends() {
                     continue;
                 }
                 let types: Vec<&String> = response["content"].as_object().unwrap().keys().collect();
-                let expected = if oauth && status != "500" { "application/json" } else { "application/problem+json" };
+                let expected = if page && status.starts_with('4') {
+                    "text/html"
+                } else if oauth && status != "500" && status != "413" && !(status == "404" && path.contains('{')) {
+                    "application/json"
+                } else {
+                    "application/problem+json"
+                };
                 assert_eq!(types, [expected], "{method} {path} {status}");
             }
             checked += 1;

@@ -302,12 +302,17 @@ async fn independent_verification(alg: &str) {
     assert_eq!(
         meta["grant_types_supported"],
         json!([
+            "authorization_code",
+            "refresh_token",
             "client_credentials",
             "urn:ietf:params:oauth:grant-type:token-exchange",
             "urn:ietf:params:oauth:grant-type:jwt-bearer"
         ])
     );
-    assert_eq!(meta["token_endpoint_auth_methods_supported"], json!(["client_secret_basic", "client_secret_post"]));
+    assert_eq!(
+        meta["token_endpoint_auth_methods_supported"],
+        json!(["client_secret_basic", "client_secret_post", "private_key_jwt", "none"])
+    );
     for key in ["token_endpoint", "introspection_endpoint", "revocation_endpoint", "scopes_supported"] {
         assert!(!meta[key].is_null(), "{key}");
     }

@@ -46,7 +46,7 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
             .headers()
             .get(header::WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
-            .filter(|c| c.starts_with("Bearer"))
+            .filter(|c| c.starts_with("Bearer") || c.starts_with("DPoP"))
             .map(|c| match c.strip_prefix("Bearer").map(str::trim) {
                 Some("") => format!("Bearer resource_metadata=\"{metadata}\""),
                 _ => format!("{c}, resource_metadata=\"{metadata}\""),
@@ -87,6 +87,13 @@ async fn authenticate(state: AppState, mut req: Request, next: Next) -> Response
             return ApiError::Unauthorized {
                 detail: "The credential is invalid, expired or revoked.".into(),
                 challenge: "Bearer error=\"invalid_token\"",
+            }
+            .into_response();
+        }
+        Err(Failure::DpopProof) => {
+            return ApiError::Unauthorized {
+                detail: "The token is DPoP-bound: send it with the DPoP scheme and a valid proof of its key.".into(),
+                challenge: "DPoP error=\"invalid_dpop_proof\", algs=\"ES256 RS256 EdDSA\"",
             }
             .into_response();
         }

@@ -66,7 +66,23 @@ fn choose_org(principal: &Principal, header: Option<&str>) -> OrgChoice {
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if let Some(secret) = credentials::presented(req.headers()) {
         let principal = if crate::auth::tokens::looks_like_jwt(&secret) {
-            crate::auth::oauth::resolve_access_token(&state, &secret).await
+            match crate::auth::oauth::resolve_access_token(&state, &secret).await {
+                Ok(p) => {
+                    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str().to_owned());
+                    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                    crate::auth::oidc::dpop::check_bound(
+                        &state,
+                        req.headers(),
+                        &method,
+                        &path,
+                        route.as_deref(),
+                        &secret,
+                        p,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            }
         } else {
             credentials::resolve(state.db(), &state.auth().cache, &state.auth().lookups, &secret).await
         };
