@@ -36,12 +36,18 @@ enum Fx {
     AgentKey,
     Partner,
     TrustPolicy,
+    OAuthClient,
+    OAuthClientId,
 }
 
 /// Routes that publish an object to everyone by design (an active agent's DID document, a listed
 /// agent's card and listing): not tenant data, and tested field by field in tests/api/trust.rs.
 const PUBLISHED: &[&str] =
     &["/agents/{id}/did.json", "/agents/{id}/.well-known/agent-card.json", "/api/v1/marketplace/{agent_id}"];
+
+/// Routes that take only their own credential, whatever the organization: a dynamically
+/// registered client's registration access token (RFC 7592), tested in tests/api/oidc.rs.
+const OWN_CREDENTIAL_ONLY: &[&str] = &["/oauth2/register/{client_id}"];
 
 /// Path parameters by the route family they appear in: the longest matching prefix wins.
 const PARAMS: &[(&str, &str, Fx)] = &[
@@ -64,6 +70,8 @@ const PARAMS: &[(&str, &str, Fx)] = &[
     ("/api/v1/agents/{id}/keys/{kid}", "kid", Fx::AgentKey),
     ("/api/v1/federation/partners/{id}", "id", Fx::Partner),
     ("/api/v1/oidc/trust-policies/{id}", "id", Fx::TrustPolicy),
+    ("/api/v1/clients/{id}", "id", Fx::OAuthClient),
+    ("/api/v1/me/consents/{client_id}", "client_id", Fx::OAuthClientId),
 ];
 
 fn fixture_for(path: &str, param: &str) -> Option<Fx> {
@@ -80,6 +88,7 @@ fn missing(fx: Fx) -> String {
         Fx::PolicyVersion => "987654".into(),
         Fx::PriceModel => "no-such-model".into(),
         Fx::AgentKey => "no-such-kid".into(),
+        Fx::OAuthClientId => "no-such-client".into(),
         _ => uuid::Uuid::new_v4().to_string(),
     }
 }
@@ -105,6 +114,7 @@ fn body_for(method: &Method, path: &str, b: &Objects) -> Option<Value> {
                          "action": "read", "resource": { "type": "organization", "id": b.owner.org_id } },
         }] }),
         ("PATCH", "/api/v1/webhooks/{id}") => json!({ "description": "from B" }),
+        ("PATCH", "/api/v1/clients/{id}") => json!({ "name": "from B" }),
         ("POST", "/api/v1/agents/{id}/keys") => json!({ "jwk": {
             "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo" } }),
         ("POST", "/api/v1/webhooks/{id}/replay") => json!({ "since": "2020-01-01T00:00:00Z" }),
@@ -302,6 +312,16 @@ async fn populate(app: &TestApp, owner: Caller, tag: &str, receiver: &str) -> Ob
     .await;
     ids.insert(Fx::TrustPolicy, id(&policy));
 
+    let client = created(
+        app,
+        &owner,
+        "/api/v1/clients",
+        json!({ "name": format!("{tag} app"), "redirect_uris": [format!("https://{tag}.example/cb")] }),
+    )
+    .await;
+    ids.insert(Fx::OAuthClient, id(&client));
+    ids.insert(Fx::OAuthClientId, client["client_id"].as_str().unwrap().to_owned());
+
     Objects { owner, ids, node_credential, agent_token, delegated_token }
 }
 
@@ -325,7 +345,10 @@ fn operations() -> (Vec<Operation>, Vec<String>) {
             .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(str::to_owned)
             .collect();
-        if names.is_empty() || PUBLISHED.contains(&template.as_str()) {
+        if names.is_empty()
+            || PUBLISHED.contains(&template.as_str())
+            || OWN_CREDENTIAL_ONLY.contains(&template.as_str())
+        {
             continue;
         }
         let mut params = Vec::new();
