@@ -141,7 +141,7 @@ pub(super) async fn compliance_controls() -> Json<&'static [Control]> {
 /// A control's state in a report.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum Status {
+pub enum ControlStatus {
     Pass,
     Fail,
     NotApplicable,
@@ -151,7 +151,7 @@ pub enum Status {
 pub struct ControlState {
     pub id: String,
     pub title: String,
-    pub status: Status,
+    pub status: ControlStatus,
     pub detail: String,
     /// The figures the state was decided on.
     #[schema(value_type = Object)]
@@ -159,7 +159,7 @@ pub struct ControlState {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Summary {
+pub struct ComplianceSummary {
     pub passed: usize,
     pub failed: usize,
     pub not_applicable: usize,
@@ -167,28 +167,28 @@ pub struct Summary {
 
 /// An organization's compliance report.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Report {
+pub struct ComplianceReport {
     pub org_id: Uuid,
     #[serde(with = "time::serde::rfc3339")]
     pub generated_at: OffsetDateTime,
     /// Whether this answer came from the cache.
     pub cached: bool,
-    pub summary: Summary,
+    pub summary: ComplianceSummary,
     pub controls: Vec<ControlState>,
 }
 
 fn state_of(id: &str, pass: Option<bool>, detail: String, facts: Value) -> ControlState {
     let title = CONTROLS.iter().find(|c| c.id == id).map_or(id, |c| c.title).to_owned();
     let status = match pass {
-        Some(true) => Status::Pass,
-        Some(false) => Status::Fail,
-        None => Status::NotApplicable,
+        Some(true) => ControlStatus::Pass,
+        Some(false) => ControlStatus::Fail,
+        None => ControlStatus::NotApplicable,
     };
     ControlState { id: id.to_owned(), title, status, detail, facts }
 }
 
 /// Computes the report from the organization's data now.
-async fn compute(state: &AppState, org_id: Uuid, now: OffsetDateTime) -> ApiResult<Report> {
+async fn compute(state: &AppState, org_id: Uuid, now: OffsetDateTime) -> ApiResult<ComplianceReport> {
     let cfg = state.config();
     let trust = &cfg.trust;
     let stale_before = now - Duration::days(trust.credential_max_age_days.into());
@@ -287,20 +287,20 @@ async fn compute(state: &AppState, org_id: Uuid, now: OffsetDateTime) -> ApiResu
         ),
         state_of("mfa", None, "Password sign-in only.".into(), json!({})),
     ];
-    let count = |s: Status| controls.iter().filter(|c| c.status == s).count();
-    let summary = Summary {
-        passed: count(Status::Pass),
-        failed: count(Status::Fail),
-        not_applicable: count(Status::NotApplicable),
+    let count = |s: ControlStatus| controls.iter().filter(|c| c.status == s).count();
+    let summary = ComplianceSummary {
+        passed: count(ControlStatus::Pass),
+        failed: count(ControlStatus::Fail),
+        not_applicable: count(ControlStatus::NotApplicable),
     };
-    Ok(Report { org_id, generated_at: now, cached: false, summary, controls })
+    Ok(ComplianceReport { org_id, generated_at: now, cached: false, summary, controls })
 }
 
 /// What the cache holds: the report and the chain head it was computed at.
 #[derive(Serialize, Deserialize)]
 struct Cached {
     head: i64,
-    report: Report,
+    report: ComplianceReport,
 }
 
 fn cache_key(state: &AppState, org_id: Uuid) -> String {
@@ -335,7 +335,7 @@ async fn store(state: &AppState, org_id: Uuid, entry: &Cached) -> anyhow::Result
 
 /// The report: from the cache while nothing audited changed and it is young enough, else anew.
 /// Redis being away costs only the cache.
-pub async fn report_for(state: &AppState, org_id: Uuid) -> ApiResult<Report> {
+pub async fn report_for(state: &AppState, org_id: Uuid) -> ApiResult<ComplianceReport> {
     let now = state.clock().now();
     let lifetime = Duration::seconds(state.config().trust.compliance_cache_secs as i64);
     let head = crate::audit::head_seq(state.db(), org_id).await?;
@@ -362,8 +362,11 @@ pub async fn report_for(state: &AppState, org_id: Uuid) -> ApiResult<Report> {
 /// The organization's compliance report (owners and admins).
 #[utoipa::path(get, path = "/api/v1/compliance/report", tag = "trust",
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
-    responses((status = 200, body = Report), (status = 401, body = Problem), (status = 403, body = Problem)))]
-pub(super) async fn compliance_report(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<Report>> {
+    responses((status = 200, body = ComplianceReport), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub(super) async fn compliance_report(
+    State(state): State<AppState>,
+    actor: Actor,
+) -> ApiResult<Json<ComplianceReport>> {
     let org_id = actor.current_org()?;
     Ok(Json(report_for(&state, org_id).await?))
 }
