@@ -1,6 +1,8 @@
 //! Aggregation over the rollups: whole days from the daily rollup, the hours at either end from
 //! the hourly one, so that a month costs about thirty rows per kind, agent and dimension, whatever
-//! the number of events.
+//! the number of events. The last, partial day is read from its daily row too when no hour of that
+//! day at or after `until` holds anything (the usual case: `until` is now), which the same
+//! statement checks, in the same snapshot, against the hourly rollup.
 
 use time::{OffsetDateTime, Time};
 use uuid::Uuid;
@@ -114,18 +116,27 @@ pub async fn aggregate(db: &sqlx::PgPool, f: &Filter) -> sqlx::Result<Vec<Agg>> 
     } else {
         (f.until, f.until)
     };
+    // The day `until` falls in, read whole from the daily rollup if nothing lies past `until` in it.
+    let tail_day_end = (day_from < day_to && last_day < f.until).then(|| last_day + time::Duration::days(1));
     let group = match f.group_by {
         None => "",
         Some(GroupBy::Hour) => "hour",
         Some(GroupBy::Day) => "day",
     };
     let rows = sqlx::query!(
-        r#"with r as (
+        r#"with tail as (
+             select $8::timestamptz is not null and not exists (
+                 select 1 from usage_rollup_hourly
+                 where organization_id = $1 and bucket >= $5 and bucket < $8 and ($6::uuid is null or agent_id = $6)
+             ) as whole
+           ), r as (
              select * from usage_rollup_daily
-             where organization_id = $1 and bucket >= $2 and bucket < $3 and ($6::uuid is null or agent_id = $6)
+             where organization_id = $1 and bucket >= $2 and ($6::uuid is null or agent_id = $6)
+               and (bucket < $3 or (bucket = $3 and (select whole from tail)))
              union all
              select * from usage_rollup_hourly
-             where organization_id = $1 and ((bucket >= $4 and bucket < $2) or (bucket >= $3 and bucket < $5))
+             where organization_id = $1 and ((bucket >= $4 and bucket < $2)
+                   or (bucket >= $3 and bucket < $5 and not (select whole from tail)))
                and ($6::uuid is null or agent_id = $6)
            )
            select kind as "kind!", agent_id, dimension as "dimension!",
@@ -150,7 +161,8 @@ pub async fn aggregate(db: &sqlx::PgPool, f: &Filter) -> sqlx::Result<Vec<Agg>> 
         f.since,
         f.until,
         f.agent_id,
-        group
+        group,
+        tail_day_end
     )
     .fetch_all(db)
     .await?;

@@ -1013,3 +1013,54 @@ async fn usage_events_draw_a_delegations_spend_budget_once_and_end_it_when_used_
     assert_eq!(d["tokens_spent"], 1000);
     assert_eq!(app.me_status(&token).await, StatusCode::UNAUTHORIZED);
 }
+
+/// A range that ends inside a day reads that day from its daily rollup only when nothing of the day
+/// lies past the range's end; otherwise from its hours. Either way the answer is the raw sums.
+#[tokio::test]
+async fn a_range_ending_inside_a_day_counts_only_what_lies_before_its_end() {
+    let app = spawn_app_with(&[]).await;
+    let admin = app.bootstrap().await;
+    let key = service_key(&app, &admin).await;
+    let (x, y) = (agent(&app, &admin, "tail-x").await, agent(&app, &admin, "tail-y").await);
+    let day = now().replace_time(time::Time::MIDNIGHT) - time::Duration::days(3);
+    let at = |id: &str, agent: &str, hours: i64, tokens: i64| {
+        let mut e = llm(id, &admin.org_id, Some(agent), "gpt-4o", tokens, 0, 30);
+        e["timestamp"] = json!(rfc3339(day + time::Duration::hours(hours) + time::Duration::minutes(7)));
+        e
+    };
+    // The day before (d), the day itself at 02, 10 and 20 h (a, b by x; c by y), the day after (e).
+    let events = json!([
+        at("d", &x, -19, 1),
+        at("a", &x, 2, 10),
+        at("b", &x, 10, 100),
+        at("c", &y, 20, 1000),
+        at("e", &x, 27, 10000)
+    ]);
+    let posted = json_ok(post_events(&app, &key, &events).await, StatusCode::OK).await;
+    assert_eq!(posted["accepted"], 5, "{posted}");
+    let tokens = |s: &Value| s["llm"]["prompt_tokens"].as_i64().unwrap();
+    let range = |until_hours: i64| {
+        format!(
+            "since={}&until={}",
+            rfc3339(day - time::Duration::days(1)),
+            rfc3339(day + time::Duration::hours(until_hours))
+        )
+    };
+    // c lies past 12 h on that day: the day is read by the hour, without c.
+    let s = get(&app, &admin, &format!("/api/v1/usage/summary?{}", range(12))).await;
+    assert_eq!((s["llm"]["calls"].as_i64(), tokens(&s)), (Some(3), 111), "{s}");
+    // Nothing past 22 h that day: its daily row, which holds a, b and c (and not e).
+    let s = get(&app, &admin, &format!("/api/v1/usage/summary?{}", range(22))).await;
+    assert_eq!((s["llm"]["calls"].as_i64(), tokens(&s)), (Some(4), 1111), "{s}");
+    // One agent: only x's rows matter, and x has nothing past 12 h that day.
+    let s = get(&app, &admin, &format!("/api/v1/usage/summary?{}&agent_id={x}", range(12))).await;
+    assert_eq!((s["llm"]["calls"].as_i64(), tokens(&s)), (Some(3), 111), "{s}");
+    let s = get(&app, &admin, &format!("/api/v1/usage/summary?{}&agent_id={y}", range(12))).await;
+    assert_eq!(s["llm"]["calls"], 0, "{s}");
+    // By day, the same split.
+    let s = get(&app, &admin, &format!("/api/v1/usage/summary?{}&group_by=day", range(12))).await;
+    let calls: Vec<i64> = s["series"].as_array().unwrap().iter().map(|p| p["llm_calls"].as_i64().unwrap()).collect();
+    assert_eq!(calls, vec![1, 2], "{s}");
+    let models = get(&app, &admin, &format!("/api/v1/usage/models?{}", range(22))).await;
+    assert_eq!(models["models"][0]["calls"], 4, "{models}");
+}
