@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -67,20 +67,6 @@ struct Claims {
     iat: Option<i64>,
     ath: Option<String>,
     nonce: Option<String>,
-}
-
-/// The RFC 7638 thumbprint of a public JWK.
-pub fn thumbprint(jwk: &Value) -> Option<String> {
-    let s = |k: &str| jwk.get(k).and_then(Value::as_str);
-    // The required members, in lexicographic order, no whitespace.
-    let canonical = match s("kty")? {
-        "EC" => json!({ "crv": s("crv")?, "kty": "EC", "x": s("x")?, "y": s("y")? }),
-        "RSA" => json!({ "e": s("e")?, "kty": "RSA", "n": s("n")? }),
-        "OKP" => json!({ "crv": s("crv")?, "kty": "OKP", "x": s("x")? }),
-        _ => return None,
-    };
-    // serde_json's map is ordered by key, which is the order RFC 7638 asks for.
-    Some(B64.encode(Sha256::digest(canonical.to_string().as_bytes())))
 }
 
 /// Verifies a compact JWS made by `jwk` with `alg`, the algorithm pinned to the key's type.
@@ -210,7 +196,7 @@ pub async fn verify(
         verify_with_jwk(&header.alg, &jwk, proof).ok_or(Invalid::Proof("The proof's signature is invalid."))?;
     let claims: Claims =
         serde_json::from_value(claims).map_err(|_| Invalid::Proof("The proof's claims are malformed."))?;
-    let jkt = thumbprint(&jwk).ok_or(Invalid::Proof("The proof's jwk is not a public key."))?;
+    let jkt = crate::crypto::jwk_thumbprint(&jwk).ok_or(Invalid::Proof("The proof's jwk is not a public key."))?;
     let (Some(jti), Some(htm), Some(htu), Some(iat)) = (claims.jti, claims.htm, claims.htu, claims.iat) else {
         return Err(Invalid::Proof("The proof needs jti, htm, htu and iat."));
     };
@@ -306,19 +292,6 @@ pub async fn check_bound(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc7638_thumbprint() {
-        // RFC 7638 §3.1.
-        let jwk = json!({
-            "kty": "RSA",
-            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
-            "e": "AQAB",
-            "alg": "RS256",
-            "kid": "2011-04-29"
-        });
-        assert_eq!(thumbprint(&jwk).unwrap(), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
-    }
 
     #[test]
     fn htu_ignores_query_only() {
