@@ -101,7 +101,8 @@ fn nonce_for(state: &AppState, window: i64) -> String {
     format!("{window:x}.{}", B64.encode(&mac[..16]))
 }
 
-fn current_nonce(state: &AppState) -> String {
+/// The nonce to send now (`DPoP-Nonce`).
+pub fn current_nonce(state: &AppState) -> String {
     let life = state.config().oidc.dpop_nonce_lifetime_secs.max(1) as i64;
     nonce_for(state, state.clock().now().unix_timestamp() / life)
 }
@@ -233,6 +234,28 @@ pub async fn verify(
     Ok(Some(Proof { jkt, headers: out }))
 }
 
+/// With nonces required, every response to a request that carries a DPoP proof (or the `DPoP`
+/// scheme) carries the current nonce, so that a client always holds one that is still valid
+/// (RFC 9449 §8.2): refusals asking for it (`use_dpop_nonce`) and successes alike. Whether this
+/// request is one of those.
+pub fn wants_nonce(state: &AppState, request: &HeaderMap) -> bool {
+    state.config().oidc.dpop_require_nonce
+        && (request.contains_key("dpop")
+            || request
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.len() > 5 && v[..5].eq_ignore_ascii_case("dpop ")))
+}
+
+/// Adds the current nonce to a response (see [`wants_nonce`]), unless it has one.
+pub fn add_nonce(state: &AppState, response: &mut HeaderMap) {
+    if !response.contains_key("dpop-nonce")
+        && let Ok(v) = HeaderValue::from_str(&current_nonce(state))
+    {
+        response.insert("dpop-nonce", v);
+    }
+}
+
 /// The proof at the token endpoint, if one was sent; refusals are RFC 9449 §5 errors.
 pub async fn at_token_endpoint(state: &AppState, headers: &HeaderMap) -> Result<Option<Proof>, OAuthError> {
     let url = format!("{}/api/v1/token", state.config().server.public_url);
@@ -255,7 +278,8 @@ pub async fn at_token_endpoint(state: &AppState, headers: &HeaderMap) -> Result<
 }
 
 /// On our API: a DPoP-bound token needs the `DPoP` scheme and a proof of its key made for this
-/// request (`htm`, `htu`, `ath`); a token sent with the `DPoP` scheme must be bound. Public routes
+/// request (`htm`, `htu`, `ath`, and the server's nonce when `oidc.dpop_require_nonce` is on); a
+/// token sent with the `DPoP` scheme must be bound. Public routes
 /// that take tokens (userinfo) check their proofs themselves, so a bound token identifies nobody
 /// there.
 pub async fn check_bound(
@@ -279,9 +303,11 @@ pub async fn check_bound(
         return Err(Failure::DpopProof);
     }
     let url = format!("{}{}", state.config().server.public_url, path);
-    match verify(state, headers, method, &url, Some(token), false).await {
+    let require_nonce = state.config().oidc.dpop_require_nonce;
+    match verify(state, headers, method, &url, Some(token), require_nonce).await {
         Ok(Some(proof)) if proof.jkt == cnf.jkt => Ok(principal),
         Ok(_) => Err(Failure::DpopProof),
+        Err(Invalid::Nonce(_)) => Err(Failure::DpopNonce),
         Err(why) => {
             tracing::debug!(?why, "DPoP proof refused");
             Err(Failure::DpopProof)
