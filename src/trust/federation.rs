@@ -198,6 +198,7 @@ pub struct CreatePartner {
     pub max_token_lifetime_secs: Option<i32>,
 }
 
+#[derive(sqlx::FromRow)]
 struct PartnerRow {
     federation_partner_id: Uuid,
     organization_id: Uuid,
@@ -333,15 +334,7 @@ pub(super) async fn create_partner(
     responses((status = 200, body = Vec<Partner>), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub(super) async fn list_partners(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<Vec<Partner>>> {
     let org_id = actor.current_org()?;
-    let rows = sqlx::query_as!(
-        PartnerRow,
-        "select federation_partner_id, organization_id, name, issuer, jwks_uri, discovery_url, algorithms, audience,
-                template, require_jti, max_token_lifetime_secs, created_at
-         from federation_partner where organization_id = $1 order by name",
-        org_id
-    )
-    .fetch_all(state.db())
-    .await?;
+    let rows = partners(state.db(), Partners::OfOrg(org_id)).await?;
     Ok(Json(rows.into_iter().map(Into::into).collect()))
 }
 
@@ -355,17 +348,7 @@ pub(super) async fn get_partner(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Partner>> {
     let org_id = actor.current_org()?;
-    let row = sqlx::query_as!(
-        PartnerRow,
-        "select federation_partner_id, organization_id, name, issuer, jwks_uri, discovery_url, algorithms, audience,
-                template, require_jti, max_token_lifetime_secs, created_at
-         from federation_partner where organization_id = $1 and federation_partner_id = $2",
-        org_id,
-        id
-    )
-    .fetch_optional(state.db())
-    .await?
-    .ok_or(ApiError::NotFound)?;
+    let row = partners(state.db(), Partners::One(org_id, id)).await?.pop().ok_or(ApiError::NotFound)?;
     Ok(Json(row.into()))
 }
 
@@ -492,14 +475,10 @@ pub(super) async fn create_policy(
     if req.conditions.iter().any(|(k, v)| k.is_empty() || k.len() > 256 || v.is_empty() || v.len() > 1024) {
         return Err(invalid("invalid_conditions", "Claim paths are 1 to 256 characters, values 1 to 1024."));
     }
-    let partner = sqlx::query!(
-        "select template from federation_partner where organization_id = $1 and federation_partner_id = $2",
-        org_id,
-        req.partner_id
-    )
-    .fetch_optional(state.db())
-    .await?
-    .ok_or_else(|| invalid("unknown_partner", "partner_id names no partner of this organization."))?;
+    let partner = partners(state.db(), Partners::One(org_id, req.partner_id))
+        .await?
+        .pop()
+        .ok_or_else(|| invalid("unknown_partner", "partner_id names no partner of this organization."))?;
     // A shared issuer (every GitHub repository has the same one) must be pinned to a workload of
     // this organization by an exact claim, or any job anywhere would match.
     if let Some(t) = partner.template.as_deref().and_then(Template::parse)
@@ -834,16 +813,39 @@ impl From<sqlx::Error> for Refusal {
     }
 }
 
-async fn partners_for(db: &PgPool, issuer: &str) -> Result<Vec<PartnerRow>, sqlx::Error> {
-    sqlx::query_as!(
-        PartnerRow,
-        "select federation_partner_id, organization_id, name, issuer, jwks_uri, discovery_url, algorithms, audience,
-                template, require_jti, max_token_lifetime_secs, created_at
-         from federation_partner where issuer = $1 order by created_at limit 100",
-        issuer
-    )
-    .fetch_all(db)
-    .await
+/// Which partners [`partners`] reads.
+enum Partners<'a> {
+    /// An organization's, by name.
+    OfOrg(Uuid),
+    /// One partner of an organization (none when it is another's).
+    One(Uuid, Uuid),
+    /// Those of every organization that trust an issuer (the exchange): the oldest 100.
+    Issuer(&'a str),
+}
+
+/// Every read of partners: the columns and their mapping to [`PartnerRow`] are written once; each
+/// filter keeps its own plain `where`, so that each uses its index.
+async fn partners(db: &PgPool, which: Partners<'_>) -> Result<Vec<PartnerRow>, sqlx::Error> {
+    macro_rules! select {
+        ($filter:literal) => {
+            concat!(
+                "select federation_partner_id, organization_id, name, issuer, jwks_uri, discovery_url, algorithms,
+                        audience, template, require_jti, max_token_lifetime_secs, created_at
+                 from federation_partner ",
+                $filter
+            )
+        };
+    }
+    let query = match which {
+        Partners::OfOrg(org) => sqlx::query_as(select!("where organization_id = $1 order by name")).bind(org),
+        Partners::One(org, id) => {
+            sqlx::query_as(select!("where organization_id = $1 and federation_partner_id = $2")).bind(org).bind(id)
+        }
+        Partners::Issuer(issuer) => {
+            sqlx::query_as(select!("where issuer = $1 order by created_at limit 100")).bind(issuer)
+        }
+    };
+    query.fetch_all(db).await
 }
 
 /// Verifies the external token against one partner; its claims when valid.
@@ -899,7 +901,7 @@ pub async fn exchange(state: &AppState, token: &str, requested_scope: Option<&st
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| Refusal::Invalid("malformed payload".into()))?;
     let issuer = unverified["iss"].as_str().ok_or_else(|| Refusal::Invalid("no iss".into()))?;
-    let partners = partners_for(state.db(), issuer).await?;
+    let partners = partners(state.db(), Partners::Issuer(issuer)).await?;
     if partners.is_empty() {
         return refuse(format!("no partner trusts the issuer {:?}", issuer.chars().take(200).collect::<String>()));
     }
