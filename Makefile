@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEV_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentidp
 
 .PHONY: help services browser run test lint openapi openapi-check sqlx-prepare sqlx-check build release bench \
-	fuzz-api fuzz-api-quick fuzz chaos soak
+	fuzz-api fuzz-api-quick fuzz chaos soak oidc-client
 
 help:
 	@echo "make run     start Postgres and Redis if needed, migrate, serve on 127.0.0.1:8080"
@@ -69,7 +69,13 @@ test: services browser lint openapi-check
 	@# Four at a time: each test runs one to three instances, each with its own Postgres pool and
 	@# listeners, and Debian's Postgres allows 100 connections in all.
 	cargo test --all-targets -- --test-threads=$${TEST_THREADS:-4}
+	$(MAKE) --no-print-directory oidc-client
 	$(MAKE) --no-print-directory fuzz-api-quick
+
+# A real OpenID Connect client (authlib) against the served binary (scripts/oidc-client.sh):
+# code + PKCE, the ID token checked against our JWKS, refresh, userinfo. Part of `make test`.
+oidc-client: services
+	bash scripts/oidc-client.sh
 
 bench: services
 	bash bench/run.sh

@@ -131,6 +131,8 @@ pub enum Failure {
     Throttled,
     /// A DPoP-bound token without a valid proof of its key (RFC 9449 §7).
     DpopProof,
+    /// A DPoP proof without the server's current nonce, where nonces are required (RFC 9449 §9).
+    DpopNonce,
 }
 
 /// Resolved principals by secret hash, and secrets known not to resolve.

@@ -501,7 +501,7 @@ async fn exchange_inner(state: &AppState, _headers: &HeaderMap, form: &Form) -> 
             .map_err(|f| match f {
                 Failure::Unavailable => OAuthError::server_error(),
                 Failure::Throttled => OAuthError::lookups_throttled(),
-                Failure::Invalid | Failure::DpopProof => refused("The subject_token is not live."),
+                Failure::Invalid | Failure::DpopProof | Failure::DpopNonce => refused("The subject_token is not live."),
             })?;
         if principal.actor_type != ActorType::Human {
             return Err(refused("The subject_token must be a human's or a delegated token."));

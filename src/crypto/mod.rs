@@ -27,6 +27,22 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
+/// The RFC 7638 thumbprint of a public JWK (EC, RSA or OKP): SHA-256 over its required members,
+/// base64url. One function for every use: DPoP's `cnf.jkt`, agents' key ids, DID documents.
+pub fn jwk_thumbprint(jwk: &serde_json::Value) -> Option<String> {
+    use serde_json::json;
+    let s = |k: &str| jwk.get(k).and_then(serde_json::Value::as_str);
+    // The required members, in lexicographic order, no whitespace.
+    let canonical = match s("kty")? {
+        "EC" => json!({ "crv": s("crv")?, "kty": "EC", "x": s("x")?, "y": s("y")? }),
+        "RSA" => json!({ "e": s("e")?, "kty": "RSA", "n": s("n")? }),
+        "OKP" => json!({ "crv": s("crv")?, "kty": "OKP", "x": s("x")? }),
+        _ => return None,
+    };
+    // serde_json's map is ordered by key, which is the order RFC 7638 asks for.
+    Some(URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.to_string().as_bytes())))
+}
+
 /// A strong random password for bootstrap output: 24 characters of base64url (144 bits).
 pub fn random_password() -> String {
     let mut bytes = [0u8; 18];
@@ -98,6 +114,20 @@ mod tests {
         assert!(a.starts_with("aidp_key_"));
         assert_eq!(a.len(), "aidp_key_".len() + 43);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn rfc7638_thumbprint() {
+        // RFC 7638 §3.1.
+        let jwk = serde_json::json!({
+            "kty": "RSA",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+            "e": "AQAB",
+            "alg": "RS256",
+            "kid": "2011-04-29"
+        });
+        assert_eq!(jwk_thumbprint(&jwk).unwrap(), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
+        assert_eq!(jwk_thumbprint(&serde_json::json!({ "kty": "oct", "k": "AAAA" })), None);
     }
 
     #[test]

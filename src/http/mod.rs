@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod fetch;
 pub mod middleware;
 pub mod no_store;
 pub mod openapi;

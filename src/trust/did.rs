@@ -207,13 +207,13 @@ pub fn public_jwk(jwk: &Value) -> Result<(Value, String), ApiError> {
         }
         _ => return Err(bad_key("jwk.kty must be EC, OKP or RSA")),
     };
-    // RFC 7638: the required members only, in lexicographic order, no whitespace.
+    // The required members only.
     let mut members = Map::new();
     for m in required {
         members.insert((*m).to_owned(), obj[*m].clone());
     }
-    let canonical = serde_json::to_string(&Value::Object(members.clone())).unwrap_or_default();
-    let thumbprint = B64.encode(crate::crypto::sha256(&canonical));
+    let thumbprint =
+        crate::crypto::jwk_thumbprint(&Value::Object(members.clone())).ok_or(bad_key("jwk members must be strings"))?;
     // Keep what verifiers need: the required members plus `alg` and `use` when given.
     for m in ["alg", "use"] {
         if let Some(v) = obj.get(m).filter(|v| v.as_str().is_some_and(|s| s.len() <= 20)) {

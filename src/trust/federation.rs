@@ -10,22 +10,14 @@
 //!
 //! The exchange ([`exchange`]) serves both RFC 7523 §2.1 (`jwt-bearer`, the token as
 //! `assertion`) and RFC 8693 (an external `subject_token` of type `...:token-type:jwt`). Keys are
-//! fetched through the webhooks' SSRF guard, at most 64 KiB, cached for the `Cache-Control`
-//! max-age (one minute to one day), and fetched again, at most every 30 s, when a token names an
-//! unknown `kid`. A replayed `jti` is refused until the token expires, on every instance (Redis).
+//! fetched through the guarded fetcher ([`crate::http::fetch`]: the webhooks' SSRF guard, no
+//! redirects), at most 64 KiB, cached for the `Cache-Control` max-age (one minute to one day),
+//! and fetched again, at most every 30 s, when a token names an unknown `kid`. A replayed `jti` is refused until the token expires, on every instance (Redis).
 //! A refusal says only `invalid_grant`; the reason goes to the log.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use axum::{
-    Json,
-    extract::State,
-    http::{StatusCode, header},
-};
+use axum::{Json, extract::State, http::StatusCode};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use jsonwebtoken::jwk::JwkSet;
 use serde::{Deserialize, Serialize};
@@ -42,11 +34,11 @@ use crate::{
         Actor, directory,
         revocation::{self, Announced, Subject},
     },
-    cache::Cache,
     http::{
         ApiError, ApiResult,
         error::Problem,
         extract::{ApiPath, ValidatedJson},
+        fetch::{DocCache, FetchError, Fetcher, Options},
     },
     state::AppState,
     webhooks::ssrf,
@@ -198,6 +190,7 @@ pub struct CreatePartner {
     pub max_token_lifetime_secs: Option<i32>,
 }
 
+#[derive(sqlx::FromRow)]
 struct PartnerRow {
     federation_partner_id: Uuid,
     organization_id: Uuid,
@@ -333,15 +326,7 @@ pub(super) async fn create_partner(
     responses((status = 200, body = Vec<Partner>), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub(super) async fn list_partners(State(state): State<AppState>, actor: Actor) -> ApiResult<Json<Vec<Partner>>> {
     let org_id = actor.current_org()?;
-    let rows = sqlx::query_as!(
-        PartnerRow,
-        "select federation_partner_id, organization_id, name, issuer, jwks_uri, discovery_url, algorithms, audience,
-                template, require_jti, max_token_lifetime_secs, created_at
-         from federation_partner where organization_id = $1 order by name",
-        org_id
-    )
-    .fetch_all(state.db())
-    .await?;
+    let rows = partners(state.db(), Partners::OfOrg(org_id)).await?;
     Ok(Json(rows.into_iter().map(Into::into).collect()))
 }
 
@@ -355,17 +340,7 @@ pub(super) async fn get_partner(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Partner>> {
     let org_id = actor.current_org()?;
-    let row = sqlx::query_as!(
-        PartnerRow,
-        "select federation_partner_id, organization_id, name, issuer, jwks_uri, discovery_url, algorithms, audience,
-                template, require_jti, max_token_lifetime_secs, created_at
-         from federation_partner where organization_id = $1 and federation_partner_id = $2",
-        org_id,
-        id
-    )
-    .fetch_optional(state.db())
-    .await?
-    .ok_or(ApiError::NotFound)?;
+    let row = partners(state.db(), Partners::One(org_id, id)).await?.pop().ok_or(ApiError::NotFound)?;
     Ok(Json(row.into()))
 }
 
@@ -492,14 +467,10 @@ pub(super) async fn create_policy(
     if req.conditions.iter().any(|(k, v)| k.is_empty() || k.len() > 256 || v.is_empty() || v.len() > 1024) {
         return Err(invalid("invalid_conditions", "Claim paths are 1 to 256 characters, values 1 to 1024."));
     }
-    let partner = sqlx::query!(
-        "select template from federation_partner where organization_id = $1 and federation_partner_id = $2",
-        org_id,
-        req.partner_id
-    )
-    .fetch_optional(state.db())
-    .await?
-    .ok_or_else(|| invalid("unknown_partner", "partner_id names no partner of this organization."))?;
+    let partner = partners(state.db(), Partners::One(org_id, req.partner_id))
+        .await?
+        .pop()
+        .ok_or_else(|| invalid("unknown_partner", "partner_id names no partner of this organization."))?;
     // A shared issuer (every GitHub repository has the same one) must be pinned to a workload of
     // this organization by an exact claim, or any job anywhere would match.
     if let Some(t) = partner.template.as_deref().and_then(Template::parse)
@@ -667,117 +638,45 @@ pub fn conditions_hold(conditions: &BTreeMap<String, String>, claims: &Value) ->
 
 // ---- Keys -----------------------------------------------------------------------------------
 
-/// Fetched key sets, by URL, and when each may next be fetched again for an unknown `kid`.
+/// Partners' key sets, by where they are found, fetched through the guarded fetcher.
 pub struct KeyCache {
-    sets: Cache<String, Arc<CachedKeys>>,
-    refetch: Mutex<std::collections::HashMap<String, Instant>>,
-    client: reqwest::Client,
+    sets: DocCache<JwkSet>,
+    fetcher: Fetcher,
 }
-
-struct CachedKeys {
-    keys: JwkSet,
-    /// The discovery document's `jwks_uri` (when found through discovery).
-    fetched: Instant,
-    max_age: Duration,
-}
-
-const MAX_DOCUMENT: usize = 64 * 1024;
-const REFETCH_EVERY: Duration = Duration::from_secs(30);
 
 impl KeyCache {
-    pub fn new(allow_private: bool) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("agentidp/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(5))
-            .dns_resolver(Arc::new(ssrf::GuardedResolver { allow_private }))
-            .build()?;
-        Ok(Self { sets: Cache::new(10_000, Duration::from_secs(86_400)), refetch: Mutex::default(), client })
+    pub fn new(cfg: &super::TrustConfig) -> anyhow::Result<Self> {
+        let fetcher = Fetcher::new(Options {
+            https_only: cfg.federation_https_only,
+            allow_private: cfg.federation_allow_private_networks,
+            max_bytes: 64 * 1024,
+            timeout: Duration::from_secs(5),
+            ca_file: "",
+        })?;
+        Ok(Self { sets: DocCache::new(10_000, Duration::from_secs(86_400)), fetcher })
     }
 }
 
 /// Why a key set could not be had; logged, never shown.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum KeyError {
-    Refused(ssrf::Refused),
-    Fetch(String),
+    #[error("fetch failed: {0}")]
+    Fetch(#[from] FetchError),
+    #[error("bad document: {0}")]
     Document(&'static str),
 }
 
-impl std::fmt::Display for KeyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Refused(r) => write!(f, "refused by the address guard: {}", r.message()),
-            Self::Fetch(e) => write!(f, "fetch failed: {e}"),
-            Self::Document(e) => write!(f, "bad document: {e}"),
-        }
-    }
-}
-
-async fn fetch_json(state: &AppState, url: &str) -> Result<(Value, Duration), KeyError> {
-    let cfg = &state.config().trust;
-    let parsed = ssrf::parse(url, cfg.federation_https_only).map_err(KeyError::Refused)?;
-    ssrf::check_literal(&parsed, cfg.federation_allow_private_networks).map_err(KeyError::Refused)?;
-    let mut resp = state
-        .trust()
-        .keys
-        .client
-        .get(parsed)
-        .header(header::ACCEPT, "application/json")
-        .send()
-        .await
-        .map_err(|e| KeyError::Fetch(e.to_string()))?;
-    if !resp.status().is_success() {
-        return Err(KeyError::Fetch(format!("status {}", resp.status())));
-    }
-    let max_age = resp
-        .headers()
-        .get(header::CACHE_CONTROL)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let v = v.to_ascii_lowercase();
-            if v.contains("no-store") || v.contains("no-cache") {
-                return Some(60);
-            }
-            v.split(',').find_map(|d| d.trim().strip_prefix("max-age=").and_then(|n| n.trim().parse::<u64>().ok()))
-        })
-        .unwrap_or(300)
-        .clamp(60, 86_400);
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| KeyError::Fetch(e.to_string()))? {
-        if body.len() + chunk.len() > MAX_DOCUMENT {
-            return Err(KeyError::Document("larger than 64 KiB"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    let value = serde_json::from_slice(&body).map_err(|_| KeyError::Document("not JSON"))?;
-    Ok((value, Duration::from_secs(max_age)))
-}
-
 /// The partner's keys: cached, or fetched (through discovery when configured so).
-async fn keys_for(state: &AppState, p: &PartnerRow, unknown_kid: bool) -> Result<Arc<CachedKeys>, KeyError> {
+async fn keys_for(state: &AppState, p: &PartnerRow, unknown_kid: bool) -> Result<Arc<JwkSet>, KeyError> {
     let cache_key = format!("{}|{}", p.jwks_uri.as_deref().unwrap_or(""), p.discovery_url.as_deref().unwrap_or(""));
     let cache = &state.trust().keys;
-    if let Some(c) = cache.sets.get(&cache_key) {
-        let fresh = c.fetched.elapsed() < c.max_age;
-        let may_refetch = unknown_kid && {
-            let mut last = cache.refetch.lock().unwrap_or_else(|e| e.into_inner());
-            let ok = last.get(&cache_key).is_none_or(|t| t.elapsed() >= REFETCH_EVERY);
-            if ok {
-                last.insert(cache_key.clone(), Instant::now());
-            }
-            ok
-        };
-        if fresh && !may_refetch {
-            return Ok(c);
-        }
+    if let Some(keys) = cache.sets.fresh(&cache_key, unknown_kid) {
+        return Ok(keys);
     }
     let jwks_uri = match (&p.jwks_uri, &p.discovery_url) {
         (Some(u), _) => u.clone(),
         (None, Some(d)) => {
-            let (doc, _) = fetch_json(state, d).await?;
+            let (doc, _) = cache.fetcher.get_json(d).await?;
             if doc["issuer"].as_str() != Some(p.issuer.as_str()) {
                 return Err(KeyError::Document("the discovery document names another issuer"));
             }
@@ -785,7 +684,7 @@ async fn keys_for(state: &AppState, p: &PartnerRow, unknown_kid: bool) -> Result
         }
         (None, None) => return Err(KeyError::Document("no key location")),
     };
-    let (doc, max_age) = fetch_json(state, &jwks_uri).await?;
+    let (doc, freshness) = cache.fetcher.get_json(&jwks_uri).await?;
     // Symmetric keys are dropped: a partner's key set is public, so an HMAC "key" in it is anyone's.
     let keys: Vec<Value> = doc["keys"]
         .as_array()
@@ -797,9 +696,7 @@ async fn keys_for(state: &AppState, p: &PartnerRow, unknown_kid: bool) -> Result
         .collect();
     let keys: JwkSet =
         serde_json::from_value(json!({ "keys": keys })).map_err(|_| KeyError::Document("malformed keys"))?;
-    let entry = Arc::new(CachedKeys { keys, fetched: Instant::now(), max_age });
-    cache.sets.insert(cache_key, entry.clone());
-    Ok(entry)
+    Ok(cache.sets.put(cache_key, keys, freshness.for_key_set()))
 }
 
 // ---- The exchange ---------------------------------------------------------------------------
@@ -834,16 +731,39 @@ impl From<sqlx::Error> for Refusal {
     }
 }
 
-async fn partners_for(db: &PgPool, issuer: &str) -> Result<Vec<PartnerRow>, sqlx::Error> {
-    sqlx::query_as!(
-        PartnerRow,
-        "select federation_partner_id, organization_id, name, issuer, jwks_uri, discovery_url, algorithms, audience,
-                template, require_jti, max_token_lifetime_secs, created_at
-         from federation_partner where issuer = $1 order by created_at limit 100",
-        issuer
-    )
-    .fetch_all(db)
-    .await
+/// Which partners [`partners`] reads.
+enum Partners<'a> {
+    /// An organization's, by name.
+    OfOrg(Uuid),
+    /// One partner of an organization (none when it is another's).
+    One(Uuid, Uuid),
+    /// Those of every organization that trust an issuer (the exchange): the oldest 100.
+    Issuer(&'a str),
+}
+
+/// Every read of partners: the columns and their mapping to [`PartnerRow`] are written once; each
+/// filter keeps its own plain `where`, so that each uses its index.
+async fn partners(db: &PgPool, which: Partners<'_>) -> Result<Vec<PartnerRow>, sqlx::Error> {
+    macro_rules! select {
+        ($filter:literal) => {
+            concat!(
+                "select federation_partner_id, organization_id, name, issuer, jwks_uri, discovery_url, algorithms,
+                        audience, template, require_jti, max_token_lifetime_secs, created_at
+                 from federation_partner ",
+                $filter
+            )
+        };
+    }
+    let query = match which {
+        Partners::OfOrg(org) => sqlx::query_as(select!("where organization_id = $1 order by name")).bind(org),
+        Partners::One(org, id) => {
+            sqlx::query_as(select!("where organization_id = $1 and federation_partner_id = $2")).bind(org).bind(id)
+        }
+        Partners::Issuer(issuer) => {
+            sqlx::query_as(select!("where issuer = $1 order by created_at limit 100")).bind(issuer)
+        }
+    };
+    query.fetch_all(db).await
 }
 
 /// Verifies the external token against one partner; its claims when valid.
@@ -864,11 +784,11 @@ async fn verify_with(
         None if keys.keys.len() == 1 => keys.keys.first().cloned(),
         None => None,
     };
-    let jwk = match find(&keys.keys) {
+    let jwk = match find(&keys) {
         Some(k) => k,
         None => {
             keys = keys_for(state, p, true).await.map_err(|e| format!("keys: {e}"))?;
-            find(&keys.keys).ok_or("no key for the token's kid")?
+            find(&keys).ok_or("no key for the token's kid")?
         }
     };
     if jwk.common.key_algorithm.is_some_and(|a| format!("{a:?}") != alg) {
@@ -899,7 +819,7 @@ pub async fn exchange(state: &AppState, token: &str, requested_scope: Option<&st
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| Refusal::Invalid("malformed payload".into()))?;
     let issuer = unverified["iss"].as_str().ok_or_else(|| Refusal::Invalid("no iss".into()))?;
-    let partners = partners_for(state.db(), issuer).await?;
+    let partners = partners(state.db(), Partners::Issuer(issuer)).await?;
     if partners.is_empty() {
         return refuse(format!("no partner trusts the issuer {:?}", issuer.chars().take(200).collect::<String>()));
     }

@@ -74,10 +74,7 @@ pub struct Trust {
 
 impl Trust {
     pub fn new(cfg: &TrustConfig) -> anyhow::Result<Self> {
-        Ok(Self {
-            public_reads: LookupLimit::new(cfg.public_reads_per_minute),
-            keys: federation::KeyCache::new(cfg.federation_allow_private_networks)?,
-        })
+        Ok(Self { public_reads: LookupLimit::new(cfg.public_reads_per_minute), keys: federation::KeyCache::new(cfg)? })
     }
 }
 

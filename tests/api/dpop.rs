@@ -219,6 +219,93 @@ async fn server_nonces_are_asked_for_and_then_accepted() {
 }
 
 #[tokio::test]
+async fn our_api_asks_for_server_nonces_and_refuses_replayed_and_misdirected_proofs_that_carry_one() {
+    let app =
+        spawn_oidc(&[("oidc.dpop_require_nonce", json!(true)), ("oidc.dpop_nonce_lifetime_secs", json!(100))]).await;
+    // Just past the start of a nonce window (100 s each), so that the steps below land where meant.
+    let real = time::OffsetDateTime::now_utc().unix_timestamp();
+    let base = time::OffsetDateTime::from_unix_timestamp(real - real % 100 + 100 + 2).unwrap();
+    app.state.clock().set(base);
+    let admin = app.bootstrap().await;
+    let client = app.agent_client(&admin, &["agents:read"]).await;
+    let key = DpopKey::new();
+    let token_url = app.url("/api/v1/token");
+    let me_url = app.url("/auth/me");
+    let now = || app.state.clock().now().unix_timestamp();
+    let ask_token = |proof: String| {
+        app.client
+            .post(&token_url)
+            .basic_auth(&client.client_id, Some(&client.secret))
+            .header("dpop", proof)
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+    };
+    let r = ask_token(key.proof_at("POST", &token_url, None, None, now())).await.unwrap();
+    let nonce = r.headers()["dpop-nonce"].to_str().unwrap().to_owned();
+    let r = ask_token(key.proof_at("POST", &token_url, None, Some(&nonce), now())).await.unwrap();
+    let token = json_ok(r, StatusCode::OK).await["access_token"].as_str().unwrap().to_owned();
+    let dpop = format!("DPoP {token}");
+
+    // A proof of the right key for this request, but without a nonce: 401 use_dpop_nonce, with one.
+    let r = me(&app, dpop.clone(), Some(key.proof_at("GET", &me_url, Some(&token), None, now()))).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.starts_with("DPoP error=\"use_dpop_nonce\""), "{challenge}");
+    assert!(challenge.contains("resource_metadata="), "{challenge}");
+    let nonce = r.headers()["dpop-nonce"].to_str().unwrap().to_owned();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], 401);
+    // A made-up nonce is no nonce.
+    let r = me(&app, dpop.clone(), Some(key.proof_at("GET", &me_url, Some(&token), Some("1.made-up"), now()))).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("use_dpop_nonce"));
+
+    // The retry with the nonce is served, and the answer carries the nonce to use next.
+    let proof = key.proof_at("GET", &me_url, Some(&token), Some(&nonce), now());
+    let r = me(&app, dpop.clone(), Some(proof.clone())).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("dpop-nonce"));
+    // A nonce does not make a proof reusable, nor good for another method or URL.
+    for bad in [
+        proof,
+        key.proof_at("POST", &me_url, Some(&token), Some(&nonce), now()),
+        key.proof_at("GET", &app.url("/api/v1/agents"), Some(&token), Some(&nonce), now()),
+    ] {
+        let r = me(&app, dpop.clone(), Some(bad)).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+        assert!(challenge.starts_with("DPoP error=\"invalid_dpop_proof\""), "{challenge}");
+    }
+
+    // A nonce is good for its window and the next one, not later: then a fresh one is handed out.
+    app.state.clock().set(base + time::Duration::seconds(100));
+    let r = me(&app, dpop.clone(), Some(key.proof_at("GET", &me_url, Some(&token), Some(&nonce), now()))).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    app.state.clock().set(base + time::Duration::seconds(200));
+    let r = me(&app, dpop.clone(), Some(key.proof_at("GET", &me_url, Some(&token), Some(&nonce), now()))).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let fresh = r.headers()["dpop-nonce"].to_str().unwrap().to_owned();
+    assert_ne!(fresh, nonce);
+    let r = me(&app, dpop.clone(), Some(key.proof_at("GET", &me_url, Some(&token), Some(&fresh), now()))).await;
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // Userinfo, a resource of its own, asks for the nonce too (this token is an agent's, so the
+    // nonce passes and the token is then refused for what it is).
+    let info = app.url("/oauth2/userinfo");
+    let r = app
+        .client
+        .get(&info)
+        .header("authorization", &dpop)
+        .header("dpop", key.proof_at("GET", &info, Some(&token), None, now()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("use_dpop_nonce"));
+    assert!(r.headers().contains_key("dpop-nonce"));
+}
+
+#[tokio::test]
 async fn a_proof_used_at_one_instance_is_refused_at_another() {
     let app1 = spawn_oidc(&[]).await;
     let mut cfg2 = app1.config.clone();

@@ -1,11 +1,13 @@
 //! Client ID metadata documents: an MCP-style client whose `client_id` is an https URL, served
 //! here by a local HTTPS server (the client's own site, a third party), signs a person in and
 //! obtains a token for a resource named with `resource`; documents that are huge, slow, redirect,
-//! name another client or list foreign redirect URIs are refused; `Cache-Control` is honoured.
+//! name another client or list foreign redirect URIs are refused; `Cache-Control` is honoured. A
+//! `private_key_jwt` client's `jwks_uri`, on the same site, is fetched by the same guarded fetcher
+//! and cached, and fetched again early (at most every 30 s) when a key is not in the cached set.
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -22,8 +24,11 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::{
+    dpop::DpopKey,
     helpers::{ADMIN_EMAIL, TestApp, json_ok},
-    oidc::{authorize_url, oauth_error, pkce, query_of, sign_in_and_consent, spawn_oidc, user_agent},
+    oidc::{
+        CALLBACK, authorize_url, oauth_error, pkce, query_of, register, sign_in_and_consent, spawn_oidc, user_agent,
+    },
 };
 
 const RESOURCE: &str = "https://mcp.example/mcp";
@@ -32,6 +37,15 @@ const RESOURCE: &str = "https://mcp.example/mcp";
 struct Site {
     origin: String,
     hits: Arc<AtomicUsize>,
+    /// The key set the site serves at `/jwks`, and how often it was fetched.
+    jwks: Arc<Mutex<Value>>,
+    jwks_hits: Arc<AtomicUsize>,
+}
+
+async fn jwks(State(site): State<Site>) -> Response {
+    site.jwks_hits.fetch_add(1, Ordering::SeqCst);
+    let keys = site.jwks.lock().unwrap().clone();
+    with_cache(keys, "max-age=600")
 }
 
 fn doc(site: &Site, path: &str) -> Value {
@@ -116,7 +130,12 @@ async fn client_site() -> (Site, String) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let site = Site { origin: format!("https://localhost:{port}"), hits: Arc::default() };
+    let site = Site {
+        origin: format!("https://localhost:{port}"),
+        hits: Arc::default(),
+        jwks: Arc::new(Mutex::new(json!({ "keys": [] }))),
+        jwks_hits: Arc::default(),
+    };
     let app = Router::new()
         .route("/client", get(client_doc))
         .route("/nostore", get(nostore_doc))
@@ -127,6 +146,7 @@ async fn client_site() -> (Site, String) {
         .route("/foreign", get(foreign_redirect))
         .route("/secret", get(with_secret))
         .route("/scripted", get(scripted))
+        .route("/jwks", get(jwks))
         .with_state(site.clone());
     tokio::spawn(async move {
         let _ = axum_server::from_tcp_rustls(listener, tls).unwrap().serve(app.into_make_service()).await;
@@ -290,4 +310,58 @@ async fn private_addresses_are_refused_unless_allowed() {
         assert!(r.headers().get("location").is_none());
     }
     assert_eq!(site.hits.load(Ordering::SeqCst), 0, "nothing was fetched");
+}
+
+#[tokio::test]
+async fn a_clients_jwks_uri_is_cached_and_fetched_again_for_a_new_key_at_most_every_30_seconds() {
+    let (site, ca) = client_site().await;
+    let app = app_trusting(&ca).await;
+    let admin = app.bootstrap().await;
+    let (k1, k2, k3) = (DpopKey::new(), DpopKey::new(), DpopKey::new());
+    *site.jwks.lock().unwrap() = json!({ "keys": [k1.public_jwk("k1")] });
+    let c = register(
+        &app,
+        &admin,
+        json!({
+            "name": "Signed elsewhere",
+            "redirect_uris": [CALLBACK],
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks_uri": format!("{}/jwks", site.origin),
+        }),
+    )
+    .await;
+    let id = c["client_id"].as_str().unwrap().to_owned();
+    let token_url = app.url("/api/v1/token");
+    // The client authenticates before its grant is looked at: a made-up refresh token then tells
+    // an accepted assertion (invalid_grant) from a refused one (invalid_client).
+    let ask = |key: &DpopKey, kid: &str| {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let assertion = key.sign(
+            json!({ "alg": "ES256", "typ": "JWT", "kid": kid }),
+            json!({ "iss": id, "sub": id, "aud": token_url, "exp": now + 60, "iat": now,
+                    "jti": uuid::Uuid::new_v4().to_string() }),
+        );
+        app.client
+            .post(&token_url)
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", "made-up"),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                ("client_assertion", assertion.as_str()),
+            ])
+            .send()
+    };
+    let fetched = || site.jwks_hits.load(Ordering::SeqCst);
+    oauth_error(ask(&k1, "k1").await.unwrap(), StatusCode::BAD_REQUEST, "invalid_grant").await;
+    oauth_error(ask(&k1, "k1").await.unwrap(), StatusCode::BAD_REQUEST, "invalid_grant").await;
+    assert_eq!(fetched(), 1, "max-age=600: the key set is fetched once");
+    // The client rotates to k2: the first assertion with it finds the cached set wanting.
+    *site.jwks.lock().unwrap() = json!({ "keys": [k2.public_jwk("k2")] });
+    oauth_error(ask(&k2, "k2").await.unwrap(), StatusCode::BAD_REQUEST, "invalid_grant").await;
+    assert_eq!(fetched(), 2);
+    // Unknown keys right after cost no fetch: refused from the cache.
+    oauth_error(ask(&k3, "k3").await.unwrap(), StatusCode::UNAUTHORIZED, "invalid_client").await;
+    oauth_error(ask(&k1, "k1").await.unwrap(), StatusCode::UNAUTHORIZED, "invalid_client").await;
+    oauth_error(ask(&k2, "k2").await.unwrap(), StatusCode::BAD_REQUEST, "invalid_grant").await;
+    assert_eq!(fetched(), 2);
 }

@@ -1,7 +1,9 @@
 //! `private_key_jwt` (RFC 7523 §2.2, OIDC Core §9): a client authenticates with a JWT it signed
-//! with a key of its registered JWKS (inline, or at its `jwks_uri`, fetched through the SSRF
-//! guard). The assertion names the client as `iss` and `sub`, our token endpoint (or issuer) as
-//! `aud`, expires soon, and is used once (`jti`, remembered in Redis until it expires).
+//! with a key of its registered JWKS (inline, or at its `jwks_uri`, fetched through the guarded
+//! fetcher and cached for its `Cache-Control` max-age, one minute to one day, and fetched again,
+//! at most every 30 s, when no key of the cached set verifies the assertion). The assertion names
+//! the client as `iss` and `sub`, our token endpoint (or issuer) as `aud`, expires soon, and is
+//! used once (`jti`, remembered in Redis until it expires).
 
 use std::sync::Arc;
 
@@ -22,12 +24,38 @@ fn part(token: &str, i: usize) -> Option<Value> {
     serde_json::from_slice(&B64.decode(p).ok()?).ok()
 }
 
-async fn keys_of(state: &AppState, client: &OidcClient) -> Option<Value> {
+/// The client's key set: inline, or from its `jwks_uri` (cached; `wanting`: the cached set had no
+/// key that verified, so fetch it again unless that was done in the last 30 s).
+async fn keys_of(state: &AppState, client: &OidcClient, wanting: bool) -> Option<Arc<Value>> {
     if let Some(jwks) = &client.jwks {
-        return Some(jwks.clone());
+        return Some(Arc::new(jwks.clone()));
     }
     let uri = client.jwks_uri.as_deref()?;
-    super::metadata_document::fetch_json(state, uri).await.ok()
+    let docs = &state.auth().documents;
+    if let Some(keys) = docs.jwks.fresh(uri, wanting) {
+        return Some(keys);
+    }
+    state.auth().lookups.charge().ok()?;
+    match docs.fetcher.get_json(uri).await {
+        Ok((keys, freshness)) => {
+            metrics::counter!("oidc_client_jwks_fetched_total").increment(1);
+            Some(docs.jwks.put(uri.to_owned(), keys, freshness.for_key_set()))
+        }
+        Err(e) => {
+            tracing::info!(client_id = %client.client_id, error = %e, "client jwks_uri could not be fetched");
+            None
+        }
+    }
+}
+
+/// The assertion's claims, when a key of `jwks` (the one named by `kid`, if any) verifies it.
+fn verified(jwks: &Value, alg: &str, kid: Option<&str>, assertion: &str) -> Option<Value> {
+    jwks.get("keys")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|k| kid.is_none_or(|kid| k.get("kid").and_then(Value::as_str) == Some(kid)))
+        .find_map(|k| dpop::verify_with_jwk(alg, k, assertion))
 }
 
 /// Authenticates the client a `client_assertion` names.
@@ -60,15 +88,16 @@ pub async fn authenticate(
         return Err(refuse());
     }
     let kid = header.get("kid").and_then(Value::as_str);
-    let jwks = keys_of(state, &client).await.ok_or_else(refuse)?;
-    let claims = jwks
-        .get("keys")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(|k| kid.is_none_or(|kid| k.get("kid").and_then(Value::as_str) == Some(kid)))
-        .find_map(|k| dpop::verify_with_jwk(alg, k, assertion))
-        .ok_or_else(refuse)?;
+    let jwks = keys_of(state, &client, false).await.ok_or_else(refuse)?;
+    let claims = match verified(&jwks, alg, kid, assertion) {
+        Some(c) => c,
+        // The client may have rotated its keys since they were cached.
+        None if client.jwks_uri.is_some() && client.jwks.is_none() => {
+            let jwks = keys_of(state, &client, true).await.ok_or_else(refuse)?;
+            verified(&jwks, alg, kid, assertion).ok_or_else(refuse)?
+        }
+        None => return Err(refuse()),
+    };
     let base = &state.config().server.public_url;
     let accepted = [format!("{base}/api/v1/{endpoint}"), base.clone()];
     let aud_ok = match claims.get("aud") {

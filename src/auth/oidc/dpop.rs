@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -69,20 +69,6 @@ struct Claims {
     nonce: Option<String>,
 }
 
-/// The RFC 7638 thumbprint of a public JWK.
-pub fn thumbprint(jwk: &Value) -> Option<String> {
-    let s = |k: &str| jwk.get(k).and_then(Value::as_str);
-    // The required members, in lexicographic order, no whitespace.
-    let canonical = match s("kty")? {
-        "EC" => json!({ "crv": s("crv")?, "kty": "EC", "x": s("x")?, "y": s("y")? }),
-        "RSA" => json!({ "e": s("e")?, "kty": "RSA", "n": s("n")? }),
-        "OKP" => json!({ "crv": s("crv")?, "kty": "OKP", "x": s("x")? }),
-        _ => return None,
-    };
-    // serde_json's map is ordered by key, which is the order RFC 7638 asks for.
-    Some(B64.encode(Sha256::digest(canonical.to_string().as_bytes())))
-}
-
 /// Verifies a compact JWS made by `jwk` with `alg`, the algorithm pinned to the key's type.
 pub fn verify_with_jwk(alg: &str, jwk: &Value, token: &str) -> Option<Value> {
     let algorithm = Algorithm::parse(alg)?;
@@ -115,7 +101,8 @@ fn nonce_for(state: &AppState, window: i64) -> String {
     format!("{window:x}.{}", B64.encode(&mac[..16]))
 }
 
-fn current_nonce(state: &AppState) -> String {
+/// The nonce to send now (`DPoP-Nonce`).
+pub fn current_nonce(state: &AppState) -> String {
     let life = state.config().oidc.dpop_nonce_lifetime_secs.max(1) as i64;
     nonce_for(state, state.clock().now().unix_timestamp() / life)
 }
@@ -210,7 +197,7 @@ pub async fn verify(
         verify_with_jwk(&header.alg, &jwk, proof).ok_or(Invalid::Proof("The proof's signature is invalid."))?;
     let claims: Claims =
         serde_json::from_value(claims).map_err(|_| Invalid::Proof("The proof's claims are malformed."))?;
-    let jkt = thumbprint(&jwk).ok_or(Invalid::Proof("The proof's jwk is not a public key."))?;
+    let jkt = crate::crypto::jwk_thumbprint(&jwk).ok_or(Invalid::Proof("The proof's jwk is not a public key."))?;
     let (Some(jti), Some(htm), Some(htu), Some(iat)) = (claims.jti, claims.htm, claims.htu, claims.iat) else {
         return Err(Invalid::Proof("The proof needs jti, htm, htu and iat."));
     };
@@ -247,6 +234,28 @@ pub async fn verify(
     Ok(Some(Proof { jkt, headers: out }))
 }
 
+/// With nonces required, every response to a request that carries a DPoP proof (or the `DPoP`
+/// scheme) carries the current nonce, so that a client always holds one that is still valid
+/// (RFC 9449 §8.2): refusals asking for it (`use_dpop_nonce`) and successes alike. Whether this
+/// request is one of those.
+pub fn wants_nonce(state: &AppState, request: &HeaderMap) -> bool {
+    state.config().oidc.dpop_require_nonce
+        && (request.contains_key("dpop")
+            || request
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.len() > 5 && v[..5].eq_ignore_ascii_case("dpop ")))
+}
+
+/// Adds the current nonce to a response (see [`wants_nonce`]), unless it has one.
+pub fn add_nonce(state: &AppState, response: &mut HeaderMap) {
+    if !response.contains_key("dpop-nonce")
+        && let Ok(v) = HeaderValue::from_str(&current_nonce(state))
+    {
+        response.insert("dpop-nonce", v);
+    }
+}
+
 /// The proof at the token endpoint, if one was sent; refusals are RFC 9449 §5 errors.
 pub async fn at_token_endpoint(state: &AppState, headers: &HeaderMap) -> Result<Option<Proof>, OAuthError> {
     let url = format!("{}/api/v1/token", state.config().server.public_url);
@@ -269,7 +278,8 @@ pub async fn at_token_endpoint(state: &AppState, headers: &HeaderMap) -> Result<
 }
 
 /// On our API: a DPoP-bound token needs the `DPoP` scheme and a proof of its key made for this
-/// request (`htm`, `htu`, `ath`); a token sent with the `DPoP` scheme must be bound. Public routes
+/// request (`htm`, `htu`, `ath`, and the server's nonce when `oidc.dpop_require_nonce` is on); a
+/// token sent with the `DPoP` scheme must be bound. Public routes
 /// that take tokens (userinfo) check their proofs themselves, so a bound token identifies nobody
 /// there.
 pub async fn check_bound(
@@ -293,9 +303,11 @@ pub async fn check_bound(
         return Err(Failure::DpopProof);
     }
     let url = format!("{}{}", state.config().server.public_url, path);
-    match verify(state, headers, method, &url, Some(token), false).await {
+    let require_nonce = state.config().oidc.dpop_require_nonce;
+    match verify(state, headers, method, &url, Some(token), require_nonce).await {
         Ok(Some(proof)) if proof.jkt == cnf.jkt => Ok(principal),
         Ok(_) => Err(Failure::DpopProof),
+        Err(Invalid::Nonce(_)) => Err(Failure::DpopNonce),
         Err(why) => {
             tracing::debug!(?why, "DPoP proof refused");
             Err(Failure::DpopProof)
@@ -306,19 +318,6 @@ pub async fn check_bound(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc7638_thumbprint() {
-        // RFC 7638 §3.1.
-        let jwk = json!({
-            "kty": "RSA",
-            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
-            "e": "AQAB",
-            "alg": "RS256",
-            "kid": "2011-04-29"
-        });
-        assert_eq!(thumbprint(&jwk).unwrap(), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
-    }
 
     #[test]
     fn htu_ignores_query_only() {

@@ -1,23 +1,23 @@
 //! Client ID metadata documents (the OAuth draft MCP clients use): a `client_id` that is an https
 //! URL names a JSON document describing the client, fetched from that URL.
 //!
-//! The fetch goes through the webhooks' SSRF guard (every resolved address checked, literal IPs
-//! too, no redirects followed, no proxy), with a size cap and a timeout. The document must name
-//! itself (`client_id` equal to its URL), use no shared secret, and list redirect URIs on its own
-//! origin (unless configured otherwise). Documents are cached as long as their `Cache-Control`
+//! The fetch goes through the one guarded fetcher ([`crate::http::fetch`]: the webhooks' SSRF
+//! guard on every resolved address and literal IPs, no redirects followed, no proxy), with a size
+//! cap and a timeout. The document must name itself (`client_id` equal to its URL), use no shared
+//! secret, and list redirect URIs on its own origin (unless configured otherwise). Documents are cached as long as their `Cache-Control`
 //! allows, within configured bounds; `no-store` is fetched every time.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
 
 use super::{AuthMethod, OidcClient, check_info_uri, check_redirect_uri, known_scope, url_client_uuid};
-use crate::{cache::Cache, state::AppState, webhooks::ssrf};
+use crate::{
+    http::fetch::{DocCache, FetchError, Fetcher, Freshness, Options},
+    state::AppState,
+};
 
 /// `[oidc.metadata_documents]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -61,52 +61,57 @@ pub enum Refused {
     Invalid(String),
 }
 
-/// The fetching client and the cache of this instance.
+/// The guarded fetcher (also for clients' `jwks_uri`) and this instance's caches.
 pub struct Documents {
-    client: Option<reqwest::Client>,
-    cache: Cache<String, (Arc<OidcClient>, Instant)>,
+    enabled: bool,
+    pub(super) fetcher: Fetcher,
+    cache: DocCache<OidcClient>,
+    /// Clients' key sets fetched from their `jwks_uri`, by URL.
+    pub(super) jwks: DocCache<Value>,
 }
 
 impl Documents {
     pub fn new(cfg: &MetadataDocumentConfig) -> anyhow::Result<Self> {
-        let client = if cfg.enabled {
-            let mut b = reqwest::Client::builder()
-                .user_agent(concat!("agentidp/", env!("CARGO_PKG_VERSION")))
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .timeout(Duration::from_millis(cfg.timeout_ms))
-                .connect_timeout(Duration::from_millis(cfg.timeout_ms))
-                .dns_resolver(Arc::new(ssrf::GuardedResolver { allow_private: cfg.allow_private_networks }));
-            if !cfg.ca_file.is_empty() {
-                let pem =
-                    std::fs::read(&cfg.ca_file).map_err(|e| anyhow::anyhow!("oidc.metadata_documents.ca_file: {e}"))?;
-                for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
-                    b = b.add_root_certificate(cert);
-                }
-            }
-            Some(b.build()?)
-        } else {
-            None
-        };
-        Ok(Self { client, cache: Cache::new(10_000, Duration::from_secs(cfg.max_cache_secs.max(1))) })
+        let fetcher = Fetcher::new(Options {
+            https_only: true,
+            allow_private: cfg.allow_private_networks,
+            max_bytes: cfg.max_bytes,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            ca_file: &cfg.ca_file,
+        })
+        .map_err(|e| anyhow::anyhow!("oidc.metadata_documents.ca_file: {e}"))?;
+        Ok(Self {
+            enabled: cfg.enabled,
+            fetcher,
+            cache: DocCache::new(10_000, Duration::from_secs(cfg.max_cache_secs.max(1))),
+            jwks: DocCache::new(10_000, Duration::from_secs(86_400)),
+        })
     }
 }
 
 /// The lifetime `Cache-Control` allows (`None`: do not store).
-fn cache_for(headers: &reqwest::header::HeaderMap, cfg: &MetadataDocumentConfig) -> Option<Duration> {
-    let cc = headers.get(reqwest::header::CACHE_CONTROL).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let mut max_age = None;
-    for d in cc.split(',').map(str::trim) {
-        let lower = d.to_ascii_lowercase();
-        if lower == "no-store" || lower == "no-cache" {
-            return None;
-        }
-        if let Some(v) = lower.strip_prefix("max-age=") {
-            max_age = v.trim_matches('"').parse::<u64>().ok();
+fn cache_for(freshness: Freshness, cfg: &MetadataDocumentConfig) -> Option<Duration> {
+    let secs = match freshness {
+        Freshness::NoStore => return None,
+        Freshness::MaxAge(s) => s,
+        Freshness::Unspecified => cfg.default_cache_secs,
+    }
+    .min(cfg.max_cache_secs);
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+impl From<FetchError> for Refused {
+    fn from(e: FetchError) -> Self {
+        match e {
+            FetchError::Refused(r) => Refused::Url(r.message()),
+            FetchError::Unreachable => Refused::Unreachable,
+            FetchError::Redirected => Refused::Redirected,
+            FetchError::Status(s) => Refused::Status(s),
+            FetchError::TooLarge(n) => Refused::TooLarge(n),
+            FetchError::Timeout => Refused::Timeout,
+            FetchError::NotJson => Refused::Invalid("it is not JSON.".into()),
         }
     }
-    let secs = max_age.unwrap_or(cfg.default_cache_secs).min(cfg.max_cache_secs);
-    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 #[derive(Deserialize)]
@@ -193,73 +198,32 @@ fn validate(url: &Url, raw: &str, doc: Document, state: &AppState) -> Result<Oid
 /// The client a metadata-document `client_id` names: from the cache, or fetched and validated.
 pub async fn client(state: &AppState, raw: &str) -> Result<Arc<OidcClient>, Refused> {
     let docs = &state.auth().documents;
-    let Some(http) = &docs.client else { return Err(Refused::Disabled) };
-    if let Some((c, until)) = docs.cache.get(raw)
-        && Instant::now() < until
-    {
+    if !docs.enabled {
+        return Err(Refused::Disabled);
+    }
+    if let Some(c) = docs.cache.fresh(raw, false) {
         return Ok(c);
     }
-    let (url, body, ttl) = fetch(state, http, raw).await?;
+    let (url, body, ttl) = fetch(state, raw).await?;
     let doc: Document = serde_json::from_slice(&body)
         .map_err(|_| Refused::Invalid("it is not a JSON object of client metadata.".into()))?;
-    let client = Arc::new(validate(&url, raw, doc, state)?);
-    if let Some(ttl) = ttl {
-        docs.cache.insert(raw.to_owned(), (client.clone(), Instant::now() + ttl));
-    }
+    let client = validate(&url, raw, doc, state)?;
     metrics::counter!("oidc_metadata_documents_fetched_total").increment(1);
-    Ok(client)
+    Ok(match ttl {
+        Some(ttl) => docs.cache.put(raw.to_owned(), client, ttl),
+        None => Arc::new(client),
+    })
 }
 
 /// Fetches `raw` through the guard: https only, every address checked, no redirects, the size
 /// cap and the timeout. Returns the URL, the body and how long it may be cached.
-async fn fetch(
-    state: &AppState,
-    http: &reqwest::Client,
-    raw: &str,
-) -> Result<(Url, Vec<u8>, Option<Duration>), Refused> {
-    let cfg = &state.config().oidc.metadata_documents;
-    let url = ssrf::parse(raw, true).map_err(|r| Refused::Url(r.message()))?;
+async fn fetch(state: &AppState, raw: &str) -> Result<(Url, Vec<u8>, Option<Duration>), Refused> {
+    let docs = &state.auth().documents;
+    let url = docs.fetcher.check(raw)?;
     if url.path() == "/" || url.query().is_some() {
         return Err(Refused::Url("it must have a path and no query."));
     }
-    ssrf::check_literal(&url, cfg.allow_private_networks).map_err(|r| Refused::Url(r.message()))?;
     state.auth().lookups.charge().map_err(|_| Refused::Unreachable)?;
-    let fetch = async {
-        let mut resp = http
-            .get(url.clone())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(|e| if e.is_timeout() { Refused::Timeout } else { Refused::Unreachable })?;
-        if resp.status().is_redirection() {
-            return Err(Refused::Redirected);
-        }
-        if resp.status() != reqwest::StatusCode::OK {
-            return Err(Refused::Status(resp.status().as_u16()));
-        }
-        if resp.content_length().is_some_and(|n| n as usize > cfg.max_bytes) {
-            return Err(Refused::TooLarge(cfg.max_bytes));
-        }
-        let ttl = cache_for(resp.headers(), cfg);
-        let mut body = Vec::new();
-        while let Some(chunk) =
-            resp.chunk().await.map_err(|e| if e.is_timeout() { Refused::Timeout } else { Refused::Unreachable })?
-        {
-            body.extend_from_slice(&chunk);
-            if body.len() > cfg.max_bytes {
-                return Err(Refused::TooLarge(cfg.max_bytes));
-            }
-        }
-        Ok((body, ttl))
-    };
-    let (body, ttl) =
-        tokio::time::timeout(Duration::from_millis(cfg.timeout_ms), fetch).await.map_err(|_| Refused::Timeout)??;
-    Ok((url, body, ttl))
-}
-
-/// A JSON document at an https URL (a client's `jwks_uri`), fetched like metadata documents.
-pub async fn fetch_json(state: &AppState, raw: &str) -> Result<Value, Refused> {
-    let http = state.auth().documents.client.as_ref().ok_or(Refused::Disabled)?;
-    let (_, body, _) = fetch(state, http, raw).await?;
-    serde_json::from_slice(&body).map_err(|_| Refused::Invalid("it is not JSON.".into()))
+    let fetched = docs.fetcher.get(url.clone()).await?;
+    Ok((url, fetched.body, cache_for(fetched.freshness, &state.config().oidc.metadata_documents)))
 }

@@ -73,7 +73,8 @@ async fn userinfo(state: AppState, headers: HeaderMap, method: Method) -> Respon
             );
         }
         let url = format!("{}/oauth2/userinfo", state.config().server.public_url);
-        match dpop::verify(&state, &headers, &method, &url, Some(&token), false).await {
+        let require_nonce = state.config().oidc.dpop_require_nonce;
+        match dpop::verify(&state, &headers, &method, &url, Some(&token), require_nonce).await {
             Ok(Some(p)) if p.jkt == cnf.jkt => {}
             Ok(_) => {
                 return refuse(

@@ -97,6 +97,14 @@ async fn authenticate(state: AppState, mut req: Request, next: Next) -> Response
             }
             .into_response();
         }
+        Err(Failure::DpopNonce) => {
+            // The org-context layer adds the nonce to send (`DPoP-Nonce`).
+            return ApiError::Unauthorized {
+                detail: "Send the server's nonce (DPoP-Nonce) in the DPoP proof.".into(),
+                challenge: "DPoP error=\"use_dpop_nonce\", error_description=\"Resource server requires nonce in DPoP proof\", algs=\"ES256 RS256 EdDSA\"",
+            }
+            .into_response();
+        }
         Err(Failure::Unavailable) => return ApiError::Unavailable("credential store".into()).into_response(),
         Err(Failure::Throttled) => {
             return ApiError::TooManyRequests {

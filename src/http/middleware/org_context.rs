@@ -64,6 +64,7 @@ fn choose_org(principal: &Principal, header: Option<&str>) -> OrgChoice {
 }
 
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let send_nonce = crate::auth::oidc::dpop::wants_nonce(&state, req.headers());
     if let Some(secret) = credentials::presented(req.headers()) {
         let principal = if crate::auth::tokens::looks_like_jwt(&secret) {
             match crate::auth::oauth::resolve_access_token(&state, &secret).await {
@@ -92,5 +93,9 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         };
         req.extensions_mut().insert(Identified { principal, org });
     }
-    next.run(req).await
+    let mut response = next.run(req).await;
+    if send_nonce {
+        crate::auth::oidc::dpop::add_nonce(&state, response.headers_mut());
+    }
+    response
 }
