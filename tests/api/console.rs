@@ -1098,3 +1098,25 @@ async fn an_admin_registers_an_oauth_client_once_and_a_person_revokes_their_cons
     member.find("#consents-title").await;
     assert!(member.find_now("#clients-title").await.is_none() && member.find_now("#create-client").await.is_none());
 }
+
+#[tokio::test]
+async fn a_console_page_counts_as_one_call_against_the_quota_however_many_it_makes() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let client = cookie_client();
+    console_sign_in(&app, &client, ADMIN_EMAIL).await;
+    let calls_today = || async {
+        let status =
+            json_ok(app.as_(&admin, Method::GET, "/api/v1/tiers/status").send().await.unwrap(), StatusCode::OK).await;
+        status["usage"]["api_calls_today"].as_u64().unwrap()
+    };
+    let before = calls_today().await;
+    // The analytics page asks the API six questions; the organization counts one page view.
+    let page = client.get(app.url("/console/analytics")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("id=\"analytics\""));
+    assert_eq!(calls_today().await - before, 1);
+    // A direct API call still counts by itself.
+    json_ok(app.as_(&admin, Method::GET, "/api/v1/agents").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(calls_today().await - before, 2);
+}
