@@ -29,6 +29,8 @@ pub struct Caller {
     pub(super) connect: Option<ConnectInfo<SocketAddr>>,
     /// Headers a trusted proxy may have set (the API decides whether to believe them).
     pub(super) forwarded: Vec<(HeaderName, HeaderValue)>,
+    /// The one rate-limit and quota charge of this page view, shared by all its calls.
+    pub(super) charge: crate::http::middleware::tier::OneCharge,
 }
 
 impl Caller {
@@ -44,7 +46,7 @@ impl Caller {
             .collect();
         let cookie =
             session.and_then(|token| HeaderValue::from_str(&format!("{}={token}", crate::SESSION_COOKIE)).ok());
-        Self { cookie, connect, forwarded }
+        Self { cookie, connect, forwarded, charge: Default::default() }
     }
 
     /// The same caller without credentials (for login).
@@ -131,6 +133,7 @@ impl Api {
         if let Some(connect) = caller.connect {
             req.extensions_mut().insert(connect);
         }
+        req.extensions_mut().insert(caller.charge.clone());
         let response = self.0.clone().oneshot(req).await.map_err(|_| Failure::internal())?;
         let (parts, body) = response.into_parts();
         let bytes = body.collect().await.map_err(|_| Failure::internal())?.to_bytes();

@@ -66,7 +66,12 @@ fn nice_ceiling(max: i64) -> i64 {
 /// people; `ticks` label the time axis at fixed places of the range. A bucket sits at its time,
 /// so gaps in the data show as gaps in time.
 pub fn series(data: &[(String, f64, i64)], fmt: impl Fn(i64) -> String, ticks: &[(f64, String)]) -> Series {
-    let max = nice_ceiling(data.iter().map(|(_, _, v)| *v).max().unwrap_or(0));
+    series_up_to(data, fmt, ticks, data.iter().map(|(_, _, v)| *v).max().unwrap_or(0))
+}
+
+/// As [`series`], on an axis that reaches at least `top` (so several series share one scale).
+fn series_up_to(data: &[(String, f64, i64)], fmt: impl Fn(i64) -> String, ticks: &[(f64, String)], top: i64) -> Series {
+    let max = nice_ceiling(top);
     let plot_w = W - LEFT - RIGHT;
     let plot_h = H - TOP - BOTTOM;
     let x_at = |f: f64| LEFT + plot_w * f.clamp(0.0, 1.0);
@@ -100,6 +105,54 @@ pub fn series(data: &[(String, f64, i64)], fmt: impl Fn(i64) -> String, ticks: &
         })
         .collect();
     Series { width: W, height: H, left: LEFT, bottom: H - BOTTOM, points, line, y_ticks, x_ticks, max }
+}
+
+/// A named series of `(period, where in the range 0..=1, value)`.
+pub type NamedSeries = (String, Vec<(String, f64, i64)>);
+
+/// One named line of a chart with several.
+pub struct Line {
+    pub name: String,
+    /// Which of the palette's colours (0 to 5, repeating).
+    pub colour: usize,
+    pub line: String,
+    pub points: Vec<Point>,
+}
+
+/// Several time series on one scale (e.g. one per model), with a legend.
+pub struct MultiSeries {
+    pub width: f64,
+    pub height: f64,
+    pub left: f64,
+    pub bottom: f64,
+    pub lines: Vec<Line>,
+    pub y_ticks: Vec<Tick>,
+    pub x_ticks: Vec<Tick>,
+    pub max: i64,
+}
+
+/// Lays out `(name, points)` as [`series`] does each, all on the scale of the largest value.
+pub fn multi(data: &[NamedSeries], fmt: impl Fn(i64) -> String, ticks: &[(f64, String)]) -> MultiSeries {
+    let top = data.iter().flat_map(|(_, pts)| pts.iter().map(|(_, _, v)| *v)).max().unwrap_or(0);
+    let axes = series_up_to(&[], &fmt, ticks, top);
+    let lines = data
+        .iter()
+        .enumerate()
+        .map(|(i, (name, pts))| {
+            let s = series_up_to(pts, &fmt, ticks, top);
+            Line { name: name.clone(), colour: i % 6, line: s.line, points: s.points }
+        })
+        .collect();
+    MultiSeries {
+        width: axes.width,
+        height: axes.height,
+        left: axes.left,
+        bottom: axes.bottom,
+        lines,
+        y_ticks: axes.y_ticks,
+        x_ticks: axes.x_ticks,
+        max: axes.max,
+    }
 }
 
 fn round(v: f64) -> f64 {
@@ -232,6 +285,25 @@ mod tests {
         assert_eq!((sun23.requests, sun23.level), (10, 5));
         assert!(mon0.level > 0 && mon0.level < 5);
         assert!(h.cells.iter().filter(|c| c.requests == 0).all(|c| c.level == 0));
+    }
+
+    #[test]
+    fn several_series_share_the_scale_of_the_largest() {
+        let m = multi(
+            &[
+                ("a".into(), vec![("p".into(), 0.0, 50)]),
+                ("b".into(), vec![("p".into(), 0.0, 100), ("q".into(), 1.0, 0)]),
+            ],
+            |v| v.to_string(),
+            &[],
+        );
+        assert_eq!(m.max, 100);
+        assert_eq!(m.lines.len(), 2);
+        assert_eq!(m.lines[1].points[0].y, TOP);
+        assert_eq!(m.lines[1].points[1].y, m.bottom);
+        let half = m.bottom - (m.bottom - TOP) / 2.0;
+        assert_eq!(m.lines[0].points[0].y, round(half));
+        assert_eq!((m.lines[0].colour, m.lines[1].colour), (0, 1));
     }
 
     #[test]

@@ -80,7 +80,10 @@ pub fn router(api: Api) -> Router<AppState> {
         .route("/console/policies/rollback", post(policies::rollback))
         .route("/console/policies/{version}/activate", post(policies::activate))
         .route("/console/webhooks", get(webhooks::list).post(webhooks::create))
-        .route("/console/webhooks/{id}", get(webhooks::show))
+        .route("/console/webhooks/dead-letters", get(webhooks::dead_letters))
+        .route("/console/webhooks/{id}", get(webhooks::show).post(webhooks::edit))
+        .route("/console/webhooks/{id}/delete", post(webhooks::delete))
+        .route("/console/webhooks/{id}/test", post(webhooks::test))
         .route("/console/webhooks/{id}/rotate-secret", post(webhooks::rotate_secret))
         .route("/console/webhooks/{id}/replay", post(webhooks::replay))
         .route("/console/webhooks/deliveries/{id}/retry", post(webhooks::retry))
@@ -91,6 +94,10 @@ pub fn router(api: Api) -> Router<AppState> {
         .route("/console/organization/members/{user}/role", post(organization::set_role))
         .route("/console/organization/members/{user}/remove", post(organization::remove_member))
         .route("/console/organization/upgrade", post(organization::upgrade))
+        .route("/console/organization/switch", post(organization::switch))
+        .route("/console/applications", get(applications::show).post(applications::create))
+        .route("/console/applications/{id}/delete", post(applications::delete))
+        .route("/console/applications/consents/revoke", post(applications::revoke_consent))
         .route("/console/trust", get(trust::show))
         .route("/console/trust/listing/{id}/{verb}", post(trust::set_listing))
         .route("/console/policies/versions", post(policies::create))
@@ -123,6 +130,18 @@ fn session_token(headers: &HeaderMap) -> Option<String> {
     headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
         let (k, v) = c.trim().split_once('=')?;
         (k == crate::SESSION_COOKIE && !v.is_empty()).then(|| v.to_owned())
+    })
+}
+
+/// The cookie naming the organization the console works in, for people in more than one. It is
+/// only a preference: it counts only while the person is a member there (or a system admin), and
+/// every call then carries it to the API as `X-Org-Id`, which checks membership again.
+pub const ORG_COOKIE: &str = "agentidp_console_org";
+
+fn chosen_org(headers: &HeaderMap) -> Option<Uuid> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == ORG_COOKIE).then(|| v.parse().ok()).flatten()
     })
 }
 
@@ -173,12 +192,21 @@ impl FromRequestParts<AppState> for Viewer {
             .get::<Actor>()
             .filter(|a| matches!(a.principal.credential, Credential::Session { .. }))
             .cloned();
-        let (Some(token), Some(actor)) = (token, actor) else { return Err(to_login()) };
+        let (Some(token), Some(mut actor)) = (token, actor) else { return Err(to_login()) };
+        // The organization chosen with the switcher, while the person still belongs there.
+        let chosen = chosen_org(&parts.headers)
+            .filter(|o| actor.principal.system_admin || actor.principal.memberships.iter().any(|(m, _)| m == o));
+        if let Some(org) = chosen {
+            actor.org_id = Some(org);
+        }
         let Some(api) = parts.extensions.get::<Api>().cloned() else {
             return Err(StatusCode::INTERNAL_SERVER_ERROR.into_response());
         };
         let connect = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied();
-        let caller = Caller::from_request(&parts.headers, connect, Some(&token));
+        let mut caller = Caller::from_request(&parts.headers, connect, Some(&token));
+        if let Some(org) = chosen.and_then(|o| HeaderValue::from_str(&o.to_string()).ok()) {
+            caller.forwarded.push((header::HeaderName::from_static("x-org-id"), org));
+        }
         Ok(Self { actor, caller, api, state: state.clone(), csrf: csrf_for(&token) })
     }
 }
@@ -219,6 +247,7 @@ impl Viewer {
             }),
             csrf: self.csrf.clone(),
             admin,
+            switch_orgs: self.actor.principal.memberships.len() > 1 || self.actor.is_system_admin(),
             notice: None,
             error: None,
             css_url: &assets::ASSETS.css.url,
@@ -246,6 +275,8 @@ pub struct Shell {
     pub role: &'static str,
     pub csrf: String,
     pub admin: bool,
+    /// Whether the viewer can work in more than one organization (the switcher shows).
+    pub switch_orgs: bool,
     pub notice: Option<&'static str>,
     pub error: Option<Failure>,
     pub css_url: &'static str,

@@ -395,6 +395,28 @@ pub struct ModelsAnswer {
     #[serde(with = "time::serde::rfc3339")]
     pub until: OffsetDateTime,
     pub models: Vec<ModelUsage>,
+    /// With `group_by`: each model's LLM usage per hour or day, oldest first (a bucket without
+    /// calls to the model is left out).
+    pub series: Vec<ModelSeries>,
+}
+
+/// One model's LLM usage over time.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelSeries {
+    pub model: String,
+    pub points: Vec<ModelSeriesPoint>,
+}
+
+/// One bucket of a model's series.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelSeriesPoint {
+    #[serde(with = "time::serde::rfc3339")]
+    pub period: OffsetDateTime,
+    pub calls: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub cost_micros: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -461,6 +483,29 @@ fn by_model(rows: &[Agg]) -> Vec<ModelUsage> {
         .into_iter()
         .map(|(model, a)| ModelUsage { model, totals: llm_totals(&a) })
         .collect()
+}
+
+/// Each model's buckets, models by name and buckets oldest first (rows without a period, as in
+/// an unbucketed query, give none).
+fn model_series(rows: &[Agg]) -> Vec<ModelSeries> {
+    group(rows, |r| (kind_is(r, Kind::Llm) && r.period.is_some()).then(|| (r.dimension.clone(), r.period)))
+        .into_iter()
+        .fold(Vec::<ModelSeries>::new(), |mut out, ((model, period), a)| {
+            let Some(period) = period else { return out };
+            let point = ModelSeriesPoint {
+                period,
+                calls: a.events,
+                prompt_tokens: a.prompt_tokens,
+                completion_tokens: a.completion_tokens,
+                total_tokens: a.total_tokens,
+                cost_micros: a.cost_micros,
+            };
+            match out.last_mut() {
+                Some(last) if last.model == model => last.points.push(point),
+                _ => out.push(ModelSeries { model, points: vec![point] }),
+            }
+            out
+        })
 }
 
 fn by_tool(rows: &[Agg]) -> Vec<ToolUsage> {
@@ -601,7 +646,7 @@ pub(super) async fn summary(
     Ok(Json(summarize(f.org_id, &f, &rows)))
 }
 
-/// LLM usage by model.
+/// LLM usage by model; with `group_by`, each model's series too (tokens and cost over time).
 #[utoipa::path(get, path = "/api/v1/usage/models", tag = "usage", params(UsageQuery),
     security(("bearer" = []), ("api_key" = []), ("session_cookie" = [])),
     responses((status = 200, body = ModelsAnswer), (status = 400, body = Problem), (status = 403, body = Problem)))]
@@ -611,7 +656,13 @@ pub(super) async fn models(
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> ApiResult<Json<ModelsAnswer>> {
     let (f, rows) = org_rows(&state, &actor, &q).await?;
-    Ok(Json(ModelsAnswer { org_id: f.org_id, since: f.since, until: f.until, models: by_model(&rows) }))
+    Ok(Json(ModelsAnswer {
+        org_id: f.org_id,
+        since: f.since,
+        until: f.until,
+        models: by_model(&rows),
+        series: model_series(&rows),
+    }))
 }
 
 /// Usage by agent.
@@ -688,7 +739,13 @@ pub(super) async fn internal_models(
     ApiQuery(q): ApiQuery<InternalQuery>,
 ) -> ApiResult<Json<ModelsAnswer>> {
     let (f, rows) = internal_rows(&state, &actor, &q).await?;
-    Ok(Json(ModelsAnswer { org_id: f.org_id, since: f.since, until: f.until, models: by_model(&rows) }))
+    Ok(Json(ModelsAnswer {
+        org_id: f.org_id,
+        since: f.since,
+        until: f.until,
+        models: by_model(&rows),
+        series: model_series(&rows),
+    }))
 }
 
 /// A microDAO's usage by agent over the last `period_hours`.

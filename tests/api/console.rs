@@ -455,6 +455,47 @@ async fn the_analytics_page_draws_the_points_the_api_returns() {
     by_model.sort_by_key(|(_, t)| -t);
     assert_eq!(bars, json!(by_model));
     assert_eq!(by_model[0], ("gpt-4o".to_owned(), 520));
+    // Tokens over time by model: a line per model, its points the API's per-model series.
+    let models_path =
+        format!("/api/v1/usage/models?since={}&until={}&group_by=hour", urlencode(&since), urlencode(&until));
+    let per_model = json_ok(app.as_(&admin, Method::GET, &models_path).send().await.unwrap(), StatusCode::OK).await;
+    let lines = browser
+        .execute(
+            "return Array.from(document.querySelectorAll('#model-tokens-chart g.model-line')).map(function (g) {
+                 return [g.getAttribute('data-model'), Array.from(g.querySelectorAll('circle.point')).map(function (c) {
+                     return [c.getAttribute('data-period'), Number(c.getAttribute('data-value'))]; })]; });",
+            vec![],
+        )
+        .await;
+    let mut expected: Vec<(String, i64, Value)> = per_model["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let points: Vec<Value> =
+                s["points"].as_array().unwrap().iter().map(|p| json!([p["period"], p["total_tokens"]])).collect();
+            let total = s["points"].as_array().unwrap().iter().map(|p| p["total_tokens"].as_i64().unwrap()).sum();
+            (s["model"].as_str().unwrap().to_owned(), total, json!(points))
+        })
+        .collect();
+    expected.sort_by_key(|(_, total, _)| -total);
+    let expected: Vec<Value> = expected.into_iter().map(|(m, _, p)| json!([m, p])).collect();
+    assert_eq!(lines, json!(expected), "a line per model, drawn from the API's series");
+    assert_eq!(expected.len(), 3, "{per_model}");
+    // gpt-4o was called twice, three hours apart: two points of 110 and 410 tokens.
+    assert_eq!(expected[0][0], "gpt-4o");
+    let gpt: Vec<i64> = expected[0][1].as_array().unwrap().iter().map(|p| p[1].as_i64().unwrap()).collect();
+    assert_eq!(gpt, [410, 110]);
+    let costs = browser
+        .execute(
+            "return Array.from(document.querySelectorAll('#model-cost-chart circle.point')).map(function (c) {
+                 return Number(c.getAttribute('data-value')); }).reduce(function (a, b) { return a + b; }, 0);",
+            vec![],
+        )
+        .await;
+    assert_eq!(costs, summary["llm"]["cost_micros"], "the cost lines add up to the period's cost");
+    let legend = browser.text(&browser.find("#model-tokens-chart + .legend").await).await;
+    assert!(legend.contains("gpt-4o") && legend.contains("claude-3") && legend.contains("llama-3"), "{legend}");
     let tools = browser.text(&browser.find("#tools-chart").await).await;
     assert!(tools.contains("search") && tools.contains("3 calls") && tools.contains("67% ok"), "{tools}");
     let top = browser.text(&browser.find("#agents-chart").await).await;
@@ -770,4 +811,312 @@ async fn the_trust_page_shows_the_compliance_report_and_lists_an_agent_in_the_ma
     member.find("#compliance-controls").await;
     assert!(member.find_now("#compliance-summary").await.is_none());
     assert!(member.find_now(&format!("#listings [data-agent=\"{agent_id}\"] button")).await.is_none());
+}
+
+/// A local webhook receiver (a third party): answers `status`, keeps each delivery's event type
+/// and `webhook-id`.
+#[derive(Clone)]
+struct Hook {
+    url: String,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    hits: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Hook {
+    async fn start(status: u16) -> Self {
+        use axum::{body::Bytes, extract::State, http::HeaderMap, routing::post};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hook = Hook {
+            url: format!("http://{}/hook", listener.local_addr().unwrap()),
+            status: std::sync::Arc::new(std::sync::atomic::AtomicU16::new(status)),
+            hits: Default::default(),
+        };
+        async fn receive(State(h): State<Hook>, headers: HeaderMap, body: Bytes) -> axum::http::StatusCode {
+            let ty = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["type"].as_str().map(str::to_owned));
+            let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            h.hits.lock().unwrap().push((ty.unwrap_or_default(), id));
+            axum::http::StatusCode::from_u16(h.status.load(std::sync::atomic::Ordering::Relaxed)).unwrap()
+        }
+        let router = axum::Router::new().route("/hook", post(receive)).with_state(hook.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        hook
+    }
+
+    fn hits(&self) -> Vec<(String, String)> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded, for a loaded machine) until `n` deliveries arrived.
+    async fn wait_for(&self, n: usize) -> Vec<(String, String)> {
+        for _ in 0..600 {
+            if self.hits().len() >= n {
+                return self.hits();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("expected {n} deliveries, got {:?}", self.hits());
+    }
+}
+
+/// Waits (bounded) until the API shows a delivery of the endpoint in `status`.
+async fn wait_delivery(app: &TestApp, by: &Caller, endpoint: &str, status: &str) -> Value {
+    let path = format!("/api/v1/webhooks/{endpoint}/deliveries?status={status}");
+    for _ in 0..600 {
+        let list = json_ok(app.as_(by, Method::GET, &path).send().await.unwrap(), StatusCode::OK).await;
+        if let Some(d) = list.as_array().unwrap().first() {
+            return d.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no {status} delivery for {endpoint}");
+}
+
+#[tokio::test]
+async fn a_webhook_endpoint_is_edited_tested_retried_from_the_dead_letters_and_deleted_in_a_browser() {
+    let app = crate::helpers::spawn_app_with(&[
+        ("webhooks.allow_private_networks", json!(true)),
+        ("webhooks.poll_interval_ms", json!(100)),
+    ])
+    .await;
+    let admin = app.bootstrap().await;
+    // The receiver first answers 410 Gone: the test event becomes a dead letter at once.
+    let hook = Hook::start(410).await;
+    let browser = Browser::start(1280, 800).await;
+    browser_sign_in(&app, &browser, ADMIN_EMAIL, "/console/webhooks").await;
+    browser.find("p.empty").await;
+    browser.fill(&browser.find("#w-url").await, &hook.url).await;
+    browser.fill(&browser.find("#w-events").await, "agent.*").await;
+    browser.click(&browser.find("form[action=\"/console/webhooks\"] button[type=submit]").await).await;
+    browser.find("#webhook-secret").await;
+    let endpoints =
+        json_ok(app.as_(&admin, Method::GET, "/api/v1/webhooks").send().await.unwrap(), StatusCode::OK).await;
+    let id = endpoints[0]["id"].as_str().unwrap().to_owned();
+    browser.goto(&app.url(&format!("/console/webhooks/{id}"))).await;
+
+    // Edit: a description with markup, another event type, still enabled.
+    browser.click(&browser.find("details.card > summary").await).await;
+    browser.fill(&browser.find("#e-desc").await, "billing <b>hooks</b>").await;
+    browser.fill(&browser.find("#e-events").await, "agent.*, webhook.test").await;
+    browser.click(&browser.find("#edit-endpoint button[type=submit]").await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=saved")).await;
+    let ep =
+        json_ok(app.as_(&admin, Method::GET, &format!("/api/v1/webhooks/{id}")).send().await.unwrap(), StatusCode::OK)
+            .await;
+    assert_eq!(ep["description"], "billing <b>hooks</b>");
+    assert_eq!(ep["event_types"], json!(["agent.*", "webhook.test"]));
+    assert_eq!(ep["enabled"], true);
+    assert!(browser.text(&browser.find("main .meta").await).await.contains("billing <b>hooks</b>"), "shown as text");
+
+    // A test event goes to this endpoint; 410 makes it a dead letter.
+    browser.click(&browser.find("#send-test").await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=test_sent")).await;
+    let hits = hook.wait_for(1).await;
+    assert_eq!(hits[0].0, "webhook.test");
+    let dead = wait_delivery(&app, &admin, &id, "dead").await;
+    assert_eq!(dead["event_type"], "webhook.test");
+
+    // The dead letters page lists it; the endpoint is fixed and enabled again, and the retry
+    // delivers the same event (the same webhook-id).
+    browser.click(&browser.find("a[href=\"/console/webhooks\"]").await).await;
+    browser.click(&browser.find("#dead-letters-link").await).await;
+    let table = browser.text(&browser.find("#dead-letters").await).await;
+    assert!(table.contains("webhook.test") && table.contains(&hook.url) && table.contains("410"), "{table}");
+    browser.screenshot("console-dead-letters").await;
+    hook.status.store(200, std::sync::atomic::Ordering::Relaxed);
+    browser.goto(&app.url(&format!("/console/webhooks/{id}"))).await;
+    assert!(browser.find_now("#e-enabled:checked").await.is_none(), "410 disabled the endpoint");
+    browser.click(&browser.find("details.card > summary").await).await;
+    browser.click(&browser.find("#e-enabled").await).await;
+    browser.click(&browser.find("#edit-endpoint button[type=submit]").await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=saved")).await;
+    browser.goto(&app.url("/console/webhooks/dead-letters")).await;
+    browser.click(&browser.find("#dead-letters button[type=submit]").await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("dead-letters?done=retried")).await;
+    let hits = hook.wait_for(2).await;
+    assert_eq!(hits[1], hits[0], "the retry sends the same event again");
+    let ok = wait_delivery(&app, &admin, &id, "succeeded").await;
+    assert_eq!(ok["id"], dead["id"]);
+    browser.goto(&app.url("/console/webhooks/dead-letters")).await;
+    assert!(browser.text(&browser.find("p.empty").await).await.contains("No dead letters"));
+
+    // Delete (the page's confirmation accepted).
+    browser.goto(&app.url(&format!("/console/webhooks/{id}"))).await;
+    browser.execute("window.confirm = function () { return true; };", vec![]).await;
+    browser.click(&browser.find("#delete-endpoint").await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=deleted")).await;
+    let gone = app.as_(&admin, Method::GET, &format!("/api/v1/webhooks/{id}")).send().await.unwrap();
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+    browser.find("p.empty").await;
+}
+
+#[tokio::test]
+async fn a_person_in_two_organizations_switches_the_one_the_console_works_in() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let beta = app.org_with_owner(&admin, "Beta Works", "pat@beta.test").await;
+    app.add_member(&admin, &admin.org_id, "pat@beta.test", "admin").await;
+    let made = app
+        .as_(&beta, Method::POST, "/api/v1/agents")
+        .header("x-org-id", &beta.org_id)
+        .json(&json!({ "name": "beta-bot" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), StatusCode::CREATED);
+    let browser = Browser::start(1280, 800).await;
+    browser_sign_in(&app, &browser, "pat@beta.test", "/console/organization").await;
+    let first = browser.text(&browser.find("main h1").await).await;
+    // The switcher lists both, marks the current one, and offers the other.
+    let list = browser.text(&browser.find("#org-list").await).await;
+    assert!(list.contains("Beta Works") && list.contains("Acme Labs") && list.contains("working here"), "{list}");
+    assert!(browser.find_now("#switch-org").await.is_some(), "the header links to the switcher");
+    let (target, target_name) =
+        if first.starts_with("Acme Labs") { (&beta.org_id, "Beta Works") } else { (&admin.org_id, "Acme Labs") };
+    browser.click(&browser.find(&format!("button[data-org=\"{target}\"]")).await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=switched")).await;
+    assert!(browser.text(&browser.find("main h1").await).await.starts_with(target_name));
+    let cookie = browser.cookies().await.into_iter().find(|c| c["name"] == "agentidp_console_org").unwrap();
+    assert_eq!(cookie["httpOnly"], true);
+    // Now in Acme Labs (switching there if it was Beta first): an agent made from the console
+    // lands in Acme, and Beta's agent is not listed.
+    if target_name == "Beta Works" {
+        browser.click(&browser.find(&format!("button[data-org=\"{}\"]", admin.org_id)).await).await;
+        browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=switched")).await;
+    }
+    browser.goto(&app.url("/console/agents")).await;
+    browser.fill(&browser.find("#a-name").await, "acme-bot").await;
+    browser.click(&browser.find("#create-agent button[type=submit]").await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=created")).await;
+    assert_eq!(names_in(&app, &beta, &admin.org_id).await, ["acme-bot"]);
+    assert_eq!(names_in(&app, &beta, &beta.org_id).await, ["beta-bot"]);
+    browser.goto(&app.url("/console/agents")).await;
+    let agents = browser.text(&browser.find("#agents").await).await;
+    assert!(agents.contains("acme-bot") && !agents.contains("beta-bot"), "{agents}");
+
+    // The cookie decides only among the person's own organizations: another one is ignored.
+    let outsider = app.org_with_owner(&admin, "Gamma", "gil@gamma.test").await;
+    let client = cookie_client();
+    let session = console_sign_in(&app, &client, "pat@beta.test").await;
+    for (org, shown) in [(&beta.org_id, "Beta Works"), (&admin.org_id, "Acme Labs")] {
+        let page = client
+            .get(app.url("/console/organization"))
+            .header(header::COOKIE, format!("agentidp_session={session}; agentidp_console_org={org}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains(&format!("<h1>{shown} ")), "{shown}: {page}");
+    }
+    let page = client
+        .get(app.url("/console/organization"))
+        .header(header::COOKIE, format!("agentidp_session={session}; agentidp_console_org={}", outsider.org_id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let page = page.text().await.unwrap();
+    assert!(!page.contains("<h1>Gamma ") && page.contains("id=\"org-list\""), "{page}");
+    // Switching to it is refused with the API's answer, and sets nothing.
+    let csrf =
+        hidden_input(&client.get(app.url("/console/agents")).send().await.unwrap().text().await.unwrap(), "csrf");
+    let resp = client
+        .post(app.url("/console/organization/switch"))
+        .form(&[("csrf", csrf.as_str()), ("org", outsider.org_id.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+}
+
+/// The names of the agents in `org`, asked with `X-Org-Id`.
+async fn names_in(app: &TestApp, by: &Caller, org: &str) -> Vec<String> {
+    let resp = app.as_(by, Method::GET, "/api/v1/agents").header("x-org-id", org).send().await.unwrap();
+    let page = json_ok(resp, StatusCode::OK).await;
+    page["items"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn an_admin_registers_an_oauth_client_once_and_a_person_revokes_their_consent() {
+    use crate::oidc::{CALLBACK, authorize_url, pkce, query_of, redeem, sign_in_and_consent, spawn_oidc, user_agent};
+    let app = spawn_oidc(&[]).await;
+    let admin = app.bootstrap().await;
+    let browser = Browser::start(1280, 800).await;
+    browser_sign_in(&app, &browser, ADMIN_EMAIL, "/console/applications").await;
+    let empty = browser.text(&browser.find("#consents-title + p.empty").await).await;
+    assert!(empty.contains("consent screen"), "{empty}");
+    browser.fill(&browser.find("#c-name").await, "Example <App>").await;
+    browser.fill(&browser.find("#c-redirects").await, CALLBACK).await;
+    browser.click(&browser.find("#create-client button[type=submit]").await).await;
+    let secret = browser.text(&browser.find("#new-client-secret").await).await;
+    let client_id = browser.text(&browser.find("#new-client-id").await).await;
+    assert!(browser.text(&browser.find("#secret .warning").await).await.contains("shown only once"));
+    browser.screenshot("console-applications").await;
+    let clients = json_ok(app.as_(&admin, Method::GET, "/api/v1/clients").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(clients[0]["client_id"], client_id.as_str());
+    assert_eq!(clients[0]["name"], "Example <App>");
+    // Reloaded: listed, never with its secret.
+    browser.goto(&app.url("/console/applications")).await;
+    assert!(browser.text(&browser.find("#clients").await).await.contains(&client_id));
+    assert!(browser.find_now("#new-client-secret").await.is_none() && !browser.source().await.contains(&secret));
+
+    // The person allows the application; its secret from the page redeems the code.
+    let ua = user_agent();
+    let (verifier, challenge) = pkce();
+    let params = [
+        ("response_type", "code"),
+        ("client_id", client_id.as_str()),
+        ("redirect_uri", CALLBACK),
+        ("scope", "openid profile"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    let back = sign_in_and_consent(&ua, &app, &authorize_url(&app, &params), ADMIN_EMAIL).await;
+    let code = query_of(back.headers()["location"].to_str().unwrap())["code"].clone();
+    json_ok(redeem(&app, (&client_id, &secret), &code, &verifier).await, StatusCode::OK).await;
+    browser.goto(&app.url("/console/applications")).await;
+    let consents = browser.text(&browser.find("#consents").await).await;
+    assert!(consents.contains("Example <App>") && consents.contains("openid, profile"), "{consents}");
+    browser.execute("window.confirm = function () { return true; };", vec![]).await;
+    browser.click(&browser.find("#consents button[type=submit]").await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=revoked")).await;
+    let list = json_ok(app.as_(&admin, Method::GET, "/api/v1/me/consents").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(list, json!([]));
+
+    // Deleting the client.
+    browser.execute("window.confirm = function () { return true; };", vec![]).await;
+    browser.click(&browser.find(&format!("button[data-client=\"{client_id}\"]")).await).await;
+    browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=deleted")).await;
+    let clients = json_ok(app.as_(&admin, Method::GET, "/api/v1/clients").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(clients, json!([]));
+    // A member sees no clients section, only their own consents.
+    app.add_member(&admin, &admin.org_id, "mo@acme.test", "member").await;
+    let member = Browser::start(1280, 800).await;
+    browser_sign_in(&app, &member, "mo@acme.test", "/console/applications").await;
+    member.find("#consents-title").await;
+    assert!(member.find_now("#clients-title").await.is_none() && member.find_now("#create-client").await.is_none());
+}
+
+#[tokio::test]
+async fn a_console_page_counts_as_one_call_against_the_quota_however_many_it_makes() {
+    let app = spawn_app().await;
+    let admin = app.bootstrap().await;
+    let client = cookie_client();
+    console_sign_in(&app, &client, ADMIN_EMAIL).await;
+    let calls_today = || async {
+        let status =
+            json_ok(app.as_(&admin, Method::GET, "/api/v1/tiers/status").send().await.unwrap(), StatusCode::OK).await;
+        status["usage"]["api_calls_today"].as_u64().unwrap()
+    };
+    let before = calls_today().await;
+    // The analytics page asks the API six questions; the organization counts one page view.
+    let page = client.get(app.url("/console/analytics")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("id=\"analytics\""));
+    assert_eq!(calls_today().await - before, 1);
+    // A direct API call still counts by itself.
+    json_ok(app.as_(&admin, Method::GET, "/api/v1/agents").send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(calls_today().await - before, 2);
 }

@@ -377,6 +377,23 @@ async fn http_ingest_counts_each_event_once_and_the_aggregations_equal_the_raw_s
     // The breakdown routes say the same as the summary.
     let models = get(&app, &admin, &format!("/api/v1/usage/models?since={since}")).await;
     assert_eq!(models["models"], s["by_model"]);
+    assert_eq!(models["series"], json!([]), "no series without group_by");
+    // By hour, each model's series adds up to its totals, oldest first, models by name.
+    let hourly = get(&app, &admin, &format!("/api/v1/usage/models?since={since}&group_by=hour")).await;
+    let series = hourly["series"].as_array().unwrap();
+    let names: Vec<&str> = series.iter().map(|m| m["model"].as_str().unwrap()).collect();
+    let listed: Vec<&str> = s["by_model"].as_array().unwrap().iter().map(|m| m["model"].as_str().unwrap()).collect();
+    assert_eq!(names, listed);
+    for (line, totals) in series.iter().zip(s["by_model"].as_array().unwrap()) {
+        let points = line["points"].as_array().unwrap();
+        assert!(!points.is_empty());
+        for key in ["calls", "total_tokens", "prompt_tokens", "cost_micros"] {
+            let sum: i64 = points.iter().map(|p| p[key].as_i64().unwrap()).sum();
+            assert_eq!(sum, totals[key].as_i64().unwrap(), "{key} of {}", line["model"]);
+        }
+        let periods: Vec<&str> = points.iter().map(|p| p["period"].as_str().unwrap()).collect();
+        assert!(periods.windows(2).all(|w| w[0] < w[1]), "{periods:?}");
+    }
     let tools = get(&app, &admin, &format!("/api/v1/usage/tools?since={since}")).await;
     assert_eq!(tools["tools"], s["by_tool"]);
     let agents = get(&app, &admin, &format!("/api/v1/usage/agents?since={since}")).await;

@@ -14,7 +14,7 @@ use super::{dollars, float, int, items, text};
 use crate::console::{
     Shell, Viewer,
     api::with_query,
-    charts::{self, Bars, Heatmap, Series},
+    charts::{self, Bars, Heatmap, MultiSeries, Series},
     render,
 };
 
@@ -54,6 +54,8 @@ pub struct AnalyticsPage {
     pub tokens: Series,
     pub cost: Series,
     pub models: Bars,
+    pub model_tokens: MultiSeries,
+    pub model_cost: MultiSeries,
     pub tools: Bars,
     pub agents: Bars,
     pub heatmap: Heatmap,
@@ -104,8 +106,10 @@ pub async fn show(viewer: Viewer, Query(q): Query<PeriodQuery>) -> Response {
     let summary_path = with_query("/api/v1/usage/summary", &range);
     let trend_path = with_query("/api/v1/analytics/token-trend", &range);
     let activity_path = with_query("/api/v1/analytics/agent-activity", &range[..2]);
-    let (summary, trend, activity, entitlements, agents) = tokio::join!(
+    let models_path = with_query("/api/v1/usage/models", &range);
+    let (summary, per_model, trend, activity, entitlements, agents) = tokio::join!(
         api.get(caller, &summary_path),
+        api.get(caller, &models_path),
         api.get(caller, &trend_path),
         api.get(caller, &activity_path),
         api.get(caller, "/api/v1/usage/entitlements"),
@@ -139,6 +143,27 @@ pub async fn show(viewer: Viewer, Query(q): Query<PeriodQuery>) -> Response {
         .collect();
     let tokens = charts::series(&points("total_tokens"), |v| v.to_string(), &ticks);
     let cost = charts::series(&points("cost_micros"), dollars, &ticks);
+
+    // Tokens and cost over time, a line per model (the models with the most tokens first).
+    let mut per_model: Vec<(String, Vec<&Value>)> = per_model
+        .as_ref()
+        .map(|m| items(m, "series").iter().map(|s| (text(s, "model"), items(s, "points").iter().collect())).collect())
+        .unwrap_or_default();
+    per_model.sort_by_key(|(_, pts)| -pts.iter().map(|p| int(p, "total_tokens")).sum::<i64>());
+    let model_points = |key: &str| -> Vec<charts::NamedSeries> {
+        per_model
+            .iter()
+            .map(|(model, pts)| {
+                let line = pts
+                    .iter()
+                    .map(|p| (text(p, "period"), position(&text(p, "period"), since, until), int(p, key)))
+                    .collect();
+                (model.clone(), line)
+            })
+            .collect()
+    };
+    let model_tokens = charts::multi(&model_points("total_tokens"), |v| v.to_string(), &ticks);
+    let model_cost = charts::multi(&model_points("cost_micros"), dollars, &ticks);
 
     let mut by_model: Vec<&Value> = items(&summary, "by_model").iter().collect();
     by_model.sort_by_key(|m| -int(m, "total_tokens"));
@@ -228,6 +253,8 @@ pub async fn show(viewer: Viewer, Query(q): Query<PeriodQuery>) -> Response {
         tokens,
         cost,
         models,
+        model_tokens,
+        model_cost,
         tools,
         agents,
         heatmap: charts::heatmap(&cells),

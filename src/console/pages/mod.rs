@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod analytics;
+pub mod applications;
 pub mod audit;
 pub mod city;
 pub mod delegations;
@@ -49,7 +50,9 @@ pub fn notice_text(code: &str) -> Option<&'static str> {
         "denied" => "Denied.",
         "retried" => "The delivery is queued again.",
         "replayed" => "The events are queued for delivery again.",
+        "test_sent" => "A webhook.test event is queued for this endpoint; it shows in the deliveries below.",
         "upgraded" => "The plan is changed.",
+        "switched" => "The console now works in this organization.",
         "listed" => "The agent is listed in the marketplace.",
         "unlisted" => "The agent is off the marketplace.",
         _ => return None,

@@ -58,6 +58,16 @@ pub struct OrganizationPage {
     pub new_key: Option<(String, String)>,
     /// An invitation just made: its email and its one-time token.
     pub invitation: Option<(String, String)>,
+    /// The organizations the viewer can switch to (empty with only one).
+    pub orgs: Vec<OrgView>,
+}
+
+pub struct OrgView {
+    pub id: String,
+    pub name: String,
+    pub slug: String,
+    pub role: String,
+    pub current: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -88,12 +98,30 @@ async fn page(
     };
     let (org_path, members_path) =
         (format!("/api/v1/organizations/{org_id}"), format!("/api/v1/organizations/{org_id}/members"));
-    let (org, members, keys, tier) = tokio::join!(
+    let switch = viewer.actor.principal.memberships.len() > 1 || viewer.actor.is_system_admin();
+    let (org, members, keys, tier, orgs) = tokio::join!(
         viewer.api.get(&viewer.caller, &org_path),
         viewer.api.get(&viewer.caller, &members_path),
         viewer.api.get(&viewer.caller, "/auth/api-keys"),
         viewer.api.get(&viewer.caller, "/api/v1/tiers/status"),
+        async {
+            if switch { viewer.api.get(&viewer.caller, "/api/v1/organizations?limit=200").await.ok() } else { None }
+        },
     );
+    let orgs = orgs
+        .map(|o| {
+            items(&o, "items")
+                .iter()
+                .map(|x| OrgView {
+                    id: text(x, "id"),
+                    name: text(x, "name"),
+                    slug: text(x, "slug"),
+                    role: text(x, "role"),
+                    current: text(x, "id") == org_id.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let org = match org {
         Ok(o) => o,
         Err(e) => return viewer.failed(e, "organization"),
@@ -161,7 +189,37 @@ async fn page(
         can_upgrade: viewer.can("manage", Resource::Organization { org_id }, org_id.to_string(), "tiers:write"),
         new_key,
         invitation,
+        orgs,
     })
+}
+
+#[derive(Deserialize)]
+pub struct SwitchForm {
+    org: Uuid,
+}
+
+/// `POST /console/organization/switch`: the console works in another of the viewer's
+/// organizations from now on (the API is asked first whether the viewer may see it).
+pub async fn switch(
+    axum::Extension(crate::http::middleware::tls::Secure(secure)): axum::Extension<
+        crate::http::middleware::tls::Secure,
+    >,
+    Submitted { viewer, form }: Submitted<SwitchForm>,
+) -> Response {
+    if let Err(e) = viewer.api.get(&viewer.caller, &format!("/api/v1/organizations/{}", form.org)).await {
+        return viewer.failed(e, "organization");
+    }
+    let secure = if secure { "; Secure" } else { "" };
+    let cookie = format!(
+        "{}={}; Path=/console; HttpOnly; SameSite=Lax; Max-Age=2592000{secure}",
+        crate::console::ORG_COOKIE,
+        form.org
+    );
+    let mut response = done("/console/organization", "switched");
+    if let Ok(v) = axum::http::HeaderValue::from_str(&cookie) {
+        response.headers_mut().append(axum::http::header::SET_COOKIE, v);
+    }
+    response
 }
 
 /// `GET /console/organization`.

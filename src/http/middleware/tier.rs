@@ -22,6 +22,13 @@ use crate::{
     tiers::{self, Charge, Refusal},
 };
 
+/// One charge shared by the API calls the console makes for one page view, set on those calls in
+/// process only (no outside request can carry an extension): the first counted call charges the
+/// rate limit and the daily quota, and every other counted call of the page waits for and shares
+/// its outcome, a refusal included. So a page counts as one call, however many it makes.
+#[derive(Clone, Default, Debug)]
+pub struct OneCharge(pub std::sync::Arc<tokio::sync::OnceCell<tiers::Outcome>>);
+
 /// Whose bucket a request draws from.
 fn client_of(p: &Principal) -> String {
     match &p.credential {
@@ -49,7 +56,12 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
         calls: counted.then_some(tier.limits.api_calls_per_day),
         tokens: None,
     };
-    let outcome = state.tiers().limiter.charge(state.redis(), state.clock().now(), &charge).await;
+    let shared = req.extensions().get::<OneCharge>().filter(|_| counted).cloned();
+    let limiter = &state.tiers().limiter;
+    let outcome = match shared {
+        Some(one) => one.0.get_or_init(|| limiter.charge(state.redis(), state.clock().now(), &charge)).await.clone(),
+        None => limiter.charge(state.redis(), state.clock().now(), &charge).await,
+    };
     let headers = tiers::headers(&tier.limits, &charge, &outcome);
     let mut response = match outcome.refused {
         Some(refusal) => {
