@@ -56,6 +56,9 @@ pub struct CityConfig {
     pub presence_reports_per_sec: u32,
     /// `last_seen` reaches Postgres at most this often per agent.
     pub last_seen_every_secs: u64,
+    /// A report repeating what this instance wrote for the agent less than this long ago (ms; at
+    /// most a quarter of the TTL) is not written again; 0 writes every report.
+    pub presence_fold_ms: u64,
     /// Changes a slow viewer may fall behind before it is caught up from the replay window.
     pub viewer_buffer: usize,
 }
@@ -559,6 +562,9 @@ impl Config {
         }
         if c.presence_reports_per_sec == 0 {
             return Err(invalid("city.presence_reports_per_sec", "must be at least 1"));
+        }
+        if c.presence_fold_ms > 60_000 {
+            return Err(invalid("city.presence_fold_ms", "must be between 0 and 60000"));
         }
         self.validate_tiers()?;
         self.delegation.validate().map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;

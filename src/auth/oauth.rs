@@ -822,10 +822,12 @@ pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<P
     let now = state.clock().now().unix_timestamp();
     let audiences = [cfg.audience()];
     let verified = &state.auth().verified;
-    let mut result = verified.verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
+    // Hashed once: the verified-token cache's key and the principal's secret hash.
+    let hash = crate::crypto::sha256(token);
+    let mut result = verified.verify_hashed(state.keys(), token, hash, &cfg.server.public_url, &audiences, now);
     if result.as_ref().err() == Some(&Rejection::UnknownKey) {
         state.keys().reload_for_unknown_kid(state.db()).await;
-        result = verified.verify(state.keys(), token, &cfg.server.public_url, &audiences, now);
+        result = verified.verify_hashed(state.keys(), token, hash, &cfg.server.public_url, &audiences, now);
     }
     let claims = result.map_err(|why| {
         tracing::debug!(?why, "access token rejected");
@@ -841,7 +843,7 @@ pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<P
     }
     let scopes = claims.scopes().filter_map(Scope::parse).collect();
     if claims.actor_type == "human" {
-        return human_principal(state, token, claims, scopes).await;
+        return human_principal(state, hash, claims, scopes).await;
     }
     let agent_id = claims.agent_id().ok_or(Failure::Invalid)?;
     Ok(Arc::new(Principal {
@@ -851,7 +853,7 @@ pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<P
         display_name: None,
         system_admin: false,
         memberships: Vec::new(),
-        secret_hash: crate::crypto::sha256(token),
+        secret_hash: hash,
         credential: Credential::AccessToken { claims, scopes },
     }))
 }
@@ -860,7 +862,7 @@ pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<P
 /// only, with the API scopes they allowed the client.
 async fn human_principal(
     state: &AppState,
-    token: &str,
+    secret_hash: [u8; 32],
     claims: Arc<Claims>,
     scopes: Vec<Scope>,
 ) -> Result<Arc<Principal>, Failure> {
@@ -887,7 +889,7 @@ async fn human_principal(
         display_name: row.display_name,
         system_admin: false,
         memberships: vec![(claims.org_id, role)],
-        secret_hash: crate::crypto::sha256(token),
+        secret_hash,
         credential: Credential::AccessToken { claims, scopes },
     }))
 }

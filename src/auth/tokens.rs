@@ -232,7 +232,19 @@ impl VerifiedCache {
         audiences: &[String],
         now: i64,
     ) -> Result<Arc<Claims>, Rejection> {
-        let hash = crate::crypto::sha256(token);
+        self.verify_hashed(keys, token, crate::crypto::sha256(token), issuer, audiences, now)
+    }
+
+    /// [`Self::verify`] for a caller that already has the token's SHA-256 (`hash`).
+    pub fn verify_hashed(
+        &self,
+        keys: &KeyRing,
+        token: &str,
+        hash: [u8; 32],
+        issuer: &str,
+        audiences: &[String],
+        now: i64,
+    ) -> Result<Arc<Claims>, Rejection> {
         if let Some(claims) = self.entries.get(&hash) {
             if claims.exp <= now - LEEWAY {
                 self.entries.remove(&hash);

@@ -203,6 +203,12 @@ pub async fn since(redis: &Redis, org_id: Uuid, after: StreamId) -> anyhow::Resu
     ))
 }
 
+/// The agent a presence change is about.
+#[derive(serde::Deserialize)]
+struct AgentOf {
+    agent_id: Uuid,
+}
+
 /// Listens on the channel until the process ends, reconnecting; after each (re)connection every
 /// viewer catches up from the log, since changes published meanwhile were not received.
 pub async fn run_subscriber(state: AppState) {
@@ -213,6 +219,7 @@ pub async fn run_subscriber(state: AppState) {
             let client = redis::Client::open(url.as_str())?;
             let mut pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub()).await??;
             pubsub.subscribe(&channel).await?;
+            state.city().presences.set_live(true);
             state.city().hub.catch_up_all();
             let mut stream = pubsub.on_message();
             while let Some(msg) = stream.next().await {
@@ -223,6 +230,12 @@ pub async fn run_subscriber(state: AppState) {
                 else {
                     continue;
                 };
+                if kind == "presence" {
+                    match serde_json::from_str::<AgentOf>(data) {
+                        Ok(c) => state.city().presences.changed(c.agent_id),
+                        Err(_) => state.city().presences.set_live(true),
+                    }
+                }
                 let (Ok(org_id), Some(id)) = (org.parse::<Uuid>(), StreamId::parse(id)) else { continue };
                 state
                     .city()
@@ -231,7 +244,9 @@ pub async fn run_subscriber(state: AppState) {
             }
             anyhow::Ok(())
         };
-        if let Err(e) = session.await {
+        let ended = session.await;
+        state.city().presences.set_live(false);
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "city change subscriber disconnected");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

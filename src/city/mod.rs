@@ -35,7 +35,7 @@ impl City {
     pub fn new(cfg: &crate::config::CityConfig) -> Self {
         Self {
             hub: feed::Hub::new(cfg.viewer_buffer),
-            presences: presence::Presences::new(),
+            presences: presence::Presences::new(cfg),
             snapshots: views::Snapshots::new(),
         }
     }

@@ -3,12 +3,22 @@
 //! or activity changed, records the change in the feed. A sweeper on every instance turns lapsed
 //! presences into `offline` changes; the script that removes one from the schedule is the only one
 //! that announces it, so it is announced once however many instances sweep.
+//!
+//! Repeats are folded: a report with the status and activity this instance wrote for the agent
+//! less than the fold window ago (`city.presence_fold_ms`, at most a quarter of the TTL) is
+//! answered without Redis. Every write sets the TTL to `presence_ttl_secs` plus the window, so a
+//! folded report's lifetime is still covered: an agent lapses between the TTL and the TTL plus
+//! the window after its last report. Folding holds only while this instance's change subscriber
+//! is connected, and any presence change of the agent that arrives on the feed (made through any
+//! instance, a lapse or a removal included) ends it, so a change made elsewhere is never hidden
+//! by a fold here.
 
 use std::{
     collections::HashMap,
+    hash::BuildHasher,
     sync::{
         Arc,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -102,22 +112,51 @@ redis.call('PUBLISH', KEYS[4], ARGV[3] .. ' ' .. id .. ' presence ' .. ARGV[4])
 return id
 "#;
 
-/// The scripts and the per-agent report limiter.
+/// Shards of the change counters that end folds (an agent's shard is a hash of its id).
+const FOLD_SHARDS: usize = 256;
+
+/// What this instance last wrote for an agent.
+struct Written {
+    org_id: Uuid,
+    status: Status,
+    activity: Option<Box<str>>,
+    /// When, on the state's clock (ms).
+    at_ms: i64,
+    /// The agent's shard counter before the write; a change seen since ends the fold.
+    epoch: u64,
+}
+
+/// The scripts, the per-agent report limiter and the folding of repeated reports.
 pub struct Presences {
     report: Script,
     lapse: Script,
     forget: Script,
     /// Reports per agent in the current one-second window (per instance).
     windows: Cache<Uuid, Arc<AtomicU32>>,
+    /// The fold window (ms); 0 = every report is written.
+    fold_ms: i64,
+    /// The latest write of each agent by this instance, kept for the fold window.
+    written: Cache<Uuid, Arc<Written>>,
+    /// Presence changes seen on the feed, per shard of agents.
+    epochs: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Whether the change subscriber is connected (no fold otherwise).
+    live: AtomicBool,
 }
 
 impl Presences {
-    pub fn new() -> Self {
+    pub fn new(cfg: &crate::config::CityConfig) -> Self {
+        let fold_ms = cfg.presence_fold_ms.min(cfg.presence_ttl_secs.saturating_mul(250)) as i64;
         Self {
             report: Script::new(REPORT),
             lapse: Script::new(LAPSE),
             forget: Script::new(FORGET),
             windows: Cache::new(1_000_000, Duration::from_secs(1)),
+            fold_ms,
+            written: Cache::new(1_000_000, Duration::from_millis(fold_ms.max(0) as u64)),
+            epochs: (0..FOLD_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            live: AtomicBool::new(false),
         }
     }
 
@@ -126,11 +165,47 @@ impl Presences {
         let n = self.windows.get_or_insert_with(agent_id, || Arc::new(AtomicU32::new(0)));
         n.fetch_add(1, Ordering::Relaxed) < per_sec
     }
-}
 
-impl Default for Presences {
-    fn default() -> Self {
-        Self::new()
+    fn epoch(&self, agent_id: Uuid) -> &AtomicU64 {
+        &self.epochs[self.hasher.hash_one(agent_id) as usize % FOLD_SHARDS]
+    }
+
+    /// A presence change of `agent_id` arrived on the feed: its fold, if any, ends.
+    pub(super) fn changed(&self, agent_id: Uuid) {
+        self.epoch(agent_id).fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The change subscriber (re)connected or lost its connection: changes may have been missed,
+    /// so every fold ends, and folding holds only while it is connected.
+    pub(super) fn set_live(&self, live: bool) {
+        if !live {
+            self.live.store(false, Ordering::SeqCst);
+        }
+        for e in self.epochs.iter() {
+            e.fetch_add(1, Ordering::SeqCst);
+        }
+        if live {
+            self.live.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a report repeats what this instance wrote within the fold window, with no change of
+    /// the agent seen since.
+    fn folds(&self, org_id: Uuid, agent_id: Uuid, status: Status, activity: Option<&str>, now_ms: i64) -> bool {
+        if self.fold_ms <= 0 || !self.live.load(Ordering::SeqCst) {
+            return false;
+        }
+        let Some(w) = self.written.get(&agent_id) else { return false };
+        w.org_id == org_id
+            && w.status == status
+            && w.activity.as_deref() == activity
+            && (0..self.fold_ms).contains(&(now_ms - w.at_ms))
+            && self.epoch(agent_id).load(Ordering::SeqCst) == w.epoch
+    }
+
+    fn forget_written(&self, agent_id: Uuid) {
+        self.written.remove(&agent_id);
+        self.changed(agent_id);
     }
 }
 
@@ -154,7 +229,7 @@ pub struct Outcome {
     pub last_seen_due: bool,
 }
 
-/// Records a report.
+/// Records a report (or folds it: see the module's note).
 pub async fn report(
     state: &AppState,
     org_id: Uuid,
@@ -162,10 +237,16 @@ pub async fn report(
     status: Status,
     activity: Option<&str>,
 ) -> anyhow::Result<Outcome> {
+    let presences = &state.city().presences;
+    let now = now_ms(state);
+    if presences.folds(org_id, agent_id, status, activity, now) {
+        return Ok(Outcome { change: None, last_seen_due: false });
+    }
+    // Read before the write: a change the feed brings from here on ends the fold this write opens.
+    let epoch = presences.epoch(agent_id).load(Ordering::SeqCst);
     let redis = state.redis();
     let cfg = &state.config().city;
-    let ttl_ms = cfg.presence_ttl_secs * 1000;
-    let now = now_ms(state);
+    let ttl_ms = cfg.presence_ttl_secs * 1000 + presences.fold_ms.max(0) as u64;
     let at = state.clock().now();
     let data = json!({
         "agent_id": agent_id,
@@ -174,7 +255,7 @@ pub async fn report(
         "at": crate::events::rfc3339(at),
     });
     let mut conn = redis.multiplexed().await?;
-    let mut inv = state.city().presences.report.key(presence_key(redis, org_id, agent_id));
+    let mut inv = presences.report.key(presence_key(redis, org_id, agent_id));
     inv.key(schedule_key(redis))
         .key(feed::log_key(redis, org_id))
         .key(feed::channel(redis))
@@ -200,6 +281,12 @@ pub async fn report(
             return Err(e.into());
         }
     };
+    if presences.fold_ms > 0 {
+        presences.written.insert(
+            agent_id,
+            Arc::new(Written { org_id, status, activity: activity.map(Box::from), at_ms: now, epoch }),
+        );
+    }
     Ok(Outcome { change: StreamId::parse(&id), last_seen_due: seen == 1 })
 }
 
@@ -239,6 +326,7 @@ pub async fn read(state: &AppState, org_id: Uuid, agents: &[Uuid]) -> anyhow::Re
 /// `deleted`). Redis being away is logged: the map reads only active agents from Postgres, so a
 /// suspended or deleted agent is not shown whatever Redis still holds.
 pub async fn forget(state: &AppState, org_id: Uuid, agent_id: Uuid, reason: &str) {
+    state.city().presences.forget_written(agent_id);
     let redis = state.redis();
     let data = json!({
         "agent_id": agent_id,

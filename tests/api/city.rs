@@ -452,6 +452,69 @@ async fn a_stream_on_one_instance_sees_changes_made_on_another_and_resumes_witho
     assert_eq!(stream.next().await.event, "snapshot");
 }
 
+/// The presence hash of an agent: its last written report time and its remaining lifetime (ms).
+async fn stored_presence(app: &TestApp, org_id: &str, agent_id: &str) -> (Option<i64>, i64) {
+    let mut conn = app.redis.multiplexed().await.unwrap();
+    let key = app.redis.key(&format!("city:p:{org_id}:{agent_id}"));
+    let at: Option<i64> = deadpool_redis::redis::cmd("HGET").arg(&key).arg("t").query_async(&mut conn).await.unwrap();
+    let ttl: i64 = deadpool_redis::redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+    (at, ttl)
+}
+
+#[tokio::test]
+async fn repeated_reports_are_folded_until_a_change_made_through_another_instance_arrives() {
+    let cfg = [
+        ("city.presence_ttl_secs", json!(60)),
+        ("city.presence_fold_ms", json!(10_000)),
+        ("city.presence_reports_per_sec", json!(1000)),
+    ];
+    let a = spawn_app_with(&cfg).await;
+    let b = spawn_on(test_config(&a.db_url, &cfg), Some(a.redis.prefix().to_owned())).await;
+    let admin = a.bootstrap().await;
+    let owner = a.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
+    let (x, tx) = reporting_agent(&a, &owner, "xavier").await;
+    let mut stream = Sse::open(&a, &owner, None).await;
+    assert_eq!(stream.next().await.event, "snapshot");
+
+    json_ok(report(&a, &tx, "online").await, StatusCode::OK).await;
+    assert_eq!(stream.next().await.data["status"], "online");
+    // A's subscriber has seen that change (it reached A's viewer), which ends any fold: the
+    // first repeat is written, as an unchanged report (nothing announced).
+    json_ok(report(&a, &tx, "online").await, StatusCode::OK).await;
+    let (written, ttl) = stored_presence(&a, &owner.org_id, &x).await;
+    assert!(written.is_some());
+    // The lifetime covers the TTL plus the fold window.
+    assert!((60_000..=70_000).contains(&ttl), "{ttl}");
+    // Further repeats through A within the window: answered, not written again, nothing announced.
+    for _ in 0..5 {
+        let r = json_ok(report(&a, &tx, "online").await, StatusCode::OK).await;
+        assert_eq!((r["status"].as_str(), r["ttl_secs"].as_u64()), (Some("online"), Some(60)));
+    }
+    assert_eq!(stored_presence(&a, &owner.org_id, &x).await.0, written);
+
+    // A change through B reaches A's viewer (so A's subscriber has seen it) ...
+    json_ok(report(&b, &tx, "busy").await, StatusCode::OK).await;
+    assert_eq!(stream.next().await.data["status"], "busy");
+    // ... and ends A's fold: the agent's next report through A is written and announced.
+    json_ok(report(&a, &tx, "online").await, StatusCode::OK).await;
+    let e = stream.next().await;
+    assert_eq!((e.data["agent_id"].as_str(), e.data["status"].as_str()), (Some(x.as_str()), Some("online")));
+    assert_eq!(status_of(&get(&a, &owner, "/api/v1/city/presence").await, &x), "online");
+    assert_eq!(status_of(&get(&b, &owner, "/api/v1/city/presence").await, &x), "online");
+    // A different activity is a change, never folded.
+    let r = a
+        .client
+        .post(a.url("/api/v1/city/presence"))
+        .bearer_auth(&tx)
+        .json(&json!({ "status": "online", "activity": "reviewing" }))
+        .send()
+        .await
+        .unwrap();
+    json_ok(r, StatusCode::OK).await;
+    assert_eq!(stream.next().await.data["activity"], "reviewing");
+    assert!(stream.next_within(Duration::from_millis(300)).await.is_none(), "each change announced once");
+}
+
 #[tokio::test]
 async fn the_stream_of_one_organization_never_shows_another_and_suspended_agents_vanish() {
     let app = spawn_app_with(&fast()).await;
