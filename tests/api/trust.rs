@@ -534,8 +534,9 @@ async fn concurrent_key_registrations_stop_at_the_limit_exactly() {
 
 /// `trust.public_reads_per_minute` under concurrency: many anonymous reads of public documents
 /// from one address at once get at most the limit through (exactly, within the minute), the rest
-/// 429 problem+json with `Retry-After`.
-#[tokio::test]
+/// 429 problem+json with `Retry-After`. On several threads, so that the requests are charged in
+/// parallel, not one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_public_reads_from_one_address_stop_at_the_limit() {
     let limit = 7;
     let app = spawn_app_with(&[("trust.public_reads_per_minute", json!(limit))]).await;
