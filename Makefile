@@ -68,7 +68,11 @@ test: services browser lint openapi-check
 	$(MAKE) --no-print-directory sqlx-check
 	@# Four at a time: each test runs one to three instances, each with its own Postgres pool and
 	@# listeners, and Debian's Postgres allows 100 connections in all.
+	@# Every instance the tests start logs to $$CARGO_TARGET_DIR/test-logs; the secrets the tests
+	@# were shown are recorded there too, and none of them may appear in any log of the run.
+	rm -rf "$${CARGO_TARGET_DIR:-target}/test-logs"
 	cargo test --all-targets -- --test-threads=$${TEST_THREADS:-4}
+	bash scripts/scan-logs.sh
 	$(MAKE) --no-print-directory oidc-client
 	$(MAKE) --no-print-directory fuzz-api-quick
 

@@ -238,6 +238,10 @@ pub fn verifier_from_jwk(algorithm: Algorithm, jwk: &Value) -> anyhow::Result<Ve
     Ok(match algorithm {
         Algorithm::ES256 => {
             let (x, y) = (field("x")?, field("y")?);
+            // `FieldBytes::from_slice` panics on any other length: the JWK may come from outside.
+            if x.len() != 32 || y.len() != 32 {
+                anyhow::bail!("a P-256 coordinate is 32 bytes");
+            }
             let point = p256::EncodedPoint::from_affine_coordinates(
                 p256::FieldBytes::from_slice(&x),
                 p256::FieldBytes::from_slice(&y),

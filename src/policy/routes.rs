@@ -345,6 +345,43 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     BUDGET_EXCEEDED.scope(exceeded, decide(state, req, next, rule, actor)).await
 }
 
+/// The Cedar query a request's declaration asks for, from the method's declaration, the request's
+/// path (the organization or agent it names) and the caller: `None` where the layer decides
+/// nothing itself (`Authenticated`, or `Loaded` for the handler). Takes untrusted input (the path
+/// as sent, the `X-Org-Id` the actor was built from; `make fuzz`).
+pub fn query_for_request(rule: &Rule, uri_path: &str, actor: &Actor) -> Result<Option<super::Query>, ApiError> {
+    let Check::Org(kind) = rule.check else { return Ok(None) };
+    let org = org_of(rule, uri_path, actor)?;
+    let resource = match (kind, org) {
+        (Kind::Platform, _) => Resource::Platform,
+        (_, None) => {
+            return Err(ApiError::bad_request("org_required", "Choose an organization with the X-Org-Id header."));
+        }
+        (Kind::Organization, Some(org_id)) => Resource::Organization { org_id },
+        (Kind::AuditLog, Some(org_id)) => Resource::AuditLog { org_id },
+        (Kind::PolicySet, Some(org_id)) => Resource::PolicySet { org_id },
+        (Kind::Agent, Some(org_id)) => Resource::Agent { org_id, owner_id: None },
+        (Kind::ApiKey, Some(org_id)) => Resource::ApiKey { org_id, created_by: actor.actor_id() },
+        (Kind::Delegation, Some(org_id)) => Resource::Delegation { org_id },
+        (Kind::UsageReport, Some(org_id)) => Resource::UsageReport { org_id, subject_id: format!("org:{org_id}") },
+        (Kind::City, Some(org_id)) => Resource::CityMap { org_id },
+        (Kind::Node, Some(org_id)) => Resource::Node { org_id },
+    };
+    let id = resource_id(rule, uri_path, &resource);
+    Ok(Some(query_for(actor, rule.action, resource, id, rule.scope)))
+}
+
+/// An agent never learns whether another agent exists: a refusal on another agent's record (in
+/// its own organization or any other, where the layer cannot tell them apart) is 404, as for an
+/// id that exists nowhere. The list of agents stays a 403.
+fn hide_other_agents(query: &super::Query, actor: &Actor, e: ApiError) -> ApiError {
+    let other_agent = actor.actor_type == crate::auth::ActorType::Agent
+        && matches!(query.resource, Resource::Agent { .. })
+        && query.resource_id.starts_with("agent:")
+        && query.resource_id != actor.actor_id();
+    if other_agent && matches!(e, ApiError::Forbidden { .. }) { ApiError::NotFound } else { e }
+}
+
 async fn decide(state: AppState, req: Request, next: Next, rule: &'static Rule, actor: Actor) -> Response {
     let outcome = match rule.check {
         Check::Authenticated => {
@@ -358,35 +395,10 @@ async fn decide(state: AppState, req: Request, next: Next, rule: &'static Rule, 
             }
         }
         Check::Loaded(_) => Ok(()),
-        Check::Org(kind) => match org_of(rule, req.uri().path(), &actor) {
+        Check::Org(_) => match query_for_request(rule, req.uri().path(), &actor) {
+            Ok(Some(query)) => enforce(&state, &query).map(|_| ()).map_err(|e| hide_other_agents(&query, &actor, e)),
+            Ok(None) => Ok(()),
             Err(e) => Err(e),
-            Ok(org) => {
-                let resource = match (kind, org) {
-                    (Kind::Platform, _) => Some(Resource::Platform),
-                    (_, None) => None,
-                    (Kind::Organization, Some(org_id)) => Some(Resource::Organization { org_id }),
-                    (Kind::AuditLog, Some(org_id)) => Some(Resource::AuditLog { org_id }),
-                    (Kind::PolicySet, Some(org_id)) => Some(Resource::PolicySet { org_id }),
-                    (Kind::Agent, Some(org_id)) => Some(Resource::Agent { org_id, owner_id: None }),
-                    (Kind::ApiKey, Some(org_id)) => Some(Resource::ApiKey { org_id, created_by: actor.actor_id() }),
-                    (Kind::Delegation, Some(org_id)) => Some(Resource::Delegation { org_id }),
-                    (Kind::UsageReport, Some(org_id)) => {
-                        Some(Resource::UsageReport { org_id, subject_id: format!("org:{org_id}") })
-                    }
-                    (Kind::City, Some(org_id)) => Some(Resource::CityMap { org_id }),
-                    (Kind::Node, Some(org_id)) => Some(Resource::Node { org_id }),
-                };
-                match resource {
-                    None => {
-                        Err(ApiError::bad_request("org_required", "Choose an organization with the X-Org-Id header."))
-                    }
-                    Some(resource) => {
-                        let id = resource_id(rule, req.uri().path(), &resource);
-                        let query = query_for(&actor, rule.action, resource, id, rule.scope);
-                        enforce(&state, &query).map(|_| ())
-                    }
-                }
-            }
         },
     };
     match outcome {

@@ -386,3 +386,39 @@ async fn a_public_clients_tokens_and_refresh_token_are_bound_to_its_key() {
     let again = json_ok(r, StatusCode::OK).await;
     assert_eq!(again["token_type"], "DPoP");
 }
+
+/// Found while writing the `dpop` fuzz target: a proof whose P-256 key has coordinates of another
+/// length than 32 bytes panicked in the key's parsing (a 500), and an `iat` of i64::MIN
+/// overflowed the window's arithmetic (a panic in a debug build). Both are `invalid_dpop_proof`.
+#[tokio::test]
+async fn a_proof_with_a_malformed_key_or_an_extreme_iat_is_invalid_not_a_500() {
+    let app = crate::helpers::spawn_app().await;
+    let admin = app.bootstrap().await;
+    let client = app.agent_client(&admin, &["agents:read"]).await;
+    let key = DpopKey::new();
+    let url = app.url("/api/v1/token");
+    let claims =
+        json!({ "jti": "j-short", "htm": "POST", "htu": url, "iat": time::OffsetDateTime::now_utc().unix_timestamp() });
+    let mut proofs = Vec::new();
+    for (x, y) in [("AA", "AA"), ("", ""), (&*B64.encode([1u8; 33]), &*B64.encode([1u8; 31]))] {
+        let header =
+            json!({ "typ": "dpop+jwt", "alg": "ES256", "jwk": { "kty": "EC", "crv": "P-256", "x": x, "y": y } });
+        proofs.push(key.sign(header, claims.clone()));
+    }
+    for iat in [i64::MIN, i64::MAX] {
+        let header = json!({ "typ": "dpop+jwt", "alg": "ES256", "jwk": key.jwk });
+        proofs.push(key.sign(header, json!({ "jti": format!("j-{iat}"), "htm": "POST", "htu": url, "iat": iat })));
+    }
+    for proof in proofs {
+        let r = app
+            .client
+            .post(&url)
+            .basic_auth(&client.client_id, Some(&client.secret))
+            .header("dpop", &proof)
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        oauth_error(r, StatusCode::BAD_REQUEST, "invalid_dpop_proof").await;
+    }
+}

@@ -1,8 +1,17 @@
 //! Tenant isolation, generated from the OpenAPI document: every documented route with a path
-//! parameter, every documented method (and HEAD for GET), is requested with organization A's
-//! object ids and organization B's credentials of every kind. The answer must be the one B gets
-//! for an id that exists nowhere: 404, or (where B's credential may not do that action at all,
-//! whatever the object) the same refusal. Never a 2xx, and never a 403 that only A's object earns.
+//! parameter, every documented method (and HEAD for every GET), is requested with organization
+//! A's object ids and organization B's credentials of every kind (a session, the session naming A
+//! in `X-Org-Id`, an API key, a service key, an agent's token, an RFC 8693 delegated token, a node
+//! credential).
+//!
+//! Each (operation, credential) is also sent for B's own object of the same kind. Where B's
+//! credential may do the operation in its own organization (its own object is not answered 401 or
+//! 403), A's object must be exactly 404. Where it may not (401 or 403 for its own object too),
+//! A's object must get that same refusal, the one an id that exists nowhere gets; the tally says
+//! how many of each every credential got. Never a 2xx, never a 403 that only A's object earns,
+//! and HEAD is answered as GET is. Every credential kind must get a real set of 404s: at least the
+//! routes of its own kind (an agent's token on its agent, keys and credentials; a delegated token
+//! on its delegations).
 //!
 //! A route whose path parameter has no fixture below fails the test, and so does a route with a
 //! required request body that has none, so that a new route is covered as soon as it is served.
@@ -280,10 +289,14 @@ async fn populate(app: &TestApp, owner: Caller, tag: &str, receiver: &str) -> Ob
 
     // A public key of the agent's, a federation partner (an IP literal: nothing is fetched) and
     // a trust policy under it.
-    let x = if tag == "a" {
-        "1HjTm5a4qYbT8o6KZ2fJ6mHn0uKIzS8nvFD9bk0Jt8w"
-    } else {
-        "J3w0mX9eMgk1nW2lA3bK4cL5dM6eN7fO8gP9hQ0iR1s"
+    let x = match tag {
+        "a" => "1HjTm5a4qYbT8o6KZ2fJ6mHn0uKIzS8nvFD9bk0Jt8w".to_owned(),
+        "b" => "J3w0mX9eMgk1nW2lA3bK4cL5dM6eN7fO8gP9hQ0iR1s".to_owned(),
+        _ => {
+            use base64::Engine;
+            let key = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().to_bytes())
+        }
     };
     let agent_key = created(
         app,
@@ -383,8 +396,10 @@ fn operations() -> (Vec<Operation>, Vec<String>) {
             ops.push(Operation { method, template: template.clone(), params: params.clone(), body_required });
         }
     }
-    // Reads first, deletions last: a leak in a write must not hide one in a read.
+    // Reads first, deletions last: a leak in a write must not hide one in a read. Revoking B's
+    // organization's tokens (for B's own object) last of all: it ends B's tokens.
     ops.sort_by_key(|o| match o.method.as_str() {
+        _ if o.template == "/api/v1/organizations/{id}/revoke-tokens" => 3,
         "GET" | "HEAD" => 0,
         "DELETE" => 2,
         _ => 1,
@@ -425,7 +440,18 @@ async fn another_organizations_objects_are_404_for_every_route_method_and_creden
     let owner_a = app.org_with_owner(&admin, "Org A", "owner@a.test").await;
     let owner_b = app.org_with_owner(&admin, "Org B", "owner@b.test").await;
     let a = populate(&app, owner_a, "a", &receiver).await;
-    let b = populate(&app, owner_b, "b", &receiver).await;
+    let b = populate(&app, owner_b.clone(), "b", &receiver).await;
+    // B's second set of objects: what B's credentials may change or delete of their own without
+    // ending themselves (B's own agent, delegation and node are the first set's).
+    let b2 = populate(&app, owner_b, "b2", &receiver).await;
+
+    let claims: Value = {
+        use base64::Engine;
+        let payload = b.delegated_token.split('.').nth(1).expect("a JWT");
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+    };
+    assert_eq!(claims["act"]["sub"], format!("agent:{}", b.ids[&Fx::Agent]), "an RFC 8693 delegated token: {claims}");
+    assert_eq!(claims["delegation_id"], b.ids[&Fx::Delegation].as_str(), "{claims}");
 
     let (ops, unfilled) = operations();
     assert!(unfilled.is_empty(), "path parameters without a fixture in tests/api/isolation.rs: {unfilled:?}");
@@ -470,10 +496,22 @@ async fn another_organizations_objects_are_404_for_every_route_method_and_creden
 
     let mut failures = Vec::new();
     let mut not_found: BTreeMap<String, usize> = BTreeMap::new();
+    // Per credential: the operations it may do in its own organization (and A's object was 404),
+    // and those it may do nowhere (refused as for a missing id).
+    let mut performable: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut refused: BTreeMap<&str, BTreeMap<u16, usize>> = BTreeMap::new();
+    let mut heads: BTreeMap<(String, &str), u16> = BTreeMap::new();
     let mut tally: BTreeMap<(&str, u16), usize> = BTreeMap::new();
     for op in &ops {
         let body = body_for(&op.method, &op.template, &b);
         let route = format!("{} {}", op.method, op.template);
+        // B's own object: the first set's where the request changes nothing that B's credentials
+        // stand on, else the second set's.
+        let keeps = matches!(op.method.as_str(), "GET" | "HEAD" | "PATCH" | "PUT")
+            || ["/heartbeat", "/test", "/keys", "/commands", "/replay", "/credentials"]
+                .iter()
+                .any(|s| op.template.ends_with(s));
+        let own = if keeps { &b } else { &b2 };
         for (name, token, org) in &credentials {
             let request = |path: String| {
                 let mut req =
@@ -485,29 +523,55 @@ async fn another_organizations_objects_are_404_for_every_route_method_and_creden
             };
             let (status, code, text) = outcome(request(fill(op, |fx| a.ids[&fx].clone())).send().await.unwrap()).await;
             let (m_status, m_code, _) = outcome(request(fill(op, missing)).send().await.unwrap()).await;
+            let (o_status, o_code, o_text) =
+                outcome(request(fill(op, |fx| own.ids[&fx].clone())).send().await.unwrap()).await;
             // Public routes check their own credential (a node's): other credentials are 401 there.
             if !agentidp::auth::PUBLIC_ROUTES.contains(&op.template.as_str()) {
                 *tally.entry((name, status.as_u16())).or_default() += 1;
             }
+            if matches!(op.method.as_str(), "GET" | "HEAD") {
+                let key = (format!("{} {}", op.template, op.method), *name);
+                heads.insert(key, status.as_u16());
+            }
             if status == StatusCode::NOT_FOUND {
                 *not_found.entry(route.clone()).or_default() += 1;
             }
+            let may = !matches!(o_status.as_u16(), 401 | 403);
             let why = if status.is_success() || status.is_redirection() {
                 Some("A's object was served")
-            } else if matches!(status.as_u16(), 400 | 415 | 422) {
+            } else if matches!(status.as_u16(), 400 | 415 | 422) || matches!(o_status.as_u16(), 400 | 415 | 422) {
                 Some("the request never reached the lookup (fix its body in the table)")
-            } else if (status, &code) != (m_status, &m_code) {
+            } else if o_status.is_server_error() {
+                Some("B's own object was answered with a 5xx")
+            } else if may && status != StatusCode::NOT_FOUND {
+                Some("B may do this in its own organization, and A's object is not 404")
+            } else if !may && (status, &code) != (m_status, &m_code) {
                 Some("A's object is answered differently from an id that exists nowhere")
             } else if !matches!(status.as_u16(), 401 | 403 | 404) {
                 Some("an unexpected status")
             } else {
                 None
             };
+            if may {
+                performable.entry(name).or_default().insert(route.clone());
+            } else {
+                *refused.entry(name).or_default().entry(o_status.as_u16()).or_default() += 1;
+            }
             if let Some(why) = why {
                 failures.push(format!(
-                    "{route} as B's {name}: {status} {code} (missing id: {m_status} {m_code}): {why}; {text}"
+                    "{route} as B's {name}: {status} {code} (missing id: {m_status} {m_code}; B's own: {o_status} \
+                     {o_code}): {why}; {text} {o_text}"
                 ));
             }
+        }
+    }
+    // HEAD is answered as GET is, for every credential.
+    for ((route, name), status) in &heads {
+        if let Some(get) = route.strip_suffix(" HEAD").map(|t| format!("{t} GET"))
+            && let Some(g) = heads.get(&(get, *name))
+            && g != status
+        {
+            failures.push(format!("{route} as B's {name}: {status}, and GET {g}"));
         }
     }
     // Every route looked its object up for some credential of B's: a route that refuses every
@@ -515,10 +579,18 @@ async fn another_organizations_objects_are_404_for_every_route_method_and_creden
     let unexercised: Vec<String> =
         ops.iter().map(|o| format!("{} {}", o.method, o.template)).filter(|r| !not_found.contains_key(r)).collect();
     eprintln!(
-        "isolation: {} operations x {} credentials of B's (each also against a missing id); answers: {tally:?}",
+        "isolation: {} operations x {} credentials of B's (each also against a missing id and B's own object); answers: {tally:?}",
         ops.len(),
         credentials.len()
     );
+    for (name, _, _) in &credentials {
+        eprintln!(
+            "isolation: {name}: {} operations it may do in its own organization, all 404 for A's object; refused \
+             everywhere (status: count): {:?}",
+            performable.get(name).map_or(0, |p| p.len()),
+            refused.get(name).cloned().unwrap_or_default()
+        );
+    }
     assert!(failures.is_empty(), "{} isolation failures:\n{}", failures.len(), failures.join("\n"));
     assert!(unexercised.is_empty(), "routes that answered no credential of B's with 404: {unexercised:?}");
     // B's owner, by session and by its full key, is refused nothing for lack of rights: every
@@ -526,6 +598,37 @@ async fn another_organizations_objects_are_404_for_every_route_method_and_creden
     for name in ["session", "api key"] {
         let other: Vec<_> = tally.iter().filter(|((n, s), _)| n == &name && *s != 404).collect();
         assert!(other.is_empty(), "B's {name} got answers other than 404: {other:?}");
+    }
+    // Every credential kind proves something: the routes of its own kind are among the 404s.
+    let own_kind: &[(&str, &[&str])] = &[
+        (
+            "agent token",
+            &[
+                "GET /api/v1/agents/{id}",
+                "HEAD /api/v1/agents/{id}",
+                "GET /api/v1/agents/{id}/credentials",
+                "GET /api/v1/agents/{id}/keys",
+            ],
+        ),
+        (
+            "delegated token",
+            &[
+                "GET /api/v1/delegations/{id}",
+                "HEAD /api/v1/delegations/{id}",
+                "POST /api/v1/delegations/{id}/commands",
+            ],
+        ),
+        ("service api key", &["GET /api/v1/agents/{id}", "GET /api/v1/webhooks/{id}"]),
+        ("node credential", &["POST /api/v1/nodes/{id}/heartbeat"]),
+    ];
+    for (name, routes) in own_kind {
+        let got = performable.get(name).cloned().unwrap_or_default();
+        let lacking: Vec<_> = routes.iter().filter(|r| !got.contains(**r)).collect();
+        assert!(lacking.is_empty(), "B's {name} was never refused with 404 on {lacking:?}; it was on {got:?}");
+    }
+    for name in ["session", "api key", "service api key", "agent token", "delegated token"] {
+        let n = performable.get(name).map_or(0, |p| p.len());
+        assert!(n >= 5, "B's {name}: only {n} operations it may do, so few 404s: {:?}", performable.get(name));
     }
 
     // Naming org A in X-Org-Id is refused the same way as naming an organization that does not

@@ -881,14 +881,16 @@ async fn an_agent_reads_its_own_record_only() {
     )
     .await;
     assert!(creds.to_string().contains(&me.client_id), "{creds}");
-    // Not the other agents of its organization, nor their client ids, nor the list of them.
-    for path in [
-        format!("/api/v1/agents/{}", other.agent_id),
-        format!("/api/v1/agents/{}/credentials", other.agent_id),
-        "/api/v1/agents".to_owned(),
+    // Not the other agents of its organization, nor their client ids, nor the list of them; another
+    // agent's record is 404 to it, as one that does not exist, so that it learns of none.
+    for (path, status, code) in [
+        (format!("/api/v1/agents/{}", other.agent_id), StatusCode::NOT_FOUND, "not_found"),
+        (format!("/api/v1/agents/{}/credentials", other.agent_id), StatusCode::NOT_FOUND, "not_found"),
+        (format!("/api/v1/agents/{}", uuid::Uuid::new_v4()), StatusCode::NOT_FOUND, "not_found"),
+        ("/api/v1/agents".to_owned(), StatusCode::FORBIDDEN, "insufficient_role"),
     ] {
         let resp = app.as_(&token, Method::GET, &path).send().await.unwrap();
-        let body = assert_problem(resp, StatusCode::FORBIDDEN, "insufficient_role").await;
+        let body = assert_problem(resp, status, code).await;
         assert!(!body.to_string().contains(&other.client_id));
     }
     // Humans of the organization still list them all.

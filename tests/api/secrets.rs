@@ -1,8 +1,12 @@
 //! Secrets at rest: the real binary, logging at debug, is given one of every secret it handles
 //! (passwords, invitation tokens, session tokens, API keys, agent client secrets and their
-//! rotations, access and delegated tokens, webhook signing secrets, node credentials, the signing
-//! key's private part and the key-encryption key). Then `pg_dump` of its database and everything it
-//! logged are searched for each of them, as text, without its prefix, and hex-encoded.
+//! rotations, access and delegated tokens, an ephemeral agent's secret, webhook signing secrets,
+//! node credentials, OpenID Connect client secrets and their rotation, authorization codes, ID
+//! tokens, refresh tokens and their rotation, the dynamic registration's initial access token and
+//! a registration access token, the signing key's private part and the key-encryption key). Then
+//! `pg_dump` of its database and everything it logged are searched for each of them, as text,
+//! without its prefix, and hex-encoded. Its log stays in the test log directory and its secrets
+//! are recorded, so that `make test` also looks for them in every log of the run.
 
 use std::{process::Stdio, time::Duration};
 
@@ -13,7 +17,10 @@ use base64::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{fresh_database, json_ok, redis_url};
+use crate::{
+    helpers::{fresh_database, json_ok, record_secret, redis_url, test_log_file},
+    oidc::{CALLBACK, form, pkce, query_of, user_agent},
+};
 
 struct Server {
     base: String,
@@ -58,12 +65,15 @@ async fn no_secret_is_in_the_database_dump_or_the_logs() {
     let kek_b64 = STANDARD.encode(kek);
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
     let pool = sqlx::PgPool::connect(&db_url).await.unwrap();
-    agentidp::auth::bootstrap::run(&pool, "Secret Org", "admin@secret.test", Some(password.clone())).await.unwrap();
+    let outcome =
+        agentidp::auth::bootstrap::run(&pool, "Secret Org", "admin@secret.test", Some(password.clone())).await.unwrap();
+    let agentidp::auth::bootstrap::Outcome::Created { org_id, .. } = outcome else { panic!("bootstrap was done") };
+    let initial_access_token = format!("iat-{}", uuid::Uuid::new_v4().simple());
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
-    let log_path = std::env::temp_dir().join(format!("agentidp-secrets-{db_name}.log"));
-    let log_file = std::fs::File::create(&log_path).unwrap();
+    let _ = db_name;
+    let (log_path, log_file) = test_log_file("secrets");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentidp"))
         .arg("serve")
         .env("AGENTIDP_DATABASE__URL", &db_url)
@@ -74,6 +84,9 @@ async fn no_secret_is_in_the_database_dump_or_the_logs() {
         .env("AGENTIDP_AUTH__KEY_ENCRYPTION_KEY", &kek_b64)
         .env("AGENTIDP_WEBHOOKS__ALLOW_PRIVATE_NETWORKS", "true")
         .env("AGENTIDP_WEBHOOKS__POLL_INTERVAL_MS", "100")
+        .env("AGENTIDP_OIDC__REGISTRATION__ENABLED", "true")
+        .env("AGENTIDP_OIDC__REGISTRATION__ORGANIZATION", org_id.to_string())
+        .env("AGENTIDP_OIDC__REGISTRATION__INITIAL_ACCESS_TOKEN", &initial_access_token)
         .env("AGENTIDP_LOG__FORMAT", "json")
         .env("AGENTIDP_LOG__LEVEL", "debug")
         .env_remove("RUST_LOG")
@@ -94,7 +107,11 @@ async fn no_secret_is_in_the_database_dump_or_the_logs() {
     }
     assert!(up, "the server came up: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
 
-    let mut secrets: Vec<(&str, String)> = vec![("admin password", password.clone()), ("key-encryption key", kek_b64)];
+    let mut secrets: Vec<(&str, String)> = vec![
+        ("admin password", password.clone()),
+        ("key-encryption key", kek_b64),
+        ("initial access token", initial_access_token.clone()),
+    ];
     let login = server.post("/auth/login", None, json!({ "email": "admin@secret.test", "password": password })).await;
     let session = s(&login, "session_token");
     let org = login["actor"]["org_id"].as_str().unwrap().to_owned();
@@ -172,6 +189,92 @@ async fn no_secret_is_in_the_database_dump_or_the_logs() {
     let node = server.post("/api/v1/nodes", admin, json!({ "name": "n1", "hostname": "n1.local" })).await;
     secrets.push(("node credential", s(&node, "credential")));
 
+    // An ephemeral agent's secret, made for a delegation.
+    let ephemeral = server
+        .post(
+            "/api/v1/delegations",
+            admin,
+            json!({ "agent_type": "claude-code", "scope": { "scopes": ["tools:read"] } }),
+        )
+        .await;
+    let found = find_key(&ephemeral, "client_secret").expect("an ephemeral agent's secret");
+    secrets.push(("ephemeral agent client secret", found));
+    secrets.push(("ephemeral delegated token", s(&ephemeral, "agent_token")));
+
+    // OpenID Connect: a confidential client and its rotated secret; a code through the sign-in
+    // and consent pages; the tokens it is redeemed for; a refresh and its rotation.
+    let client = server.post("/api/v1/clients", admin, json!({ "name": "App", "redirect_uris": [CALLBACK] })).await;
+    let rp_id = s(&client, "client_id");
+    secrets.push(("OpenID Connect client secret", s(&client, "client_secret")));
+    let rotated = server.post(&format!("/api/v1/clients/{}/rotate-secret", s(&client, "id")), admin, json!({})).await;
+    let rp_secret = s(&rotated, "client_secret");
+    secrets.push(("rotated OpenID Connect client secret", rp_secret.clone()));
+    let (verifier, challenge) = pkce();
+    let mut url = url::Url::parse(&format!("{base}/oauth2/authorize")).unwrap();
+    url.query_pairs_mut().extend_pairs([
+        ("response_type", "code"),
+        ("client_id", rp_id.as_str()),
+        ("redirect_uri", CALLBACK),
+        ("scope", "openid email offline_access"),
+        ("state", "st"),
+        ("nonce", "n"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ]);
+    let ua = user_agent();
+    let html = ua.get(url.as_str()).send().await.unwrap().text().await.unwrap();
+    let (action, mut fields) = form(&html);
+    for (k, v) in fields.iter_mut() {
+        match k.as_str() {
+            "email" => *v = "admin@secret.test".into(),
+            "password" => *v = password.clone(),
+            _ => {}
+        }
+    }
+    let consent = ua.post(format!("{base}{action}")).form(&fields).send().await.unwrap().text().await.unwrap();
+    let (action, mut fields) = form(&consent);
+    fields.push(("decision".into(), "allow".into()));
+    let back = ua.post(format!("{base}{action}")).form(&fields).send().await.unwrap();
+    assert_eq!(back.status(), StatusCode::SEE_OTHER);
+    let code = query_of(back.headers()["location"].to_str().unwrap())["code"].clone();
+    secrets.push(("authorization code", code.clone()));
+    secrets.push(("PKCE verifier", verifier.clone()));
+    let token = |form: Vec<(&'static str, String)>| {
+        server.client.post(format!("{base}/api/v1/token")).basic_auth(&rp_id, Some(&rp_secret)).form(&form).send()
+    };
+    let tokens = json_ok(
+        token(vec![
+            ("grant_type", "authorization_code".into()),
+            ("code", code),
+            ("code_verifier", verifier),
+            ("redirect_uri", CALLBACK.into()),
+        ])
+        .await
+        .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    secrets.push(("person's access token", s(&tokens, "access_token")));
+    secrets.push(("ID token", s(&tokens, "id_token")));
+    let refresh = s(&tokens, "refresh_token");
+    secrets.push(("refresh token", refresh.clone()));
+    let refreshed = json_ok(
+        token(vec![("grant_type", "refresh_token".into()), ("refresh_token", refresh)]).await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    secrets.push(("rotated refresh token", s(&refreshed, "refresh_token")));
+    // Dynamic registration (RFC 7591): a client secret and a registration access token.
+    let registered = server
+        .post(
+            "/oauth2/register",
+            Some(initial_access_token.as_str()),
+            json!({ "client_name": "Legacy", "redirect_uris": [CALLBACK], "grant_types": ["authorization_code", "refresh_token"] }),
+        )
+        .await;
+    secrets.push(("registered client secret", s(&registered, "client_secret")));
+    secrets.push(("registration access token", s(&registered, "registration_access_token")));
+
     // The signing key's private part, as the key ring unseals it.
     let (kid, sealed): (String, Vec<u8>) =
         sqlx::query_as("select kid, private_key_sealed from signing_key where status = 'active'")
@@ -201,7 +304,9 @@ async fn no_secret_is_in_the_database_dump_or_the_logs() {
     assert!(dump.contains(&client_id.to_lowercase()), "the client id is in the dump");
     let logs = std::fs::read_to_string(&log_path).unwrap().to_lowercase();
     assert!(logs.lines().count() > 20, "the server logged at debug: {logs}");
-    let _ = std::fs::remove_file(&log_path);
+    for (what, secret) in &secrets {
+        record_secret(what, secret);
+    }
 
     let mut found = Vec::new();
     for (what, secret) in &secrets {
@@ -215,6 +320,17 @@ async fn no_secret_is_in_the_database_dump_or_the_logs() {
             }
         }
     }
-    assert!(secrets.len() >= 18, "{} secrets", secrets.len());
+    assert!(secrets.len() >= 31, "{} secrets", secrets.len());
     assert!(found.is_empty(), "secrets at rest in plaintext: {found:?}");
+}
+
+/// The first string value under `key` anywhere in `v`.
+fn find_key(v: &Value, key: &str) -> Option<String> {
+    match v {
+        Value::Object(m) => {
+            m.get(key).and_then(Value::as_str).map(str::to_owned).or_else(|| m.values().find_map(|x| find_key(x, key)))
+        }
+        Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
 }

@@ -493,3 +493,80 @@ async fn scaffold_snippets_run_as_given_and_never_carry_the_secret() {
     let path = format!("/api/v1/scaffold?agent_id={}&lang=curl", client.agent_id);
     assert_eq!(send(&app, &other, Method::GET, &path, None).await.status(), StatusCode::NOT_FOUND);
 }
+
+/// `trust.max_keys_per_agent` under concurrency: many callers registering keys for one agent at
+/// once get exactly the limit through, the rest 409 `too_many_keys` (the count is taken under the
+/// agent's row lock; read-then-insert without it would let more through).
+#[tokio::test]
+async fn concurrent_key_registrations_stop_at_the_limit_exactly() {
+    let limit = 4;
+    let app = spawn_app_with(&[("trust.max_keys_per_agent", json!(limit))]).await;
+    let admin = app.bootstrap().await;
+    let agent = app.create_agent(&admin, json!({ "name": "many-keys" })).await;
+    let agent_id = agent["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/agents/{agent_id}/keys");
+    // Each caller retries a 503 (the test's small pool, exhausted while they queue for the lock).
+    let attempts: Vec<_> = (0..24)
+        .map(|_| {
+            let (app, admin, path, jwk) = (&app, &admin, &path, ed25519_jwk());
+            async move {
+                loop {
+                    let resp = app.as_(admin, Method::POST, path).json(&json!({ "jwk": jwk })).send().await.unwrap();
+                    let status = resp.status();
+                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    if status != StatusCode::SERVICE_UNAVAILABLE {
+                        return (status, body["code"].as_str().unwrap_or_default().to_owned());
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        })
+        .collect();
+    let results = futures_util::future::join_all(attempts).await;
+    let created = results.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
+    let refused = results.iter().filter(|(s, c)| *s == StatusCode::CONFLICT && c == "too_many_keys").count();
+    assert_eq!(created, limit, "{results:?}");
+    assert_eq!(refused, results.len() - limit, "{results:?}");
+    let keys = json_ok(send(&app, &admin, Method::GET, &path, None).await, StatusCode::OK).await;
+    let keys = keys.get("items").unwrap_or(&keys).as_array().unwrap().len();
+    assert_eq!(keys, limit, "the agent holds exactly the limit");
+}
+
+/// `trust.public_reads_per_minute` under concurrency: many anonymous reads of public documents
+/// from one address at once get at most the limit through (exactly, within the minute), the rest
+/// 429 problem+json with `Retry-After`. On several threads, so that the requests are charged in
+/// parallel, not one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_public_reads_from_one_address_stop_at_the_limit() {
+    let limit = 7;
+    let app = spawn_app_with(&[("trust.public_reads_per_minute", json!(limit))]).await;
+    let reads: Vec<_> = (0..40)
+        .map(|i| {
+            let url = if i % 2 == 0 {
+                app.url("/api/v1/marketplace")
+            } else {
+                app.url(&format!("/agents/{}/did.json", uuid::Uuid::now_v7()))
+            };
+            let req = app.client.get(url);
+            async move {
+                let resp = req.send().await.unwrap();
+                let status = resp.status();
+                let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+                let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+                let body: Value = resp.json().await.unwrap_or(Value::Null);
+                (status, ct, retry, body["code"].as_str().unwrap_or_default().to_owned())
+            }
+        })
+        .collect();
+    let results = futures_util::future::join_all(reads).await;
+    // Through the limiter: the list (200) and a DID of no agent (404).
+    let through = results.iter().filter(|(s, ..)| matches!(s.as_u16(), 200 | 404)).count();
+    let throttled: Vec<_> = results.iter().filter(|(s, ..)| *s == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert_eq!(through, limit, "{results:?}");
+    assert_eq!(through + throttled.len(), results.len(), "{results:?}");
+    for (_, ct, retry, code) in throttled {
+        assert_eq!(ct.as_deref(), Some("application/problem+json"));
+        assert_eq!(retry.as_deref(), Some("60"));
+        assert_eq!(code, "public_reads_throttled");
+    }
+}

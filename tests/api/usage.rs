@@ -697,6 +697,8 @@ async fn a_kill_9_in_the_middle_of_nats_ingest_loses_nothing_and_doubles_nothing
     let events: Vec<Value> = (0..n).map(|i| llm(&format!("k{i}"), &org, None, "gpt-4o-mini", 10, 10, 10)).collect();
 
     // Another process ingests in small batches and is killed mid-way.
+    // Its log, at the default level, joins the run's (scanned for secrets by `make test`).
+    let (_, log) = crate::helpers::test_log_file("usage-ingest");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentidp"))
         .arg("serve")
         .env("AGENTIDP_DATABASE__URL", &app.db_url)
@@ -710,9 +712,10 @@ async fn a_kill_9_in_the_middle_of_nats_ingest_loses_nothing_and_doubles_nothing
         .env("AGENTIDP_USAGE__NATS__CONSUMER", &ns.consumer)
         .env("AGENTIDP_USAGE__NATS__BATCH_SIZE", "20")
         .env("AGENTIDP_USAGE__NATS__ACK_WAIT_SECS", "2")
-        .env("AGENTIDP_LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .env_remove("AGENTIDP_LOG__LEVEL")
+        .env_remove("RUST_LOG")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .expect("start agentidp serve");

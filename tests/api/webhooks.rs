@@ -529,6 +529,8 @@ async fn after_kill_9_mid_delivery_every_event_still_arrives() {
     let ids = emit_many(&app, &admin.org_id, 40).await;
 
     // Another process delivers, slowly, and is killed mid-way.
+    // Its log, at the default level, joins the run's (scanned for secrets by `make test`).
+    let (_, log) = crate::helpers::test_log_file("webhooks-dispatch");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentidp"))
         .arg("serve")
         .env("AGENTIDP_DATABASE__URL", &app.db_url)
@@ -541,9 +543,10 @@ async fn after_kill_9_mid_delivery_every_event_still_arrives() {
         .env("AGENTIDP_WEBHOOKS__CONCURRENCY", "2")
         .env("AGENTIDP_WEBHOOKS__TIMEOUT_SECS", "2")
         .env("AGENTIDP_WEBHOOKS__LEASE_SECS", "3")
-        .env("AGENTIDP_LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .env_remove("AGENTIDP_LOG__LEVEL")
+        .env_remove("RUST_LOG")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .expect("start agentidp serve");

@@ -161,16 +161,26 @@ pub(crate) async fn once(state: &AppState, namespace: &str, what: &str, ttl_secs
     }
 }
 
-/// Verifies the one `DPoP` header of a request to `method` `url`; `token` is the access token it
-/// must be bound to (`ath`), for requests to resources.
-pub async fn verify(
-    state: &AppState,
+/// A proof whose form, signature, `htm`, `htu`, `iat` and `ath` are right: what is left to check
+/// needs state (the server's nonce, the replay cache).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub jkt: String,
+    pub jti: String,
+    pub nonce: Option<String>,
+}
+
+/// Checks everything a proof says about itself and the request, without state: the one `DPoP`
+/// header of a request to `method` `url` at `now`, `iat` within `window` seconds, and, when
+/// `token` is given, `ath` binding it to that access token. Takes untrusted bytes (`make fuzz`).
+pub fn check_proof(
     headers: &HeaderMap,
     method: &Method,
     url: &str,
     token: Option<&str>,
-    require_nonce: bool,
-) -> Result<Option<Proof>, Invalid> {
+    now: i64,
+    window: i64,
+) -> Result<Option<Checked>, Invalid> {
     let mut values = headers.get_all("dpop").iter();
     let Some(value) = values.next() else { return Ok(None) };
     if values.next().is_some() {
@@ -210,9 +220,7 @@ pub async fn verify(
     if !same_htu(&htu, url) {
         return Err(Invalid::Proof("The proof is for another URL (htu)."));
     }
-    let window = state.config().oidc.dpop_proof_max_age_secs as i64;
-    let now = state.clock().now().unix_timestamp();
-    if (now - iat).abs() > window {
+    if now.abs_diff(iat) > window.unsigned_abs() {
         return Err(Invalid::Proof("The proof's iat is outside the accepted window."));
     }
     if let Some(token) = token {
@@ -221,7 +229,25 @@ pub async fn verify(
             return Err(Invalid::Proof("The proof's ath does not match the access token."));
         }
     }
-    if require_nonce && claims.nonce.as_deref().is_none_or(|n| !nonce_valid(state, n)) {
+    Ok(Some(Checked { jkt, jti, nonce: claims.nonce }))
+}
+
+/// Verifies the one `DPoP` header of a request to `method` `url`; `token` is the access token it
+/// must be bound to (`ath`), for requests to resources.
+pub async fn verify(
+    state: &AppState,
+    headers: &HeaderMap,
+    method: &Method,
+    url: &str,
+    token: Option<&str>,
+    require_nonce: bool,
+) -> Result<Option<Proof>, Invalid> {
+    let window = state.config().oidc.dpop_proof_max_age_secs as i64;
+    let now = state.clock().now().unix_timestamp();
+    let Some(Checked { jkt, jti, nonce }) = check_proof(headers, method, url, token, now, window)? else {
+        return Ok(None);
+    };
+    if require_nonce && nonce.as_deref().is_none_or(|n| !nonce_valid(state, n)) {
         return Err(Invalid::Nonce(current_nonce(state)));
     }
     if !first_use(state, &jkt, &jti).await {

@@ -40,7 +40,9 @@ pub struct Identified {
     pub org: OrgChoice,
 }
 
-fn choose_org(principal: &Principal, header: Option<&str>) -> OrgChoice {
+/// The organization a request acts in: `X-Org-Id` (untrusted), else the credential's own or the
+/// first membership's.
+pub fn choose_org(principal: &Principal, header: Option<&str>) -> OrgChoice {
     let requested = match header {
         None => None,
         Some(h) => match h.trim().parse::<Uuid>() {

@@ -37,12 +37,83 @@ fn with_db(url: &str, db: &str) -> String {
 
 static INIT: Once = Once::new();
 
+/// Where the test run's logs go: `$CARGO_TARGET_DIR/test-logs` (else `target/test-logs`). Every
+/// instance the tests start logs there, at the product's default level, and `make test` scans
+/// the files for the secrets the tests recorded (`scripts/scan-logs.sh`).
+pub fn test_logs_dir() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target.join("test-logs");
+    std::fs::create_dir_all(&dir).expect("create the test log directory");
+    dir
+}
+
+/// A new log file in the test log directory, for an instance started as a process.
+pub fn test_log_file(name: &str) -> (std::path::PathBuf, std::fs::File) {
+    let path = test_logs_dir().join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+    let file = std::fs::File::create(&path).expect("create a test log file");
+    (path, file)
+}
+
+/// Records a secret a test was shown, for the scan of every log of the run (one per line:
+/// what it is, a tab, the secret).
+pub fn record_secret(what: &str, secret: &str) {
+    use std::io::Write;
+    static FILE: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+    if secret.len() < 12 || secret.contains(['\n', '\t']) {
+        return;
+    }
+    let mut file = FILE.lock().unwrap_or_else(|e| e.into_inner());
+    let f = file.get_or_insert_with(|| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(test_logs_dir().join("secrets.txt"))
+            .expect("open the recorded secrets")
+    });
+    let _ = writeln!(f, "{what}\t{secret}");
+}
+
+/// The log of the in-process instances: a buffered file flushed by a thread of its own every
+/// 100 ms, so that logging costs the requests one memory copy.
+#[derive(Clone)]
+struct LogFile(std::sync::Arc<std::sync::Mutex<std::io::BufWriter<std::fs::File>>>);
+
+impl std::io::Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 fn init_process() {
     INIT.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // The level the product runs at by default (config/default.toml), unless RUST_LOG says.
+        let level: String =
+            Figment::from(Toml::string(DEFAULTS)).extract_inner("log.level").unwrap_or_else(|_| "info".into());
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&level));
         if std::env::var("TEST_LOG").is_ok() {
-            let _ = tracing_subscriber::fmt().with_env_filter("info,sqlx=warn").with_test_writer().try_init();
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+            return;
         }
+        let (_, file) = test_log_file("api");
+        let log = LogFile(std::sync::Arc::new(std::sync::Mutex::new(std::io::BufWriter::with_capacity(1 << 16, file))));
+        let flusher = log.clone();
+        std::thread::Builder::new()
+            .name("test-log-flush".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = std::io::Write::flush(&mut flusher.clone());
+                }
+            })
+            .expect("spawn the log flusher");
+        let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(move || log.clone()).try_init();
     });
 }
 
@@ -229,6 +300,7 @@ impl TestApp {
 
     pub async fn sign_in(&self, email: &str, password: &str) -> Caller {
         let body = json_ok(self.login(email, password).await, StatusCode::OK).await;
+        record_secret("session token", body["session_token"].as_str().unwrap_or_default());
         Caller {
             token: body["session_token"].as_str().unwrap().to_owned(),
             org_id: body["actor"]["org_id"].as_str().unwrap_or_default().to_owned(),
@@ -277,6 +349,7 @@ impl TestApp {
     pub async fn add_member(&self, by: &Caller, org_id: &str, email: &str, role: &str) -> Value {
         let invitation = self.invite(by, org_id, email, role).await;
         let token = invitation["invitation_token"].as_str().unwrap();
+        record_secret("invitation token", token);
         let redeemed =
             self.post_json("/auth/set-password", &serde_json::json!({ "token": token, "password": PASSWORD })).await;
         if redeemed.status() == StatusCode::NO_CONTENT {
@@ -311,6 +384,7 @@ impl TestApp {
             StatusCode::CREATED,
         )
         .await;
+        record_secret("api key", created["key"].as_str().unwrap_or_default());
         Caller {
             token: created["key"].as_str().unwrap().to_owned(),
             org_id: by.org_id.clone(),
@@ -354,6 +428,7 @@ impl TestApp {
             StatusCode::CREATED,
         )
         .await;
+        record_secret("agent client secret", cred["client_secret"].as_str().unwrap_or_default());
         Client {
             agent_id: agent_id.to_owned(),
             credential_id: cred["id"].as_str().unwrap().to_owned(),
@@ -377,7 +452,9 @@ impl TestApp {
     pub async fn access_token(&self, client: &Client) -> String {
         let body =
             json_ok(self.token_request(client, &[("grant_type", "client_credentials")]).await, StatusCode::OK).await;
-        body["access_token"].as_str().unwrap().to_owned()
+        let token = body["access_token"].as_str().unwrap().to_owned();
+        record_secret("access token", &token);
+        token
     }
 
     /// GET /auth/me with a bearer token; the status.
