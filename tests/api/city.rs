@@ -340,7 +340,9 @@ async fn bad_input_is_refused_and_capacity_holds_under_concurrency() {
 
 #[tokio::test]
 async fn a_presence_flood_is_rate_limited_not_written() {
-    let app = spawn_app_with(&[("city.presence_reports_per_sec", json!(5))]).await;
+    // 200 at once share a pool of 16 Redis connections: on a loaded machine the wait for one can
+    // pass the default 500 ms (a 503), which is not what this test is about.
+    let app = spawn_app_with(&[("city.presence_reports_per_sec", json!(5)), ("redis.timeout_ms", json!(10_000))]).await;
     let admin = app.bootstrap().await;
     let owner = app.org_with_owner(&admin, "Alpha", "owner@alpha.test").await;
     let (_, token) = reporting_agent(&app, &owner, "chatty").await;
@@ -354,7 +356,12 @@ async fn a_presence_flood_is_rate_limited_not_written() {
     let results: Vec<_> = futures_util::future::join_all(flood).await.into_iter().map(|r| r.unwrap()).collect();
     let ok = results.iter().filter(|r| r.status() == StatusCode::OK).count();
     let limited = results.iter().filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).count();
-    assert_eq!(ok + limited, 200);
+    let others: Vec<u16> = results
+        .iter()
+        .map(|r| r.status().as_u16())
+        .filter(|s| *s != 200 && *s != 429)
+        .collect();
+    assert_eq!(ok + limited, 200, "answers other than 200 and 429: {others:?}");
     assert!(ok <= 15, "{ok} of 200 written");
     assert!(limited >= 185, "{limited}");
     let refused = results.into_iter().find(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).unwrap();
