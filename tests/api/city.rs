@@ -356,11 +356,7 @@ async fn a_presence_flood_is_rate_limited_not_written() {
     let results: Vec<_> = futures_util::future::join_all(flood).await.into_iter().map(|r| r.unwrap()).collect();
     let ok = results.iter().filter(|r| r.status() == StatusCode::OK).count();
     let limited = results.iter().filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).count();
-    let others: Vec<u16> = results
-        .iter()
-        .map(|r| r.status().as_u16())
-        .filter(|s| *s != 200 && *s != 429)
-        .collect();
+    let others: Vec<u16> = results.iter().map(|r| r.status().as_u16()).filter(|s| *s != 200 && *s != 429).collect();
     assert_eq!(ok + limited, 200, "answers other than 200 and 429: {others:?}");
     assert!(ok <= 15, "{ok} of 200 written");
     assert!(limited >= 185, "{limited}");
