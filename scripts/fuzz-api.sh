@@ -13,19 +13,58 @@ cd "$(dirname "$0")/.."
 
 seconds=${FUZZ_API_SECONDS:-40}
 examples=${FUZZ_API_EXAMPLES:-20}
+pg_admin=${AGENTIDP_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+redis_url=${AGENTIDP_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+target=${CARGO_TARGET_DIR:-target}
 
 log() { printf 'fuzz-api: %s\n' "$*" >&2; }
 
-source scripts/served.sh
-served_prepare fuzz
+venv=$(bash scripts/venv.sh)
+cargo build --quiet --bin agentidp
+bin="$target/debug/agentidp"
+
+db="agentidp_fuzz_$(date +%s)_$$"
+work=$(mktemp -d)
+port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+base="http://127.0.0.1:$port"
+server_pid=""
+
+cleanup() {
+    if [[ -n $server_pid ]]; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    psql -q "$pg_admin" -c "drop database if exists $db with (force)" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+psql -q "$pg_admin" -c "create database $db" >/dev/null
+export AGENTIDP_DATABASE__URL="${pg_admin%/*}/$db"
+export AGENTIDP_REDIS__URL="$redis_url"
+export AGENTIDP_REDIS__KEY_PREFIX="fuzz:$db:"
+export AGENTIDP_SERVER__BIND="127.0.0.1:$port"
+export AGENTIDP_SERVER__PUBLIC_URL="$base"
+export AGENTIDP_LOG__FORMAT=json
 # The fuzzer is not about limits: the plans' quotas would answer it 429 before it reached anything.
 export AGENTIDP_TIERS__PLANS__FREE__API_CALLS_PER_DAY=unlimited
 export AGENTIDP_TIERS__PLANS__FREE__MAX_AGENTS=unlimited
 export AGENTIDP_TIERS__PLANS__FREE__RATE_LIMIT__REQUESTS_PER_MINUTE=6000000
 export AGENTIDP_TIERS__PLANS__FREE__RATE_LIMIT__BURST=1000000
 
-served_bootstrap "Fuzz Org" admin@fuzz.test
-served_start
+"$bin" migrate >/dev/null 2>"$work/migrate.log" || { cat "$work/migrate.log" >&2; exit 1; }
+password="fuzz-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+"$bin" bootstrap --org "Fuzz Org" --email admin@fuzz.test --password-stdin <<<"$password" >/dev/null 2>"$work/bootstrap.log" \
+    || { cat "$work/bootstrap.log" >&2; exit 1; }
+
+"$bin" serve >"$work/server.log" 2>&1 &
+server_pid=$!
+for ((i = 0; ; i++)); do
+    curl -fs "$base/health" >/dev/null 2>&1 && break
+    kill -0 "$server_pid" 2>/dev/null || { tail -50 "$work/server.log" >&2; exit 1; }
+    ((i < 300)) || { log "server did not come up"; exit 1; }
+    sleep 0.1
+done
 
 post() { curl -fsS -X POST "$base$1" -H 'content-type: application/json' "${@:3}" -d "$2"; }
 login() { post /auth/login "{\"email\":\"$1\",\"password\":\"$2\"}"; }
@@ -64,7 +103,12 @@ for who in admin member agent; do
         --report junit --report-junit-path "$target/fuzz-api-$who.xml" >"$target/fuzz-api-$who.log" 2>&1 || true
     grep -E "^ +(✅|❌|🚫)|passed|failed" "$target/fuzz-api-$who.log" | tail -6 >&2 || true
 done
-served_check_log || status=1
+kill -0 "$server_pid" 2>/dev/null || { log "the server died"; tail -50 "$work/server.log" >&2; exit 1; }
+if grep -q '"level":"ERROR"\|panicked' "$work/server.log"; then
+    log "the server logged errors or panics:"
+    grep '"level":"ERROR"\|panicked' "$work/server.log" | head -20 >&2
+    status=1
+fi
 # The verdict from the JUnit reports: a failed check fails the run, and so does an error that
 # reached the network (a dropped connection, a timeout). Errors inside the fuzzer itself (its
 # Python tracebacks, "Runtime Error") are listed, not counted against the server.

@@ -11,17 +11,57 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+pg_admin=${AGENTIDP_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+redis_url=${AGENTIDP_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+target=${CARGO_TARGET_DIR:-target}
 callback=https://app.example/callback
 email=admin@oidc-client.test
 
 log() { printf 'oidc-client: %s\n' "$*" >&2; }
 fail() { log "FAILED: $*"; exit 1; }
 
-source scripts/served.sh
-served_prepare oidc_client
+venv=$(bash scripts/venv.sh)
+cargo build --quiet --bin agentidp
+bin="$target/debug/agentidp"
 
-served_bootstrap "OIDC Client Org" "$email"
-served_start
+db="agentidp_oidc_client_$(date +%s)_$$"
+work=$(mktemp -d)
+port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+base="http://127.0.0.1:$port"
+server_pid=""
+
+cleanup() {
+    if [[ -n $server_pid ]]; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    psql -q "$pg_admin" -c "drop database if exists $db with (force)" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+psql -q "$pg_admin" -c "create database $db" >/dev/null
+export AGENTIDP_DATABASE__URL="${pg_admin%/*}/$db"
+export AGENTIDP_REDIS__URL="$redis_url"
+export AGENTIDP_REDIS__KEY_PREFIX="oidc-client:$db:"
+export AGENTIDP_SERVER__BIND="127.0.0.1:$port"
+# The issuer the client checks (discovery, the ID token's iss, RFC 9207's iss) is this URL.
+export AGENTIDP_SERVER__PUBLIC_URL="$base"
+export AGENTIDP_LOG__FORMAT=json
+
+"$bin" migrate >/dev/null 2>"$work/migrate.log" || { cat "$work/migrate.log" >&2; exit 1; }
+password="oidc-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+"$bin" bootstrap --org "OIDC Client Org" --email "$email" --password-stdin <<<"$password" >/dev/null \
+    2>"$work/bootstrap.log" || { cat "$work/bootstrap.log" >&2; exit 1; }
+
+"$bin" serve >"$work/server.log" 2>&1 &
+server_pid=$!
+for ((i = 0; ; i++)); do
+    curl -fs "$base/health" >/dev/null 2>&1 && break
+    kill -0 "$server_pid" 2>/dev/null || { tail -50 "$work/server.log" >&2; exit 1; }
+    ((i < 300)) || fail "the server did not come up"
+    sleep 0.1
+done
 
 # An organization admin registers a confidential web application.
 session=$(curl -fsS -X POST "$base/auth/login" -H 'content-type: application/json' \
@@ -55,5 +95,9 @@ info=$(curl -sS -o /dev/null -w '%{http_code}' "$base/oauth2/userinfo" \
     -H "authorization: Bearer $(jq -r .access_token <<<"$seen")")
 [[ $info == 401 ]] || fail "after reuse, the refreshed access token still reads userinfo ($info)"
 
-served_check_log || fail "the server died or logged errors"
+kill -0 "$server_pid" 2>/dev/null || { tail -50 "$work/server.log" >&2; fail "the server died"; }
+if grep -q '"level":"ERROR"\|panicked' "$work/server.log"; then
+    grep '"level":"ERROR"\|panicked' "$work/server.log" | head -20 >&2
+    fail "the server logged errors or panics"
+fi
 log "passed"
