@@ -948,17 +948,26 @@ async fn bad_input_to_the_new_endpoints_is_never_a_server_error() {
         let r = app.client.get(format!("{}?{q}", app.url("/oauth2/authorize"))).send().await.unwrap();
         assert!(r.status().is_client_error(), "{q}: {}", r.status());
     }
-    for body in ["", "csrf_token=x", "%%%", &format!("email={long}")] {
+    // Each refusal is a status the OpenAPI document lists for the page, with or without a form.
+    let doc = serde_json::to_value(agentidp::http::openapi::document()).unwrap();
+    let long_email = format!("email={long}");
+    for (content_type, body) in [
+        (Some("application/x-www-form-urlencoded"), ""),
+        (Some("application/x-www-form-urlencoded"), "csrf_token=x"),
+        (Some("application/x-www-form-urlencoded"), "%%%"),
+        (Some("application/x-www-form-urlencoded"), long_email.as_str()),
+        (Some("application/json"), "{}"),
+        (None, ""),
+    ] {
         for path in ["/oauth2/login", "/oauth2/consent"] {
-            let r = app
-                .client
-                .post(app.url(path))
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(body.to_owned())
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_client_error(), "{path} {body}: {}", r.status());
+            let mut req = app.client.post(app.url(path)).body(body.to_owned());
+            if let Some(t) = content_type {
+                req = req.header("content-type", t);
+            }
+            let r = req.send().await.unwrap();
+            assert!(r.status().is_client_error(), "{path} {content_type:?} {body:.20}: {}", r.status());
+            let documented = &doc["paths"][path]["post"]["responses"][r.status().as_str()];
+            assert!(documented.is_object(), "{path} answered {} to {content_type:?}, undocumented", r.status());
         }
     }
     for form in [

@@ -602,6 +602,7 @@ fn expired_form() -> Response {
     responses(
         (status = 200, description = "The consent page", content_type = "text/html"),
         (status = 303, description = "Back to the redirect URI"),
+        (status = 400, description = "Not a form, or the authorization request names an unknown client or an unregistered redirect URI", content_type = "text/html"),
         (status = 401, description = "The sign-in page again: wrong email or password", content_type = "text/html"),
         (status = 403, description = "The CSRF token is missing or wrong", content_type = "text/html"),
         (status = 429, description = "Too many failed sign-ins; see Retry-After", content_type = "text/html")))]
@@ -678,6 +679,7 @@ pub(in crate::auth) async fn sign_in(
     responses(
         (status = 303, description = "Back to the redirect URI with `code` or `error=access_denied`"),
         (status = 200, description = "The sign-in page, when the session has ended", content_type = "text/html"),
+        (status = 400, description = "Not a form, or the authorization request names an unknown client or an unregistered redirect URI", content_type = "text/html"),
         (status = 403, description = "The CSRF token is missing or wrong", content_type = "text/html")))]
 pub(in crate::auth) async fn give_consent(
     State(state): State<AppState>,
