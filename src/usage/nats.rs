@@ -8,8 +8,9 @@
 //! unacknowledged and JetStream delivers it again (to any instance sharing the consumer), where
 //! what did commit is a duplicate and counts nothing. A message that cannot be counted (not JSON,
 //! not UTF-8, too large, a bad field, an unknown organization or agent) is kept in
-//! `usage_rejected` with the reason and the start of its payload, counted in
-//! `usage_events_rejected_total`, and acknowledged: never silently dropped, never retried forever.
+//! `usage_rejected` with the reason and the start of its payload (once per stream sequence, however
+//! often it is delivered), counted in `usage_events_rejected_total`, and acknowledged: never
+//! silently dropped, never retried forever.
 
 use std::time::Duration;
 
@@ -177,8 +178,13 @@ async fn one_batch(
     let mut r_reasons = Vec::new();
     let mut r_payloads = Vec::new();
     let mut r_sizes = Vec::new();
+    let mut r_streams = Vec::new();
+    let mut r_seqs = Vec::new();
     for ((m, o), org) in messages.iter().zip(&outcomes).zip(&orgs) {
         if let Outcome::Rejected(r) = o {
+            let info = m.info().ok();
+            r_streams.push(info.as_ref().map(|i| i.stream.to_owned()));
+            r_seqs.push(info.map(|i| i.stream_sequence.min(i64::MAX as u64) as i64));
             r_orgs.push(*org);
             r_subjects.push(m.subject.as_str().chars().take(200).collect::<String>());
             r_reasons.push(format!("{}: {}", r.code, r.reason));
@@ -187,14 +193,19 @@ async fn one_batch(
         }
     }
     if !r_reasons.is_empty() {
+        // A message delivered again after this was written (its acknowledgement lost or late)
+        // finds its stream sequence taken: kept once.
         sqlx::query!(
-            "insert into usage_rejected (organization_id, subject, reason, payload, payload_bytes)
-             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::int4[])",
+            "insert into usage_rejected (organization_id, subject, reason, payload, payload_bytes, stream, stream_seq)
+             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::int4[], $6::text[], $7::int8[])
+             on conflict (stream, stream_seq) do nothing",
             &r_orgs as &[Option<Uuid>],
             &r_subjects,
             &r_reasons,
             &r_payloads,
-            &r_sizes
+            &r_sizes,
+            &r_streams as &[Option<String>],
+            &r_seqs as &[Option<i64>]
         )
         .execute(state.db())
         .await?;

@@ -687,6 +687,57 @@ async fn nats_events_published_while_stopped_are_counted_once_and_bad_ones_are_k
     ns.delete().await;
 }
 
+/// A rejected message delivered twice (its first delivery's acknowledgement came too late, so
+/// JetStream gave it to the other instance too) is kept in `usage_rejected` once.
+#[tokio::test]
+async fn a_rejected_nats_message_delivered_twice_is_kept_once() {
+    use sqlx::Connection;
+    let ns = Ns::new();
+    let mut cfg = ns.config();
+    cfg.push(("usage.nats.ack_wait_secs", json!(1)));
+    let a = spawn_app_with(&cfg).await;
+    let b = spawn_on(test_config(&a.db_url, &cfg), None).await;
+    for _ in 0..100 {
+        let nc = async_nats::connect(nats_url()).await.unwrap();
+        if async_nats::jetstream::new(nc).get_stream(&ns.stream).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Postgres holds the first instance's write of the rejection past the acknowledgement wait,
+    // so that the message is delivered again, to whichever instance fetches next.
+    let mut blocker = sqlx::PgConnection::connect(&a.db_url).await.unwrap();
+    let mut lock = blocker.begin().await.unwrap();
+    sqlx::query("lock table usage_rejected in exclusive mode").execute(&mut *lock).await.unwrap();
+    ns.publish_raw(&ns.subject("llm"), b"not json at all".to_vec()).await;
+    let waiting = || {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from pg_stat_activity
+             where wait_event_type = 'Lock' and query ilike 'insert into usage_rejected%'",
+        )
+        .fetch_one(&b.db)
+    };
+    let started = std::time::Instant::now();
+    while waiting().await.unwrap() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the message was not delivered twice");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lock.rollback().await.unwrap();
+    let kept = || {
+        sqlx::query_scalar::<_, i64>("select count(*) from usage_rejected where payload = 'not json at all'::bytea")
+            .fetch_one(&a.db)
+    };
+    let started = std::time::Instant::now();
+    while waiting().await.unwrap() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the writes of the rejection did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(kept().await.unwrap(), 1, "one message, kept once");
+    drop(b);
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn a_kill_9_in_the_middle_of_nats_ingest_loses_nothing_and_doubles_nothing() {
     let ns = Ns::new();
