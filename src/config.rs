@@ -212,6 +212,11 @@ pub struct PolicyConfig {
     pub permit_sample_rate: f64,
     pub log_batch_size: usize,
     pub log_queue_capacity: usize,
+    /// Identical permits within this many seconds are one row of the decision log, with their
+    /// count (0: every logged permit is a row).
+    pub permit_fold_secs: u64,
+    /// Distinct permits the writer keeps open at most (more closes them all: counts written).
+    pub permit_fold_keys: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -549,6 +554,9 @@ impl Config {
                 "policy.log_queue_capacity",
                 "must be at least policy.log_batch_size, which must be at least 1",
             ));
+        }
+        if p.permit_fold_secs > 3600 || p.permit_fold_keys == 0 {
+            return Err(invalid("policy.permit_fold_secs", "permit_fold_secs: 0..3600; permit_fold_keys: at least 1"));
         }
         let c = &self.city;
         if !(1..=86_400).contains(&c.presence_ttl_secs) || !(1..=86_400).contains(&c.node_stale_secs) {

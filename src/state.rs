@@ -45,7 +45,12 @@ impl AppState {
         let auth = AuthState::new(&config.auth, &config.oidc)?;
         let keys = KeyRing::new(config.kek());
         let policy = crate::policy::Engine::with_cache(config.policy.decision_cache_entries)?;
-        let decisions = crate::policy::DecisionLog::new(config.policy.log_queue_capacity, config.policy.log_batch_size);
+        let decisions = crate::policy::DecisionLog::new(
+            config.policy.log_queue_capacity,
+            config.policy.log_batch_size,
+            std::time::Duration::from_secs(config.policy.permit_fold_secs),
+            config.policy.permit_fold_keys,
+        );
         let tiers = crate::tiers::Tiers::new(&config.tiers);
         let analytics = Arc::new(crate::analytics::Recorder::new(&config.analytics));
         let http = reqwest::Client::builder()

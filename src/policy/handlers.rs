@@ -642,8 +642,16 @@ pub struct LoggedDecisionView {
     pub reason: String,
     pub policy_version: String,
     pub determining_policies: Vec<String>,
+    /// When the decision was made (the first of a folded row's).
     #[serde(with = "time::serde::rfc3339")]
     pub decided_at: OffsetDateTime,
+    /// How many identical decisions this row stands for: repeated permits within
+    /// `policy.permit_fold_secs` are one row (`request_id` and `decision_id` are the first's).
+    /// Always 1 for a deny.
+    pub decision_count: i64,
+    /// The last of a folded row's decisions; absent when the row stands for one.
+    #[serde(with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    pub last_decided_at: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -671,7 +679,7 @@ pub(super) async fn list_decisions(
     }
     let rows = sqlx::query!(
         "select decision_id, request_id, actor_id, action, resource_type, resource_id, effect, reason, policy_version,
-                determining_policies, decided_at
+                determining_policies, decided_at, decision_count, last_decided_at
          from decision_log
          where organization_id = $1
            and ($2::text is null or effect = $2)
@@ -708,6 +716,8 @@ pub(super) async fn list_decisions(
             policy_version: r.policy_version,
             determining_policies: r.determining_policies,
             decided_at: r.decided_at,
+            decision_count: r.decision_count,
+            last_decided_at: r.last_decided_at,
         })
         .collect();
     let (items, next_cursor) = pagination::page(items, limit, |d| d.decision_id);

@@ -6,7 +6,8 @@
 //!   policy layer enforces it.
 //! - [`require`]: the PEP helper for handlers that must load the resource first.
 //! - the decision log ([`DecisionLog`]): every decision queued in memory and written in batches,
-//!   off the request path; on shutdown what is still queued is written before the pool closes.
+//!   off the request path, repeated permits folded into one row with their count; on shutdown
+//!   what is still queued, and every open count, is written before the pool closes.
 //! - [`store`] routes: versioned policy sets per organization (draft, validate, dry-run, activate,
 //!   roll back), the PDP over HTTP, and the decision log's listing.
 
@@ -148,23 +149,40 @@ pub fn log_decision(state: &AppState, q: &Query, d: &Decision) {
 
 /// The queue between decisions and the decision log's writer, which writes them in batches and,
 /// asked to stop, writes what is still queued before it ends.
+///
+/// Repeated permits are folded: a permit identical to one written less than `fold` ago (same
+/// organization, actor, action, resource, reason, policy version and determining policies) is
+/// counted on that row instead of being a row of its own, so that the log's write volume grows
+/// with the number of distinct decisions, not of requests. The count is written when the window
+/// ends, when the writer stops, and when more distinct permits are open than `fold_keys`.
+/// Denies are always a row each.
 pub struct DecisionLog {
     queue: mpsc::Sender<LoggedDecision>,
     rx: Mutex<Option<mpsc::Receiver<LoggedDecision>>>,
     stop: watch::Sender<bool>,
     batch: usize,
+    fold: std::time::Duration,
+    fold_keys: usize,
 }
 
 impl DecisionLog {
-    pub fn new(capacity: usize, batch: usize) -> Self {
+    pub fn new(capacity: usize, batch: usize, fold: std::time::Duration, fold_keys: usize) -> Self {
         let (queue, rx) = mpsc::channel(capacity);
-        Self { queue, rx: Mutex::new(Some(rx)), stop: watch::channel(false).0, batch: batch.max(1) }
+        Self {
+            queue,
+            rx: Mutex::new(Some(rx)),
+            stop: watch::channel(false).0,
+            batch: batch.max(1),
+            fold,
+            fold_keys: fold_keys.max(1),
+        }
     }
 
     /// Starts the writer (once per process; later calls return `None`).
     pub fn spawn_writer(&self, db: sqlx::PgPool) -> Option<tokio::task::JoinHandle<()>> {
         let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        Some(tokio::spawn(run_decision_writer(db, rx, self.batch, self.stop.subscribe())))
+        let folds = Folds::new(self.fold, self.fold_keys);
+        Some(tokio::spawn(run_decision_writer(db, rx, self.batch, folds, self.stop.subscribe())))
     }
 
     /// Asks the writer to write what is queued and stop; decisions made after this are dropped
@@ -174,28 +192,196 @@ impl DecisionLog {
     }
 }
 
-/// Writes queued decisions in batches until asked to stop, then what is still queued.
+/// What makes two permits the same decision for the log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FoldKey {
+    org_id: Option<Uuid>,
+    actor_id: String,
+    action: String,
+    resource_type: &'static str,
+    resource_id: String,
+    reason: String,
+    policy_version: String,
+    determining_policies: Vec<String>,
+}
+
+impl FoldKey {
+    fn of(e: &LoggedDecision) -> Self {
+        Self {
+            org_id: e.org_id,
+            actor_id: e.actor_id.clone(),
+            action: e.action.clone(),
+            resource_type: e.resource_type,
+            resource_id: e.resource_id.clone(),
+            reason: e.decision.reason.clone(),
+            policy_version: e.decision.policy_version.clone(),
+            determining_policies: e.decision.determining_policies.clone(),
+        }
+    }
+}
+
+/// An open fold: the row that stands for a permit's repeats within its window.
+#[derive(Debug, Clone, Copy)]
+struct Folded {
+    decision_id: Uuid,
+    window_end: OffsetDateTime,
+    count: i64,
+    written_count: i64,
+    last_at: OffsetDateTime,
+}
+
+/// A row's new count, to be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Recount {
+    decision_id: Uuid,
+    count: i64,
+    last_at: OffsetDateTime,
+}
+
+impl Folded {
+    fn recount(&mut self) -> Option<Recount> {
+        if self.count == self.written_count {
+            return None;
+        }
+        self.written_count = self.count;
+        Some(Recount { decision_id: self.decision_id, count: self.count, last_at: self.last_at })
+    }
+}
+
+/// The writer's open folds.
+struct Folds {
+    window: time::Duration,
+    max_keys: usize,
+    open: std::collections::HashMap<FoldKey, Folded>,
+}
+
+impl Folds {
+    fn new(window: std::time::Duration, max_keys: usize) -> Self {
+        Self {
+            window: time::Duration::try_from(window).unwrap_or(time::Duration::ZERO),
+            max_keys,
+            open: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Splits a batch into the decisions to insert (in order) and the counts of rows that closed;
+    /// repeats of an open permit only count.
+    fn take(&mut self, batch: &mut Vec<LoggedDecision>, recounts: &mut Vec<Recount>) -> Vec<LoggedDecision> {
+        if self.window.is_zero() {
+            return std::mem::take(batch);
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        for e in batch.drain(..) {
+            if !e.decision.permitted() {
+                rows.push(e);
+                continue;
+            }
+            let key = FoldKey::of(&e);
+            if let Some(f) = self.open.get_mut(&key)
+                && e.at < f.window_end
+            {
+                f.count += 1;
+                f.last_at = f.last_at.max(e.at);
+                metrics::counter!("decision_log_folded_total").increment(1);
+                continue;
+            }
+            if self.open.len() >= self.max_keys && !self.open.contains_key(&key) {
+                // Too many distinct permits open: close them all (their counts are written) and
+                // start again, so that memory stays bounded and nothing is lost.
+                self.close_all(recounts);
+            }
+            let fresh = Folded {
+                decision_id: e.decision.decision_id,
+                window_end: e.at + self.window,
+                count: 1,
+                written_count: 1,
+                last_at: e.at,
+            };
+            if let Some(mut old) = self.open.insert(key, fresh) {
+                recounts.extend(old.recount());
+            }
+            rows.push(e);
+        }
+        rows
+    }
+
+    /// Closes the folds whose window ended before `now`.
+    fn close_ended(&mut self, now: OffsetDateTime, recounts: &mut Vec<Recount>) {
+        self.open.retain(|_, f| {
+            if f.window_end > now {
+                return true;
+            }
+            recounts.extend(f.recount());
+            false
+        });
+    }
+
+    fn close_all(&mut self, recounts: &mut Vec<Recount>) {
+        recounts.extend(self.open.drain().filter_map(|(_, mut f)| f.recount()));
+    }
+}
+
+/// Writes queued decisions in batches until asked to stop, then what is still queued, then the
+/// counts of every open fold.
 async fn run_decision_writer(
     db: sqlx::PgPool,
     mut rx: mpsc::Receiver<LoggedDecision>,
     batch: usize,
+    mut folds: Folds,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut buf = Vec::with_capacity(batch);
+    let mut recounts = Vec::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             n = rx.recv_many(&mut buf, batch) => {
                 if n == 0 {
-                    return;
+                    break;
                 }
-                write_decisions(&db, &mut buf).await;
+                let mut rows = folds.take(&mut buf, &mut recounts);
+                write_decisions(&db, &mut rows).await;
             }
+            _ = tick.tick() => folds.close_ended(OffsetDateTime::now_utc(), &mut recounts),
             _ = stop.changed() => break,
+        }
+        if !recounts.is_empty() {
+            write_recounts(&db, &mut recounts).await;
         }
     }
     rx.close();
     while rx.recv_many(&mut buf, batch).await > 0 {
-        write_decisions(&db, &mut buf).await;
+        let mut rows = folds.take(&mut buf, &mut recounts);
+        write_decisions(&db, &mut rows).await;
+    }
+    folds.close_all(&mut recounts);
+    write_recounts(&db, &mut recounts).await;
+}
+
+/// Writes the counts of folded rows (the whole count: writing one twice changes nothing).
+async fn write_recounts(db: &sqlx::PgPool, recounts: &mut Vec<Recount>) {
+    if recounts.is_empty() {
+        return;
+    }
+    let n = recounts.len();
+    let ids: Vec<Uuid> = recounts.iter().map(|r| r.decision_id).collect();
+    let counts: Vec<i64> = recounts.iter().map(|r| r.count).collect();
+    let lasts: Vec<OffsetDateTime> = recounts.iter().map(|r| r.last_at).collect();
+    recounts.clear();
+    let result = sqlx::query!(
+        "update decision_log l set decision_count = d.n, last_decided_at = d.last
+         from unnest($1::uuid[], $2::int8[], $3::timestamptz[]) as d(id, n, last)
+         where l.decision_id = d.id",
+        &ids,
+        &counts,
+        &lasts
+    )
+    .execute(db)
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, rows = n, "decision log counts not written");
+        metrics::counter!("decision_log_dropped_total").increment(n as u64);
     }
 }
 
@@ -335,5 +521,95 @@ pub fn listener() -> crate::cache::invalidation::Listener {
         },
         resync: |state| Box::pin(sync_all(state)),
         disconnected: |_| {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logged(effect: &'static str, resource_id: &str, at: OffsetDateTime) -> LoggedDecision {
+        LoggedDecision {
+            decision: Decision {
+                effect,
+                reason: "r".into(),
+                decision_id: Uuid::now_v7(),
+                policy_version: "baseline:x".into(),
+                determining_policies: vec!["p".into()],
+                hide: false,
+            },
+            org_id: None,
+            request_id: None,
+            actor_id: "user:1".into(),
+            action: "read".into(),
+            resource_type: "Agent",
+            resource_id: resource_id.into(),
+            at,
+        }
+    }
+
+    #[test]
+    fn repeated_permits_fold_into_the_first_row_and_denies_never_do() {
+        let t0 = OffsetDateTime::now_utc();
+        let mut folds = Folds::new(std::time::Duration::from_secs(10), 100);
+        let mut recounts = Vec::new();
+        let mut batch: Vec<_> = (0..5).map(|i| logged("permit", "a", t0 + time::Duration::seconds(i))).collect();
+        let first = batch[0].decision.decision_id;
+        batch.push(logged("permit", "b", t0));
+        batch.extend((0..3).map(|_| logged("deny", "a", t0)));
+        let rows = folds.take(&mut batch, &mut recounts);
+        assert_eq!(rows.len(), 1 + 1 + 3, "one row for a's permits, one for b's, each deny");
+        assert_eq!(rows[0].decision.decision_id, first);
+        assert!(recounts.is_empty(), "nothing is written before the window ends");
+        // Past the window: a's row gets its count, b's (never repeated) needs nothing.
+        folds.close_ended(t0 + time::Duration::seconds(11), &mut recounts);
+        assert_eq!(recounts, vec![Recount { decision_id: first, count: 5, last_at: t0 + time::Duration::seconds(4) }]);
+        assert!(folds.open.is_empty());
+    }
+
+    #[test]
+    fn a_permit_after_its_window_is_a_new_row_and_the_old_count_is_kept() {
+        let t0 = OffsetDateTime::now_utc();
+        let mut folds = Folds::new(std::time::Duration::from_secs(10), 100);
+        let mut recounts = Vec::new();
+        let mut batch = vec![
+            logged("permit", "a", t0),
+            logged("permit", "a", t0),
+            logged("permit", "a", t0 + time::Duration::seconds(10)),
+        ];
+        let first = batch[0].decision.decision_id;
+        let rows = folds.take(&mut batch, &mut recounts);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(recounts, vec![Recount { decision_id: first, count: 2, last_at: t0 }]);
+        // Written once: a count already written is not written again.
+        recounts.clear();
+        folds.close_all(&mut recounts);
+        assert!(recounts.is_empty(), "{recounts:?}");
+    }
+
+    #[test]
+    fn too_many_open_permits_close_them_all_and_lose_no_count() {
+        let t0 = OffsetDateTime::now_utc();
+        let mut folds = Folds::new(std::time::Duration::from_secs(10), 2);
+        let mut recounts = Vec::new();
+        let mut batch: Vec<_> = ["a", "a", "b", "b", "c", "c"].iter().map(|r| logged("permit", r, t0)).collect();
+        let rows = folds.take(&mut batch, &mut recounts);
+        assert_eq!(rows.len(), 3);
+        let mut counted: Vec<i64> = recounts.iter().map(|r| r.count).collect();
+        counted.sort();
+        assert_eq!(counted, vec![2, 2], "a's and b's counts written when c arrived");
+        assert_eq!(folds.open.len(), 1);
+        folds.close_all(&mut recounts);
+        assert_eq!(recounts.iter().map(|r| r.count).sum::<i64>(), 6);
+    }
+
+    #[test]
+    fn no_window_means_a_row_per_permit() {
+        let t0 = OffsetDateTime::now_utc();
+        let mut folds = Folds::new(std::time::Duration::ZERO, 100);
+        let mut recounts = Vec::new();
+        let mut batch: Vec<_> = (0..4).map(|_| logged("permit", "a", t0)).collect();
+        assert_eq!(folds.take(&mut batch, &mut recounts).len(), 4);
+        assert!(recounts.is_empty());
     }
 }

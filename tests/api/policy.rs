@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Caller, TestApp, assert_problem, json_ok, spawn_app, spawn_on};
+use crate::helpers::{Caller, TestApp, assert_problem, json_ok, spawn_app, spawn_app_with, spawn_on};
 
 fn pdp(actor: Value, action: &str, resource: Value) -> Value {
     json!({ "actor": actor, "action": action, "resource": resource })
@@ -907,6 +907,15 @@ async fn logged_requests(db: &mut sqlx::PgConnection, request_ids: &[String]) ->
         .unwrap()
 }
 
+/// How many decisions the rows of these requests stand for (a folded row counts its repeats).
+async fn logged_decisions(db: &mut sqlx::PgConnection, request_ids: &[String]) -> i64 {
+    sqlx::query_scalar("select coalesce(sum(decision_count), 0)::int8 from decision_log where request_id = any($1)")
+        .bind(request_ids)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
 async fn decided_request(app: &TestApp, by: &Caller) -> String {
     let resp = app.as_(by, Method::GET, "/api/v1/agents").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -930,6 +939,7 @@ async fn decisions_still_queued_at_shutdown_are_written_before_exit() {
     let mut blocker = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
     let mut lock = blocker.begin().await.unwrap();
     sqlx::query("lock table decision_log in exclusive mode").execute(&mut *lock).await.unwrap();
+    let before = logged_decisions(&mut db, std::slice::from_ref(&first)).await;
     let mut queued = Vec::new();
     for _ in 0..5 {
         queued.push(decided_request(&app, &admin).await);
@@ -944,8 +954,73 @@ async fn decisions_still_queued_at_shutdown_are_written_before_exit() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock.rollback().await.unwrap();
     tokio::time::timeout(Duration::from_secs(15), server).await.expect("stops in time").unwrap().unwrap();
-    // The app's pool closed with it.
-    assert_eq!(logged_requests(&mut db, &queued).await, 5, "decisions queued at shutdown were lost");
+    // The app's pool closed with it. The five repeat the first request's decisions: they are
+    // counted on its rows (or are rows of their own, had its fold window ended meanwhile).
+    let mut all = queued.clone();
+    all.push(first);
+    assert_eq!(logged_decisions(&mut db, &all).await, 6 * before, "decisions queued at shutdown were lost");
+}
+
+#[tokio::test]
+async fn repeated_permits_are_one_row_with_their_count_and_each_deny_is_a_row() {
+    use sqlx::Connection;
+    let app = spawn_app_with(&[("policy.permit_fold_secs", json!(1))]).await;
+    let admin = app.bootstrap().await;
+    app.add_member(&admin, &admin.org_id, "dev@acme.test", "member").await;
+    let dev = app.sign_in("dev@acme.test", crate::helpers::PASSWORD).await;
+    let mut db = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+    let permits: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(decided_request(&app, &admin).await);
+        }
+        v
+    };
+    let mut denies = Vec::new();
+    for _ in 0..3 {
+        let resp = app.as_(&dev, Method::GET, "/api/v1/audit").send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        denies.push(resp.headers()["x-request-id"].to_str().unwrap().to_owned());
+    }
+    // The first permit's rows stand for all five once its window ends; the other four have none.
+    let per_request = {
+        let started = Instant::now();
+        loop {
+            let rows = logged_requests(&mut db, std::slice::from_ref(&permits[0])).await;
+            let decisions = logged_decisions(&mut db, std::slice::from_ref(&permits[0])).await;
+            if rows > 0 && decisions == 5 * rows {
+                break rows;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the count was not written: {decisions}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(logged_requests(&mut db, &permits[1..]).await, 0, "a repeated permit was a row of its own");
+    let rows: i64 = sqlx::query_scalar("select count(*) from decision_log where request_id = $1")
+        .bind(&permits[0])
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(rows, per_request);
+    // Each deny is its own row, counted once.
+    assert_eq!(logged_requests(&mut db, &denies).await, 3);
+    assert_eq!(logged_decisions(&mut db, &denies).await, 3);
+    // The API shows the count and the last time.
+    let page = json_ok(
+        app.as_(&admin, Method::GET, "/api/v1/audit/decisions?effect=permit&limit=200").send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    let row = page["items"].as_array().unwrap().iter().find(|d| d["request_id"] == permits[0].as_str()).unwrap();
+    assert_eq!(row["decision_count"], 5, "{row}");
+    assert!(row["last_decided_at"].as_str().unwrap() >= row["decided_at"].as_str().unwrap(), "{row}");
+    // After the window, the same permit is a row again.
+    let again = decided_request(&app, &admin).await;
+    let started = Instant::now();
+    while logged_requests(&mut db, std::slice::from_ref(&again)).await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "a permit after the window was not a row");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -121,6 +121,8 @@ pub struct DecisionView {
     pub reason: String,
     pub policies: String,
     pub version: String,
+    /// How many identical decisions the row stands for (repeated permits are folded).
+    pub count: i64,
 }
 
 #[derive(Template)]
@@ -172,6 +174,7 @@ pub async fn decisions(viewer: Viewer, Query(q): Query<DecisionQuery>) -> Respon
             reason: text(d, "reason"),
             policies: joined(d, "determining_policies"),
             version: text(d, "policy_version"),
+            count: d.get("decision_count").and_then(Value::as_i64).unwrap_or(1),
         })
         .collect();
     render(DecisionsPage {
