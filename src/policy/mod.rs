@@ -321,6 +321,10 @@ impl Folds {
     }
 }
 
+/// How often the writer takes what is queued. It is not woken by each decision: a request
+/// queues its decision without waking another thread, and the log is behind by at most this.
+const WRITER_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Writes queued decisions in batches until asked to stop, then what is still queued, then the
 /// counts of every open fold.
 async fn run_decision_writer(
@@ -332,20 +336,34 @@ async fn run_decision_writer(
 ) {
     let mut buf = Vec::with_capacity(batch);
     let mut recounts = Vec::new();
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let mut tick = tokio::time::interval(WRITER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    'run: loop {
         tokio::select! {
-            n = rx.recv_many(&mut buf, batch) => {
-                if n == 0 {
-                    break;
-                }
-                let mut rows = folds.take(&mut buf, &mut recounts);
-                write_decisions(&db, &mut rows).await;
-            }
-            _ = tick.tick() => folds.close_ended(OffsetDateTime::now_utc(), &mut recounts),
+            _ = tick.tick() => {}
             _ = stop.changed() => break,
         }
+        // Everything queued now, a batch at a time.
+        loop {
+            while buf.len() < batch {
+                match rx.try_recv() {
+                    Ok(e) => buf.push(e),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) if buf.is_empty() => break 'run,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            let full = buf.len() == batch;
+            let mut rows = folds.take(&mut buf, &mut recounts);
+            write_decisions(&db, &mut rows).await;
+            if !full {
+                break;
+            }
+        }
+        folds.close_ended(OffsetDateTime::now_utc(), &mut recounts);
         if !recounts.is_empty() {
             write_recounts(&db, &mut recounts).await;
         }
