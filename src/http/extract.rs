@@ -46,8 +46,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 }
 
 /// Deserializes with the failing field's path in the message. Well-formed JSON of the wrong shape
-/// is a 422; only text that is not JSON at all is a 400.
+/// is a 422; only text that is not JSON at all is a 400. A body that parses is parsed once, without
+/// tracking paths; only a failing one is parsed again to find the path.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Ok(value) = serde_json::from_slice::<T>(bytes) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let error = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(value) => {

@@ -242,14 +242,25 @@ struct Keys {
 
 impl Keys {
     fn new(redis: &Redis, org: Uuid, client: &str, now: OffsetDateTime) -> Self {
-        let day = format!("{:04}{:02}{:02}", now.year(), now.month() as u8, now.day());
+        use std::fmt::Write;
+        // Built on every charge: the organization's part once, then each key from it.
+        let mut base = String::with_capacity(redis.prefix().len() + 48);
+        let _ = write!(base, "{}tier:{{{}}}:", redis.prefix(), org.hyphenated());
+        let mut day = String::with_capacity(8);
+        let _ = write!(day, "{:04}{:02}{:02}", now.year(), now.month() as u8, now.day());
         let month = &day[..6];
+        let key = |parts: &[&str]| {
+            let mut k = String::with_capacity(base.len() + parts.iter().map(|p| p.len()).sum::<usize>());
+            k.push_str(&base);
+            parts.iter().for_each(|p| k.push_str(p));
+            k
+        };
         Self {
-            rate: redis.key(&format!("tier:{{{org}}}:rl:{client}")),
-            calls: redis.key(&format!("tier:{{{org}}}:calls:{day}")),
-            tokens_day: redis.key(&format!("tier:{{{org}}}:tok:d:{day}")),
-            tokens_month: redis.key(&format!("tier:{{{org}}}:tok:m:{month}")),
-            instances: redis.key(&format!("tier:{{{org}}}:inst")),
+            rate: key(&["rl:", client]),
+            calls: key(&["calls:", &day]),
+            tokens_day: key(&["tok:d:", &day]),
+            tokens_month: key(&["tok:m:", month]),
+            instances: key(&["inst"]),
             day_ttl: (next_midnight(now) - now).whole_seconds() + KEY_GRACE_SECS,
             month_ttl: (next_month(now) - now).whole_seconds() + KEY_GRACE_SECS,
         }

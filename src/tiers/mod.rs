@@ -253,23 +253,31 @@ pub fn headers(limits: &Plan, charge: &Charge<'_>, o: &Outcome) -> http::HeaderM
         .and_then(|n| policies.iter().find(|p| p.name == n))
         .or_else(|| policies.iter().min_by_key(|p| p.remaining))
         .expect("the burst policy is always there");
-    let mut h = http::HeaderMap::new();
+    let mut h = http::HeaderMap::with_capacity(8);
     // Structured-field integers have at most 15 digits.
     let sf = |n: u64| n.min(999_999_999_999_999);
-    let policy =
-        policies.iter().map(|p| format!("\"{}\";q={};w={}", p.name, sf(p.quota), sf(p.window))).collect::<Vec<_>>();
-    let current =
-        policies.iter().map(|p| format!("\"{}\";r={};t={}", p.name, sf(p.remaining), sf(p.reset))).collect::<Vec<_>>();
+    // Built on every charged response: written into one string each, no intermediate ones.
+    let list = |field: fn(&Policy) -> (char, u64, char, u64)| {
+        use std::fmt::Write;
+        let mut s = String::with_capacity(40 * policies.len());
+        for (i, p) in policies.iter().enumerate() {
+            let (a, x, b, y) = field(p);
+            let _ = write!(s, "{}\"{}\";{a}={};{b}={}", if i > 0 { ", " } else { "" }, p.name, sf(x), sf(y));
+        }
+        s
+    };
+    let policy = list(|p| ('q', p.quota, 'w', p.window));
+    let current = list(|p| ('r', p.remaining, 't', p.reset));
+    h.insert("x-ratelimit-limit", http::HeaderValue::from(binding.quota));
+    h.insert("x-ratelimit-remaining", http::HeaderValue::from(binding.remaining));
+    h.insert("x-ratelimit-reset", http::HeaderValue::from(binding.reset_at));
     let mut put = |name: &'static str, value: String| {
-        if let Ok(v) = http::HeaderValue::from_str(&value) {
+        if let Ok(v) = http::HeaderValue::try_from(value) {
             h.insert(name, v);
         }
     };
-    put("x-ratelimit-limit", binding.quota.to_string());
-    put("x-ratelimit-remaining", binding.remaining.to_string());
-    put("x-ratelimit-reset", binding.reset_at.to_string());
-    put("ratelimit-policy", policy.join(", "));
-    put("ratelimit", current.join(", "));
+    put("ratelimit-policy", policy);
+    put("ratelimit", current);
     if let Some(r) = o.refused {
         let retry = match r {
             Refusal::Rate => o.retry_after_us.div_ceil(1_000_000).max(1),
