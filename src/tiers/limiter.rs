@@ -276,6 +276,36 @@ impl Keys {
     }
 }
 
+/// A reservation whose leases are marked in flight while Redis is asked: granted or released
+/// exactly once, and released when dropped unfinished.
+struct InFlight<'a> {
+    limiter: &'a Limiter,
+    keys: &'a Keys,
+    covered: [bool; 4],
+    need: [bool; 4],
+    open: bool,
+}
+
+impl InFlight<'_> {
+    fn release(mut self) {
+        self.open = false;
+        self.limiter.release(self.keys, self.covered, self.need);
+    }
+
+    fn grant(mut self, c: &Charge<'_>, r: &Reply) {
+        self.open = false;
+        self.limiter.grant(self.keys, c, self.covered, self.need, r);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.limiter.release(self.keys, self.covered, self.need);
+        }
+    }
+}
+
 /// How a charge treats each slot (rate, calls, tokens today, tokens this month).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -537,8 +567,12 @@ impl Limiter {
                 metrics::counter!(LEASED_TOTAL).increment(1);
                 return self.spent(&keys, &modes, None);
             }
+            // From here the leases are marked in flight: the mark must end however this ends,
+            // also when the request is dropped while Redis answers (its client went away), or
+            // every later request would wait for a grant that never lands.
+            let reservation = InFlight { limiter: self, keys: &keys, covered, need, open: true };
             if !self.try_redis() {
-                self.release(&keys, covered, need);
+                reservation.release();
                 break;
             }
             metrics::counter!(REDIS_DECISIONS_TOTAL).increment(1);
@@ -546,19 +580,19 @@ impl Limiter {
             let reply = match self.charge_redis(redis, &keys, c, &need).await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.release(&keys, covered, need);
+                    reservation.release();
                     self.redis_failed(&e);
                     break;
                 }
             };
             self.redis_ok();
             let Some(refusal) = reply.refused else {
-                self.grant(&keys, c, covered, need, &reply);
+                reservation.grant(c, &reply);
                 let outcome = self.spent(&keys, &modes, Some(&reply));
                 self.remember(&keys, &outcome);
                 return outcome;
             };
-            self.release(&keys, covered, need);
+            reservation.release();
             // A grant of this process still in flight may hold what Redis just refused: wait for
             // it and decide again, so that a leased unit is never stranded while we refuse.
             let slot = match refusal {
@@ -617,6 +651,7 @@ impl Limiter {
     }
 
     /// Undoes a reservation: gives back units taken from leases, and ends the in-flight marks.
+    /// (Called through [`InFlight`], which also does it when a decision is dropped midway.)
     fn release(&self, keys: &Keys, covered: [bool; 4], need: [bool; 4]) {
         let mut local = self.lock();
         for i in (0..4).filter(|i| covered[*i] || need[*i]) {
@@ -1036,6 +1071,36 @@ mod tests {
 
     fn charge(rate: RateLimit, calls: Limit) -> Charge<'static> {
         Charge { org: Uuid::nil(), client: "key:1", rate, calls: Some(calls), tokens: None }
+    }
+
+    #[tokio::test]
+    async fn a_decision_dropped_while_redis_answers_leaves_no_lease_in_flight() {
+        // A Redis that accepts connections and never answers; the request is dropped meanwhile,
+        // as when its client goes away.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let redis = Redis::new(&RedisConfig {
+            url: format!("redis://{addr}"),
+            key_prefix: "t:".into(),
+            pool_size: 1,
+            timeout_ms: 10_000,
+        })
+        .unwrap();
+        let l = Limiter::default();
+        let c = charge(RateLimit { requests_per_minute: 600, burst: 100 }, Limit::Max(1_000));
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(300), l.charge(&redis, OffsetDateTime::now_utc(), &c)).await;
+        assert!(dropped.is_err(), "the decision should still be waiting for Redis");
+        let stuck: Vec<String> =
+            l.lock().leases.iter().filter(|(_, lease)| lease.in_flight > 0).map(|(k, _)| k.clone()).collect();
+        assert!(stuck.is_empty(), "leases left in flight by a dropped decision: {stuck:?}");
+        hold.abort();
     }
 
     #[test]
