@@ -62,7 +62,14 @@ impl Redis {
         if let Some(c) = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(c);
         }
-        let conn = tokio::time::timeout(self.timeout, self.client.get_multiplexed_async_connection()).await??;
+        // The client's own deadlines are the configured one, not its 500 ms default: a command
+        // queued behind many others on this one connection must not fail before callers' deadline.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(self.timeout))
+            .set_connection_timeout(Some(self.timeout));
+        let conn =
+            tokio::time::timeout(self.timeout, self.client.get_multiplexed_async_connection_with_config(&config))
+                .await??;
         *self.mux.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         Ok(conn)
     }

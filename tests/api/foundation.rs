@@ -478,3 +478,25 @@ async fn every_operation_documents_the_errors_the_stack_sends() {
     }
     assert!(checked > 40, "{checked} operations");
 }
+
+#[tokio::test]
+async fn a_redis_answer_slower_than_half_a_second_is_awaited_up_to_the_configured_timeout() {
+    let url = std::env::var("AGENTIDP_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = agentidp::redis::Redis::new(&agentidp::config::RedisConfig {
+        url,
+        key_prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
+        pool_size: 1,
+        timeout_ms: 5_000,
+    })
+    .unwrap();
+    let mut conn = redis.multiplexed().await.unwrap();
+    // BLPOP on an empty list answers nil after its own 0.8 s: past the Redis client's default
+    // deadline of 500 ms, within the configured 5 s.
+    let got: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg(redis.key("nothing-here"))
+        .arg(0.8)
+        .query_async(&mut conn)
+        .await
+        .expect("a slow answer within redis.timeout_ms is an answer");
+    assert!(got.is_none());
+}
