@@ -243,9 +243,9 @@ struct Keys {
 impl Keys {
     fn new(redis: &Redis, org: Uuid, client: &str, now: OffsetDateTime) -> Self {
         use std::fmt::Write;
-        // Built on every charge: the organization's part once, then each key from it.
-        let mut base = String::with_capacity(redis.prefix().len() + 48);
-        let _ = write!(base, "{}tier:{{{}}}:", redis.prefix(), org.hyphenated());
+        // Built on every charge: the organization's part once (prefixed as every key is), then
+        // each key from it.
+        let base = redis.key(&format!("tier:{{{org}}}:"));
         let mut day = String::with_capacity(8);
         let _ = write!(day, "{:04}{:02}{:02}", now.year(), now.month() as u8, now.day());
         let month = &day[..6];
