@@ -138,6 +138,7 @@ fuzz_target!(|data: &[u8]| {
         memberships,
         credential,
         secret_hash: [0; 32],
+        queries: Default::default(),
     });
     let OrgChoice::Chosen(org_id) = choose_org(&principal, header) else { return };
     let actor = Actor { principal: principal.clone(), actor_type, org_id };

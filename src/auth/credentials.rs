@@ -83,6 +83,9 @@ pub struct Principal {
     pub credential: Credential,
     /// SHA-256 of the presented secret.
     pub secret_hash: [u8; 32],
+    /// The policy layer's queries for this principal, kept with it: a principal is replaced (and
+    /// these with it) whenever its credential or memberships change.
+    pub queries: crate::policy::QueryMemo,
 }
 
 impl Principal {
@@ -292,6 +295,7 @@ async fn load(db: &PgPool, secret: &str, hash: [u8; 32]) -> Result<Option<Princi
                     expires_at: r.expires_at,
                 },
                 secret_hash: hash,
+                queries: Default::default(),
             }));
         }
         (
@@ -332,6 +336,7 @@ async fn load(db: &PgPool, secret: &str, hash: [u8; 32]) -> Result<Option<Princi
         memberships,
         credential,
         secret_hash: hash,
+        queries: Default::default(),
     }))
 }
 

@@ -38,6 +38,10 @@ pub struct AuthState {
     pub clients: oauth::ClientCache,
     pub revocations: revocation::Revocations,
     pub verified: tokens::VerifiedCache,
+    /// Agents' principals by access-token hash: made from the token's claims alone, so that the
+    /// requests of one token share one (and what the policy layer memoizes in it). Consulted only
+    /// after the token has verified and passed the revocation check on that request.
+    pub agent_principals: crate::cache::Cache<[u8; 32], Arc<credentials::Principal>>,
     /// DPoP proofs seen by this instance (Redis is the shared replay cache).
     pub dpop_replays: oidc::dpop::ReplayCache,
     /// Client ID metadata documents: the guarded fetcher and its cache.
@@ -56,6 +60,10 @@ impl AuthState {
             clients: oauth::ClientCache::new(cache_ttl, negative_ttl),
             revocations: revocation::Revocations::default(),
             verified: tokens::VerifiedCache::new(Duration::from_secs(cfg.access_token_ttl_secs)),
+            agent_principals: crate::cache::Cache::new(
+                200_000,
+                Duration::from_secs(cfg.access_token_ttl_secs + tokens::LEEWAY as u64),
+            ),
             dpop_replays: oidc::dpop::ReplayCache::new(Duration::from_secs(oidc.dpop_proof_max_age_secs)),
             documents: oidc::metadata_document::Documents::new(&oidc.metadata_documents)?,
         })

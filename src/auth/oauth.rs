@@ -746,6 +746,10 @@ async fn charge(state: &AppState, client: &ClientRecord) -> Result<HeaderMap, OA
     Ok(limit_headers)
 }
 
+/// Client-credentials tokens issued; the handle taken once, not looked up per token.
+static ISSUED: std::sync::LazyLock<metrics::Counter> =
+    std::sync::LazyLock::new(|| metrics::counter!("tokens_issued_total", "grant_type" => "client_credentials"));
+
 /// Signs the access token and counts it. `iat` is read from the application's clock, the one
 /// revocation watermarks are stamped with.
 fn issue(
@@ -779,7 +783,7 @@ fn issue(
         tracing::error!(error = %e, "signing failed");
         OAuthError::server_error()
     })?;
-    metrics::counter!("tokens_issued_total", "grant_type" => "client_credentials").increment(1);
+    ISSUED.increment(1);
     state.analytics().record(crate::analytics::Event {
         org_id: client.org_id,
         kind: crate::analytics::Kind::TokenIssued,
@@ -841,20 +845,24 @@ pub async fn resolve_access_token(state: &AppState, token: &str) -> Result<Arc<P
             return Err(Failure::Unavailable);
         }
     }
-    let scopes = claims.scopes().filter_map(Scope::parse).collect();
     if claims.actor_type == "human" {
+        let scopes = claims.scopes().filter_map(Scope::parse).collect();
         return human_principal(state, hash, claims, scopes).await;
     }
     let agent_id = claims.agent_id().ok_or(Failure::Invalid)?;
-    Ok(Arc::new(Principal {
-        user_id: agent_id,
-        actor_type: ActorType::Agent,
-        email: None,
-        display_name: None,
-        system_admin: false,
-        memberships: Vec::new(),
-        secret_hash: hash,
-        credential: Credential::AccessToken { claims, scopes },
+    // The same token is the same claims: its principal is made once.
+    Ok(state.auth().agent_principals.get_or_insert_with(hash, || {
+        Arc::new(Principal {
+            user_id: agent_id,
+            actor_type: ActorType::Agent,
+            email: None,
+            display_name: None,
+            system_admin: false,
+            memberships: Vec::new(),
+            secret_hash: hash,
+            credential: Credential::AccessToken { scopes: claims.scopes().filter_map(Scope::parse).collect(), claims },
+            queries: Default::default(),
+        })
     }))
 }
 
@@ -891,6 +899,7 @@ async fn human_principal(
         memberships: vec![(claims.org_id, role)],
         secret_hash,
         credential: Credential::AccessToken { claims, scopes },
+        queries: Default::default(),
     }))
 }
 

@@ -192,7 +192,7 @@ pub fn verify(keys: &KeyRing, token: &str, issuer: &str, audiences: &[String], n
 }
 
 /// Clock skew tolerated between instances.
-const LEEWAY: i64 = 5;
+pub(crate) const LEEWAY: i64 = 5;
 
 fn validate_times_and_parties(claims: &Claims, issuer: &str, audiences: &[String], now: i64) -> Result<(), Rejection> {
     if claims.exp <= now - LEEWAY {

@@ -383,19 +383,26 @@ impl Engine {
     /// Decides with the baseline plus the resource's organization's active version, from the
     /// decision cache when these policies decided this exact query before.
     pub fn evaluate(&self, q: &Query) -> Result<Decision, QueryError> {
+        let d = self.evaluate_shared(q)?;
+        Ok(Decision { decision_id: Uuid::now_v7(), ..(*d).clone() })
+    }
+
+    /// [`Engine::evaluate`] without the copy: the cached decision itself, whose `decision_id` is
+    /// the one it was first made with.
+    pub fn evaluate_shared(&self, q: &Query) -> Result<Arc<Decision>, QueryError> {
         let org = self.org_policies(q);
         let generation = org.as_ref().map_or(0, |o| o.generation);
         let cache = &self.decisions;
         if !cache.enabled() {
-            return self.decide(q, org.as_deref());
+            return self.decide(q, org.as_deref()).map(Arc::new);
         }
         if let Some((made_by, d)) = cache.get(q)
             && made_by == generation
         {
-            return Ok(Decision { decision_id: Uuid::now_v7(), ..(*d).clone() });
+            return Ok(d);
         }
-        let d = self.decide(q, org.as_deref())?;
-        cache.insert(q.clone(), (generation, Arc::new(d.clone())));
+        let d = Arc::new(self.decide(q, org.as_deref())?);
+        cache.insert(q.clone(), (generation, d.clone()));
         Ok(d)
     }
 

@@ -15,7 +15,10 @@ pub mod engine;
 mod handlers;
 pub mod routes;
 
-use std::sync::Mutex;
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
 
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -99,6 +102,68 @@ pub fn enforce(state: &AppState, query: &Query) -> ApiResult<Decision> {
     Err(ApiError::forbidden(decision.reason.clone(), format!("Denied by policy ({}).", decision.reason)))
 }
 
+/// [`enforce`] for the policy layer: the decision is the cache's own (no copy is made for a permit
+/// counted on an open row of the log), and only the answer is returned.
+pub fn enforce_shared(state: &AppState, query: &Query) -> ApiResult<()> {
+    let decision =
+        state.policy().evaluate_shared(query).map_err(|e| ApiError::Internal(anyhow::anyhow!("policy: {e}")))?;
+    log_shared(state, query, &decision);
+    if decision.permitted() {
+        return Ok(());
+    }
+    if decision.hide {
+        return Err(ApiError::NotFound);
+    }
+    Err(ApiError::forbidden(decision.reason.clone(), format!("Denied by policy ({}).", decision.reason)))
+}
+
+/// What a memoized query was built for, besides its principal: the route's declaration (by
+/// address: they are `'static`), the actor type, the organization the request acts in, and
+/// whether the caller is past a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MemoKey {
+    rule: usize,
+    actor_type: ActorType,
+    org_id: Option<Uuid>,
+    budget_exceeded: bool,
+}
+
+/// The policy layer's queries for one principal (kept in [`crate::auth::Principal`]), so that a
+/// request on a route whose query does not depend on its path finds it built. Bounded: past
+/// [`QueryMemo::MAX`] queries, the rest are built on each request. A clone starts empty.
+#[derive(Debug, Default)]
+pub struct QueryMemo(Mutex<Vec<(MemoKey, Arc<Query>)>>);
+
+impl Clone for QueryMemo {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl QueryMemo {
+    const MAX: usize = 32;
+
+    fn get_or_build(
+        &self,
+        key: MemoKey,
+        build: impl FnOnce() -> ApiResult<Option<Query>>,
+    ) -> ApiResult<Option<Arc<Query>>> {
+        let found = {
+            let memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            memo.iter().find(|(k, _)| *k == key).map(|(_, q)| q.clone())
+        };
+        if let Some(q) = found {
+            return Ok(Some(q));
+        }
+        let Some(q) = build()?.map(Arc::new) else { return Ok(None) };
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.len() < Self::MAX && !memo.iter().any(|(k, _)| *k == key) {
+            memo.push((key, q.clone()));
+        }
+        Ok(Some(q))
+    }
+}
+
 /// The PEP helper for handlers: may `actor` do `action` on this (loaded) resource?
 pub fn require(
     state: &AppState,
@@ -126,24 +191,68 @@ pub struct LoggedDecision {
 }
 
 /// Queues a decision for the log; never blocks, never fails the request (a full queue drops the
-/// entry and counts it).
+/// entry and counts it). A permit repeating one whose row is open (see [`DecisionLog`]) is only
+/// counted on that row: nothing is built or queued for it. The row carries the decision's id.
 pub fn log_decision(state: &AppState, q: &Query, d: &Decision) {
+    log_with(state, q, d, || d.decision_id);
+}
+
+/// [`log_decision`] for a decision shared with the cache: a row it needs gets an id of its own.
+fn log_shared(state: &AppState, q: &Query, d: &Decision) {
+    log_with(state, q, d, Uuid::now_v7);
+}
+
+fn log_with(state: &AppState, q: &Query, d: &Decision, decision_id: impl FnOnce() -> Uuid) {
     let rate = state.config().policy.permit_sample_rate;
     if d.permitted() && rate < 1.0 && rand::random::<f64>() >= rate {
         return;
     }
+    let log = state.decision_log();
+    if log.stopped.load(Ordering::Acquire) {
+        metrics::counter!("decision_log_dropped_total").increment(1);
+        return;
+    }
+    let at = OffsetDateTime::now_utc();
+    let key = d.permitted().then(|| KeyRef {
+        org_id: q.resource.org_id(),
+        actor_id: &q.actor_id,
+        action: &q.action,
+        resource_type: q.resource.type_name(),
+        resource_id: &q.resource_id,
+        reason: &d.reason,
+        policy_version: &d.policy_version,
+        determining_policies: &d.determining_policies,
+    });
+    let hash = key.as_ref().map(|k| log.folds.hash(k));
+    if let (Some(k), Some(h)) = (&key, hash) {
+        match log.folds.count(k, h, at, &log.stopped) {
+            Counted::Folded => return,
+            Counted::Stopped => {
+                metrics::counter!("decision_log_dropped_total").increment(1);
+                return;
+            }
+            Counted::New => {}
+        }
+    }
+    let decision = Decision { decision_id: decision_id(), ..d.clone() };
+    let id = decision.decision_id;
     let entry = LoggedDecision {
-        decision: d.clone(),
+        decision,
         org_id: q.resource.org_id(),
         request_id: crate::http::request_id::current_request_id(),
         actor_id: q.actor_id.clone(),
         action: q.action.clone(),
         resource_type: q.resource.type_name(),
         resource_id: q.resource_id.clone(),
-        at: OffsetDateTime::now_utc(),
+        at,
     };
-    if state.decision_log().queue.try_send(entry).is_err() {
+    if log.queue.try_send(entry).is_err() {
         metrics::counter!("decision_log_dropped_total").increment(1);
+        return;
+    }
+    // Opened only once its row is queued: a count is never written before the row it counts on.
+    if let (Some(k), Some(h)) = (key, hash) {
+        log.folds.open(&k, h, id, at);
     }
 }
 
@@ -153,16 +262,17 @@ pub fn log_decision(state: &AppState, q: &Query, d: &Decision) {
 /// Repeated permits are folded: a permit identical to one written less than `fold` ago (same
 /// organization, actor, action, resource, reason, policy version and determining policies) is
 /// counted on that row instead of being a row of its own, so that the log's write volume grows
-/// with the number of distinct decisions, not of requests. The count is written when the window
-/// ends, when the writer stops, and when more distinct permits are open than `fold_keys`.
-/// Denies are always a row each.
+/// with the number of distinct decisions, not of requests. The request that makes the permit
+/// counts it (a hash, a shard's lock and a comparison: no allocation, nothing queued); the writer
+/// writes the count when the window ends and when it stops. At most `fold_keys` rows are open at
+/// once; a permit beyond that is a row of its own until windows end. Denies are always a row each.
 pub struct DecisionLog {
     queue: mpsc::Sender<LoggedDecision>,
     rx: Mutex<Option<mpsc::Receiver<LoggedDecision>>>,
     stop: watch::Sender<bool>,
+    stopped: AtomicBool,
     batch: usize,
-    fold: std::time::Duration,
-    fold_keys: usize,
+    folds: Arc<Folds>,
 }
 
 impl DecisionLog {
@@ -172,62 +282,96 @@ impl DecisionLog {
             queue,
             rx: Mutex::new(Some(rx)),
             stop: watch::channel(false).0,
+            stopped: AtomicBool::new(false),
             batch: batch.max(1),
-            fold,
-            fold_keys: fold_keys.max(1),
+            folds: Arc::new(Folds::new(fold, fold_keys)),
         }
     }
 
     /// Starts the writer (once per process; later calls return `None`).
     pub fn spawn_writer(&self, db: sqlx::PgPool) -> Option<tokio::task::JoinHandle<()>> {
         let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        let folds = Folds::new(self.fold, self.fold_keys);
+        let folds = self.folds.clone();
         Some(tokio::spawn(run_decision_writer(db, rx, self.batch, folds, self.stop.subscribe())))
     }
 
     /// Asks the writer to write what is queued and stop; decisions made after this are dropped
     /// (and counted).
     pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
         let _ = self.stop.send(true);
     }
 }
 
-/// What makes two permits the same decision for the log.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// What makes two permits the same decision for the log, borrowed from the query and decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct KeyRef<'a> {
+    org_id: Option<Uuid>,
+    actor_id: &'a str,
+    action: &'a str,
+    resource_type: &'static str,
+    resource_id: &'a str,
+    reason: &'a str,
+    policy_version: &'a str,
+    determining_policies: &'a [String],
+}
+
+/// The same, owned by an open fold.
+#[derive(Debug)]
 struct FoldKey {
     org_id: Option<Uuid>,
-    actor_id: String,
-    action: String,
+    actor_id: Box<str>,
+    action: Box<str>,
     resource_type: &'static str,
-    resource_id: String,
-    reason: String,
-    policy_version: String,
-    determining_policies: Vec<String>,
+    resource_id: Box<str>,
+    reason: Box<str>,
+    policy_version: Box<str>,
+    determining_policies: Box<[String]>,
 }
 
 impl FoldKey {
-    fn of(e: &LoggedDecision) -> Self {
+    fn of(k: &KeyRef<'_>) -> Self {
         Self {
-            org_id: e.org_id,
-            actor_id: e.actor_id.clone(),
-            action: e.action.clone(),
-            resource_type: e.resource_type,
-            resource_id: e.resource_id.clone(),
-            reason: e.decision.reason.clone(),
-            policy_version: e.decision.policy_version.clone(),
-            determining_policies: e.decision.determining_policies.clone(),
+            org_id: k.org_id,
+            actor_id: k.actor_id.into(),
+            action: k.action.into(),
+            resource_type: k.resource_type,
+            resource_id: k.resource_id.into(),
+            reason: k.reason.into(),
+            policy_version: k.policy_version.into(),
+            determining_policies: k.determining_policies.into(),
+        }
+    }
+
+    fn as_ref(&self) -> KeyRef<'_> {
+        KeyRef {
+            org_id: self.org_id,
+            actor_id: &self.actor_id,
+            action: &self.action,
+            resource_type: self.resource_type,
+            resource_id: &self.resource_id,
+            reason: &self.reason,
+            policy_version: &self.policy_version,
+            determining_policies: &self.determining_policies,
         }
     }
 }
 
 /// An open fold: the row that stands for a permit's repeats within its window.
-#[derive(Debug, Clone, Copy)]
-struct Folded {
+#[derive(Debug)]
+struct Open {
+    key: FoldKey,
     decision_id: Uuid,
     window_end: OffsetDateTime,
     count: i64,
-    written_count: i64,
     last_at: OffsetDateTime,
+}
+
+impl Open {
+    /// The row's count, when there is more to write than its insert did.
+    fn recount(&self) -> Option<Recount> {
+        (self.count > 1).then_some(Recount { decision_id: self.decision_id, count: self.count, last_at: self.last_at })
+    }
 }
 
 /// A row's new count, to be written.
@@ -238,86 +382,133 @@ struct Recount {
     last_at: OffsetDateTime,
 }
 
-impl Folded {
-    fn recount(&mut self) -> Option<Recount> {
-        if self.count == self.written_count {
-            return None;
-        }
-        self.written_count = self.count;
-        Some(Recount { decision_id: self.decision_id, count: self.count, last_at: self.last_at })
-    }
+/// What [`Folds::count`] did with a permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// Counted on an open row.
+    Folded,
+    /// No open row for it: it is a row of its own.
+    New,
+    /// The log is stopping: dropped.
+    Stopped,
 }
 
-/// The writer's open folds.
+const FOLD_SHARDS: usize = 16;
+
+/// Permits counted on an open row; its handle taken once, not looked up per permit.
+static FOLDED: std::sync::LazyLock<metrics::Counter> =
+    std::sync::LazyLock::new(|| metrics::counter!("decision_log_folded_total"));
+
+#[derive(Default)]
+struct FoldShard {
+    /// By the key's hash; a different key with the same hash replaces it (its count is kept).
+    open: std::collections::HashMap<u64, Open>,
+    /// The earliest window end among `open`, so that a sweep skips shards with nothing ended.
+    earliest: Option<OffsetDateTime>,
+}
+
+/// The open folds, shared by the requests that count into them and the writer that writes their
+/// counts.
 struct Folds {
     window: time::Duration,
     max_keys: usize,
-    open: std::collections::HashMap<FoldKey, Folded>,
+    keys: AtomicUsize,
+    hasher: std::hash::RandomState,
+    shards: Box<[Mutex<FoldShard>]>,
+    /// Folds replaced before their window ended, whose counts the writer has yet to write.
+    closed: Mutex<Vec<Recount>>,
 }
 
 impl Folds {
     fn new(window: std::time::Duration, max_keys: usize) -> Self {
         Self {
             window: time::Duration::try_from(window).unwrap_or(time::Duration::ZERO),
-            max_keys,
-            open: std::collections::HashMap::new(),
+            max_keys: max_keys.max(1),
+            keys: AtomicUsize::new(0),
+            hasher: std::hash::RandomState::new(),
+            shards: (0..FOLD_SHARDS).map(|_| Mutex::default()).collect(),
+            closed: Mutex::default(),
         }
     }
 
-    /// Splits a batch into the decisions to insert (in order) and the counts of rows that closed;
-    /// repeats of an open permit only count.
-    fn take(&mut self, batch: &mut Vec<LoggedDecision>, recounts: &mut Vec<Recount>) -> Vec<LoggedDecision> {
+    fn hash(&self, k: &KeyRef<'_>) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(k)
+    }
+
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, FoldShard> {
+        self.shards[(hash >> 56) as usize % FOLD_SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a permit on its open row, if it has one whose window holds `at`.
+    fn count(&self, k: &KeyRef<'_>, hash: u64, at: OffsetDateTime, stopped: &AtomicBool) -> Counted {
         if self.window.is_zero() {
-            return std::mem::take(batch);
+            return Counted::New;
         }
-        let mut rows = Vec::with_capacity(batch.len());
-        for e in batch.drain(..) {
-            if !e.decision.permitted() {
-                rows.push(e);
-                continue;
-            }
-            let key = FoldKey::of(&e);
-            if let Some(f) = self.open.get_mut(&key)
-                && e.at < f.window_end
-            {
-                f.count += 1;
-                f.last_at = f.last_at.max(e.at);
-                metrics::counter!("decision_log_folded_total").increment(1);
-                continue;
-            }
-            if self.open.len() >= self.max_keys && !self.open.contains_key(&key) {
-                // Too many distinct permits open: close them all (their counts are written) and
-                // start again, so that memory stays bounded and nothing is lost.
-                self.close_all(recounts);
-            }
-            let fresh = Folded {
-                decision_id: e.decision.decision_id,
-                window_end: e.at + self.window,
-                count: 1,
-                written_count: 1,
-                last_at: e.at,
-            };
-            if let Some(mut old) = self.open.insert(key, fresh) {
-                recounts.extend(old.recount());
-            }
-            rows.push(e);
+        let mut shard = self.shard(hash);
+        // Read under the lock the writer's last sweep takes: a count made after it is refused.
+        if stopped.load(Ordering::Acquire) {
+            return Counted::Stopped;
         }
-        rows
+        match shard.open.get_mut(&hash) {
+            Some(o) if at < o.window_end && o.key.as_ref() == *k => {
+                o.count += 1;
+                o.last_at = o.last_at.max(at);
+                FOLDED.increment(1);
+                Counted::Folded
+            }
+            _ => Counted::New,
+        }
     }
 
-    /// Closes the folds whose window ended before `now`.
-    fn close_ended(&mut self, now: OffsetDateTime, recounts: &mut Vec<Recount>) {
-        self.open.retain(|_, f| {
-            if f.window_end > now {
-                return true;
+    /// Opens a fold on a permit's queued row (replacing an ended or colliding one, whose count is
+    /// kept for the writer). Beyond `max_keys` open folds, nothing is opened.
+    fn open(&self, k: &KeyRef<'_>, hash: u64, decision_id: Uuid, at: OffsetDateTime) {
+        if self.window.is_zero() {
+            return;
+        }
+        let mut shard = self.shard(hash);
+        let replacing = shard.open.contains_key(&hash);
+        if !replacing && self.keys.load(Ordering::Relaxed) >= self.max_keys {
+            return;
+        }
+        let window_end = at + self.window;
+        let fresh = Open { key: FoldKey::of(k), decision_id, window_end, count: 1, last_at: at };
+        match shard.open.insert(hash, fresh) {
+            Some(old) => {
+                if let Some(r) = old.recount() {
+                    self.closed.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+                }
             }
-            recounts.extend(f.recount());
-            false
-        });
+            None => {
+                self.keys.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        shard.earliest = Some(shard.earliest.map_or(window_end, |e| e.min(window_end)));
     }
 
-    fn close_all(&mut self, recounts: &mut Vec<Recount>) {
-        recounts.extend(self.open.drain().filter_map(|(_, mut f)| f.recount()));
+    /// Closes the folds whose window ended by `now` (all of them with `all`), and takes the
+    /// counts of those replaced meanwhile.
+    fn close(&self, now: OffsetDateTime, all: bool, recounts: &mut Vec<Recount>) {
+        recounts.append(&mut self.closed.lock().unwrap_or_else(|e| e.into_inner()));
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            if !all && shard.earliest.is_none_or(|e| e > now) {
+                continue;
+            }
+            let before = shard.open.len();
+            let mut earliest = None::<OffsetDateTime>;
+            shard.open.retain(|_, o| {
+                if !all && o.window_end > now {
+                    earliest = Some(earliest.map_or(o.window_end, |e| e.min(o.window_end)));
+                    return true;
+                }
+                recounts.extend(o.recount());
+                false
+            });
+            shard.earliest = earliest;
+            self.keys.fetch_sub(before - shard.open.len(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -331,7 +522,7 @@ async fn run_decision_writer(
     db: sqlx::PgPool,
     mut rx: mpsc::Receiver<LoggedDecision>,
     batch: usize,
-    mut folds: Folds,
+    folds: Arc<Folds>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut buf = Vec::with_capacity(batch);
@@ -343,6 +534,9 @@ async fn run_decision_writer(
             _ = tick.tick() => {}
             _ = stop.changed() => break,
         }
+        // The counts due are taken before the queue is drained: a fold opens only after its row
+        // is queued, so every row these counts are written on is inserted first.
+        folds.close(OffsetDateTime::now_utc(), false, &mut recounts);
         // Everything queued now, a batch at a time.
         loop {
             while buf.len() < batch {
@@ -357,23 +551,21 @@ async fn run_decision_writer(
                 break;
             }
             let full = buf.len() == batch;
-            let mut rows = folds.take(&mut buf, &mut recounts);
-            write_decisions(&db, &mut rows).await;
+            write_decisions(&db, &mut buf).await;
             if !full {
                 break;
             }
         }
-        folds.close_ended(OffsetDateTime::now_utc(), &mut recounts);
         if !recounts.is_empty() {
             write_recounts(&db, &mut recounts).await;
         }
     }
+    // Stopping: no count is made from here on (see `Folds::count`), so this sweep takes them all.
+    folds.close(OffsetDateTime::now_utc(), true, &mut recounts);
     rx.close();
     while rx.recv_many(&mut buf, batch).await > 0 {
-        let mut rows = folds.take(&mut buf, &mut recounts);
-        write_decisions(&db, &mut rows).await;
+        write_decisions(&db, &mut buf).await;
     }
-    folds.close_all(&mut recounts);
     write_recounts(&db, &mut recounts).await;
 }
 
@@ -546,88 +738,98 @@ pub fn listener() -> crate::cache::invalidation::Listener {
 mod tests {
     use super::*;
 
-    fn logged(effect: &'static str, resource_id: &str, at: OffsetDateTime) -> LoggedDecision {
-        LoggedDecision {
-            decision: Decision {
-                effect,
-                reason: "r".into(),
-                decision_id: Uuid::now_v7(),
-                policy_version: "baseline:x".into(),
-                determining_policies: vec!["p".into()],
-                hide: false,
-            },
+    fn key(resource_id: &str) -> KeyRef<'_> {
+        KeyRef {
             org_id: None,
-            request_id: None,
-            actor_id: "user:1".into(),
-            action: "read".into(),
+            actor_id: "user:1",
+            action: "read",
             resource_type: "Agent",
-            resource_id: resource_id.into(),
-            at,
+            resource_id,
+            reason: "r",
+            policy_version: "baseline:x",
+            determining_policies: &[],
+        }
+    }
+
+    /// Counts a permit of `resource_id` at `at`, opening its row when it is new; the row's id when
+    /// it was new.
+    fn permit(folds: &Folds, resource_id: &str, at: OffsetDateTime) -> Option<Uuid> {
+        let k = key(resource_id);
+        let h = folds.hash(&k);
+        match folds.count(&k, h, at, &AtomicBool::new(false)) {
+            Counted::Folded => None,
+            Counted::New => {
+                let id = Uuid::now_v7();
+                folds.open(&k, h, id, at);
+                Some(id)
+            }
+            Counted::Stopped => panic!("not stopping"),
         }
     }
 
     #[test]
-    fn repeated_permits_fold_into_the_first_row_and_denies_never_do() {
+    fn repeated_permits_fold_into_the_first_row() {
         let t0 = OffsetDateTime::now_utc();
-        let mut folds = Folds::new(std::time::Duration::from_secs(10), 100);
+        let folds = Folds::new(std::time::Duration::from_secs(10), 100);
+        let rows: Vec<Uuid> = (0..5).filter_map(|i| permit(&folds, "a", t0 + time::Duration::seconds(i))).collect();
+        assert_eq!(rows.len(), 1, "one row for a's five permits");
+        assert!(permit(&folds, "b", t0).is_some(), "another resource is another row");
         let mut recounts = Vec::new();
-        let mut batch: Vec<_> = (0..5).map(|i| logged("permit", "a", t0 + time::Duration::seconds(i))).collect();
-        let first = batch[0].decision.decision_id;
-        batch.push(logged("permit", "b", t0));
-        batch.extend((0..3).map(|_| logged("deny", "a", t0)));
-        let rows = folds.take(&mut batch, &mut recounts);
-        assert_eq!(rows.len(), 1 + 1 + 3, "one row for a's permits, one for b's, each deny");
-        assert_eq!(rows[0].decision.decision_id, first);
+        folds.close(t0 + time::Duration::seconds(9), false, &mut recounts);
         assert!(recounts.is_empty(), "nothing is written before the window ends");
         // Past the window: a's row gets its count, b's (never repeated) needs nothing.
-        folds.close_ended(t0 + time::Duration::seconds(11), &mut recounts);
-        assert_eq!(recounts, vec![Recount { decision_id: first, count: 5, last_at: t0 + time::Duration::seconds(4) }]);
-        assert!(folds.open.is_empty());
+        folds.close(t0 + time::Duration::seconds(11), false, &mut recounts);
+        assert_eq!(
+            recounts,
+            vec![Recount { decision_id: rows[0], count: 5, last_at: t0 + time::Duration::seconds(4) }]
+        );
+        assert_eq!(folds.keys.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn a_permit_after_its_window_is_a_new_row_and_the_old_count_is_kept() {
         let t0 = OffsetDateTime::now_utc();
-        let mut folds = Folds::new(std::time::Duration::from_secs(10), 100);
+        let folds = Folds::new(std::time::Duration::from_secs(10), 100);
+        let first = permit(&folds, "a", t0).unwrap();
+        assert!(permit(&folds, "a", t0).is_none());
+        assert!(permit(&folds, "a", t0 + time::Duration::seconds(10)).is_some(), "the window ended");
         let mut recounts = Vec::new();
-        let mut batch = vec![
-            logged("permit", "a", t0),
-            logged("permit", "a", t0),
-            logged("permit", "a", t0 + time::Duration::seconds(10)),
-        ];
-        let first = batch[0].decision.decision_id;
-        let rows = folds.take(&mut batch, &mut recounts);
-        assert_eq!(rows.len(), 2);
+        folds.close(t0, false, &mut recounts);
         assert_eq!(recounts, vec![Recount { decision_id: first, count: 2, last_at: t0 }]);
-        // Written once: a count already written is not written again.
+        // The new row was never repeated: nothing more to write.
         recounts.clear();
-        folds.close_all(&mut recounts);
+        folds.close(t0, true, &mut recounts);
         assert!(recounts.is_empty(), "{recounts:?}");
     }
 
     #[test]
-    fn too_many_open_permits_close_them_all_and_lose_no_count() {
+    fn beyond_the_open_folds_allowed_a_permit_is_a_row_and_no_count_is_lost() {
         let t0 = OffsetDateTime::now_utc();
-        let mut folds = Folds::new(std::time::Duration::from_secs(10), 2);
+        let folds = Folds::new(std::time::Duration::from_secs(10), 2);
+        let rows = ["a", "a", "b", "b", "c", "c"].iter().filter(|r| permit(&folds, r, t0).is_some()).count();
+        assert_eq!(rows, 1 + 1 + 2, "c's permits are rows of their own while a and b are open");
         let mut recounts = Vec::new();
-        let mut batch: Vec<_> = ["a", "a", "b", "b", "c", "c"].iter().map(|r| logged("permit", r, t0)).collect();
-        let rows = folds.take(&mut batch, &mut recounts);
-        assert_eq!(rows.len(), 3);
-        let mut counted: Vec<i64> = recounts.iter().map(|r| r.count).collect();
-        counted.sort();
-        assert_eq!(counted, vec![2, 2], "a's and b's counts written when c arrived");
-        assert_eq!(folds.open.len(), 1);
-        folds.close_all(&mut recounts);
-        assert_eq!(recounts.iter().map(|r| r.count).sum::<i64>(), 6);
+        folds.close(t0, true, &mut recounts);
+        assert_eq!(recounts.iter().map(|r| r.count).sum::<i64>() + 2, 6, "{recounts:?}");
+        assert_eq!(folds.keys.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn no_window_means_a_row_per_permit() {
         let t0 = OffsetDateTime::now_utc();
-        let mut folds = Folds::new(std::time::Duration::ZERO, 100);
+        let folds = Folds::new(std::time::Duration::ZERO, 100);
+        assert_eq!((0..4).filter(|_| permit(&folds, "a", t0).is_some()).count(), 4);
         let mut recounts = Vec::new();
-        let mut batch: Vec<_> = (0..4).map(|_| logged("permit", "a", t0)).collect();
-        assert_eq!(folds.take(&mut batch, &mut recounts).len(), 4);
+        folds.close(t0, true, &mut recounts);
         assert!(recounts.is_empty());
+    }
+
+    #[test]
+    fn a_stopping_log_counts_nothing_more() {
+        let t0 = OffsetDateTime::now_utc();
+        let folds = Folds::new(std::time::Duration::from_secs(10), 100);
+        permit(&folds, "a", t0).unwrap();
+        let k = key("a");
+        assert_eq!(folds.count(&k, folds.hash(&k), t0, &AtomicBool::new(true)), Counted::Stopped);
     }
 }

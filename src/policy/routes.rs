@@ -6,6 +6,8 @@
 //! the handler with [`super::require`] once it has loaded the resource (an agent's owner, an API
 //! key's creator). A test walks the router and fails on any protected route missing here.
 
+use std::sync::Arc;
+
 use axum::{
     extract::{MatchedPath, Request, State},
     http::{HeaderValue, Method, StatusCode, header},
@@ -14,7 +16,7 @@ use axum::{
 };
 use uuid::Uuid;
 
-use super::{Resource, enforce, query_for};
+use super::{Resource, enforce_shared, query_for};
 use crate::{
     auth::{Actor, is_public},
     http::ApiError,
@@ -371,6 +373,21 @@ pub fn query_for_request(rule: &Rule, uri_path: &str, actor: &Actor) -> Result<O
     Ok(Some(query_for(actor, rule.action, resource, id, rule.scope)))
 }
 
+/// [`query_for_request`], built once per principal for the routes whose query does not depend on
+/// the path (all but `/api/v1/organizations/{id}/...` and `/api/v1/agents/{id}/...`).
+fn memoized_query(rule: &'static Rule, uri_path: &str, actor: &Actor) -> Result<Option<Arc<super::Query>>, ApiError> {
+    if rule.path.starts_with("/api/v1/organizations/{id}") || rule.path.starts_with("/api/v1/agents/{id}") {
+        return query_for_request(rule, uri_path, actor).map(|q| q.map(Arc::new));
+    }
+    let key = super::MemoKey {
+        rule: rule as *const Rule as usize,
+        actor_type: actor.actor_type,
+        org_id: actor.org_id,
+        budget_exceeded: budget_exceeded_for_current_request(),
+    };
+    actor.principal.queries.get_or_build(key, || query_for_request(rule, uri_path, actor))
+}
+
 /// An agent never learns whether another agent exists: a refusal on another agent's record (in
 /// its own organization or any other, where the layer cannot tell them apart) is 404, as for an
 /// id that exists nowhere. The list of agents stays a 403.
@@ -395,8 +412,8 @@ async fn decide(state: AppState, req: Request, next: Next, rule: &'static Rule, 
             }
         }
         Check::Loaded(_) => Ok(()),
-        Check::Org(_) => match query_for_request(rule, req.uri().path(), &actor) {
-            Ok(Some(query)) => enforce(&state, &query).map(|_| ()).map_err(|e| hide_other_agents(&query, &actor, e)),
+        Check::Org(_) => match memoized_query(rule, req.uri().path(), &actor) {
+            Ok(Some(query)) => enforce_shared(&state, &query).map_err(|e| hide_other_agents(&query, &actor, e)),
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         },
