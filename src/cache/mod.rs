@@ -8,10 +8,14 @@ pub mod invalidation;
 
 use std::{
     collections::{HashMap, VecDeque},
-    hash::{BuildHasher, Hash, RandomState},
+    hash::{BuildHasher, Hash},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
+
+/// Keyed per cache with a random seed (the hash hashbrown uses by default): these maps sit on
+/// every request's path, and SipHash was a visible share of it.
+type RandomState = foldhash::fast::RandomState;
 
 /// A bounded TTL cache. A zero TTL (configuration that turns caching off) keeps nothing.
 ///
@@ -107,7 +111,7 @@ where
             // Enough shards to keep locks uncontended, few enough that each holds a useful share.
             let shards = (max / 64).clamp(1, 64).next_power_of_two().min(64);
             let capacity = max.div_ceil(shards);
-            let hasher = RandomState::new();
+            let hasher = RandomState::default();
             Shards {
                 shards: (0..shards)
                     .map(|_| {
