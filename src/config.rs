@@ -215,7 +215,7 @@ pub struct PolicyConfig {
     /// Identical permits within this many seconds are one row of the decision log, with their
     /// count (0: every logged permit is a row).
     pub permit_fold_secs: u64,
-    /// Distinct permits the writer keeps open at most (more closes them all: counts written).
+    /// Distinct permits held open at most; beyond that a permit is a row of its own until windows end.
     pub permit_fold_keys: usize,
 }
 

@@ -245,6 +245,13 @@ impl From<sqlx::Error> for ApiError {
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed => Self::Unavailable(e.to_string()),
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("57P01") => Self::Unavailable(e.to_string()),
+            // Text Postgres cannot store (U+0000 in `text`, or `\u0000` in `jsonb`): the client's
+            // input, refused before anything is written (the statement fails as a whole).
+            sqlx::Error::Database(ref db) if matches!(db.code().as_deref(), Some("22021" | "22P05")) => Self::Status {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "invalid_text",
+                detail: "Text must not contain the NUL character (U+0000).".into(),
+            },
             other => Self::Internal(other.into()),
         }
     }

@@ -741,6 +741,23 @@ async fn bad_input_is_4xx_problem_json() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
         ),
+        // Postgres cannot store U+0000 in text: a 422, never a 500 from the insert.
+        (
+            Method::POST,
+            "/api/v1/agents".into(),
+            None,
+            Some(json!({ "name": "a\u{0}b", "description": "\u{0}" })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_text",
+        ),
+        (
+            Method::POST,
+            "/api/v1/organizations".into(),
+            None,
+            Some(json!({ "name": "nul\u{0}org" })),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_text",
+        ),
         (Method::GET, "/api/v1/audit?limit=abc".into(), None, None, StatusCode::BAD_REQUEST, "invalid_query"),
         (Method::GET, "/api/v1/audit?limit=100000".into(), None, None, StatusCode::BAD_REQUEST, "invalid_query"),
         (Method::GET, "/api/v1/audit?since=yesterday".into(), None, None, StatusCode::BAD_REQUEST, "invalid_query"),
