@@ -89,22 +89,9 @@ pub fn query_for(actor: &Actor, action: &str, resource: Resource, resource_id: S
 
 /// Decides, logs the decision, and turns a deny into the API's answer: 404 when the decision hides
 /// the resource (its organization is not the caller's: its existence must not leak), else 403
-/// with the reason.
-pub fn enforce(state: &AppState, query: &Query) -> ApiResult<Decision> {
-    let decision = state.policy().evaluate(query).map_err(|e| ApiError::Internal(anyhow::anyhow!("policy: {e}")))?;
-    log_decision(state, query, &decision);
-    if decision.permitted() {
-        return Ok(decision);
-    }
-    if decision.hide {
-        return Err(ApiError::NotFound);
-    }
-    Err(ApiError::forbidden(decision.reason.clone(), format!("Denied by policy ({}).", decision.reason)))
-}
-
-/// [`enforce`] for the policy layer: the decision is the cache's own (no copy is made for a permit
-/// counted on an open row of the log), and only the answer is returned.
-pub fn enforce_shared(state: &AppState, query: &Query) -> ApiResult<()> {
+/// with the reason. The decision is the cache's own: no copy is made, and a permit counted on an
+/// open row of the log builds nothing.
+pub fn enforce(state: &AppState, query: &Query) -> ApiResult<()> {
     let decision =
         state.policy().evaluate_shared(query).map_err(|e| ApiError::Internal(anyhow::anyhow!("policy: {e}")))?;
     log_shared(state, query, &decision);
@@ -174,7 +161,7 @@ pub fn require(
 ) -> ApiResult<()> {
     let scope = routes::scope_for_current_request().unwrap_or_default();
     let query = query_for(actor, action, resource, resource_id.to_string(), &scope);
-    enforce(state, &query).map(|_| ())
+    enforce(state, &query)
 }
 
 /// One decision as written to the decision log.
@@ -765,6 +752,45 @@ mod tests {
             }
             Counted::Stopped => panic!("not stopping"),
         }
+    }
+
+    fn memo_key(org: u128, budget_exceeded: bool) -> MemoKey {
+        MemoKey { rule: 1, actor_type: ActorType::Agent, org_id: Some(Uuid::from_u128(org)), budget_exceeded }
+    }
+
+    fn built(id: &str) -> ApiResult<Option<Query>> {
+        Ok(Some(Query {
+            actor_id: id.into(),
+            actor_type: "agent".into(),
+            system_admin: false,
+            org_role: "agent".into(),
+            scopes: None,
+            required_scope: String::new(),
+            action: "read".into(),
+            resource: Resource::Platform,
+            resource_id: "platform".into(),
+            budget_exceeded: false,
+            validate: false,
+        }))
+    }
+
+    #[test]
+    fn a_memoized_query_is_reused_only_for_its_own_key_and_the_memo_is_bounded() {
+        let memo = QueryMemo::default();
+        let first = memo.get_or_build(memo_key(1, false), || built("a")).unwrap().unwrap();
+        let again = memo.get_or_build(memo_key(1, false), || panic!("built twice")).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        // Another organization, or the budget state changing, is another query.
+        let other_org = memo.get_or_build(memo_key(2, false), || built("b")).unwrap().unwrap();
+        let over_budget = memo.get_or_build(memo_key(1, true), || built("c")).unwrap().unwrap();
+        assert_eq!((other_org.actor_id.as_str(), over_budget.actor_id.as_str()), ("b", "c"));
+        // A refusal is not kept: the next request builds (and may refuse) again.
+        assert!(memo.get_or_build(memo_key(3, false), || Err(ApiError::NotFound)).is_err());
+        assert_eq!(memo.get_or_build(memo_key(3, false), || built("d")).unwrap().unwrap().actor_id, "d");
+        for i in 10..100 {
+            memo.get_or_build(memo_key(i, false), || built("x")).unwrap();
+        }
+        assert_eq!(memo.0.lock().unwrap().len(), QueryMemo::MAX);
     }
 
     #[test]

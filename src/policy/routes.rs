@@ -16,7 +16,7 @@ use axum::{
 };
 use uuid::Uuid;
 
-use super::{Resource, enforce_shared, query_for};
+use super::{Resource, enforce, query_for};
 use crate::{
     auth::{Actor, is_public},
     http::ApiError,
@@ -299,10 +299,14 @@ pub fn scope_for_current_request() -> Option<String> {
     SCOPE.try_with(|s| s.clone()).ok()
 }
 
+/// The routes whose query reads the request's path: the organization of one, the agent of the other.
+const ORG_PATHS: &str = "/api/v1/organizations/{id}";
+const AGENT_PATHS: &str = "/api/v1/agents/{id}";
+
 /// The organization a route acts in: the `{id}` of `/api/v1/organizations/{id}/...`, else the
 /// request's organization.
 fn org_of(rule: &Rule, uri_path: &str, actor: &Actor) -> Result<Option<Uuid>, ApiError> {
-    if rule.path.starts_with("/api/v1/organizations/{id}") {
+    if rule.path.starts_with(ORG_PATHS) {
         let id = uri_path.split('/').nth(4).unwrap_or_default();
         return id.parse().map(Some).map_err(|_| ApiError::NotFound);
     }
@@ -313,7 +317,7 @@ fn org_of(rule: &Rule, uri_path: &str, actor: &Actor) -> Result<Option<Uuid>, Ap
 /// `agent:<id>`, an agent's actor id, so that policies can tell an agent's own record), else the
 /// organization (or the platform).
 fn resource_id(rule: &Rule, uri_path: &str, resource: &Resource) -> String {
-    if rule.path.starts_with("/api/v1/agents/{id}") {
+    if rule.path.starts_with(AGENT_PATHS) {
         return format!("agent:{}", uri_path.split('/').nth(4).unwrap_or_default());
     }
     resource.org_id().map(|o| o.to_string()).unwrap_or_else(|| "platform".into())
@@ -376,7 +380,7 @@ pub fn query_for_request(rule: &Rule, uri_path: &str, actor: &Actor) -> Result<O
 /// [`query_for_request`], built once per principal for the routes whose query does not depend on
 /// the path (all but `/api/v1/organizations/{id}/...` and `/api/v1/agents/{id}/...`).
 fn memoized_query(rule: &'static Rule, uri_path: &str, actor: &Actor) -> Result<Option<Arc<super::Query>>, ApiError> {
-    if rule.path.starts_with("/api/v1/organizations/{id}") || rule.path.starts_with("/api/v1/agents/{id}") {
+    if rule.path.starts_with(ORG_PATHS) || rule.path.starts_with(AGENT_PATHS) {
         return query_for_request(rule, uri_path, actor).map(|q| q.map(Arc::new));
     }
     let key = super::MemoKey {
@@ -413,7 +417,7 @@ async fn decide(state: AppState, req: Request, next: Next, rule: &'static Rule, 
         }
         Check::Loaded(_) => Ok(()),
         Check::Org(_) => match memoized_query(rule, req.uri().path(), &actor) {
-            Ok(Some(query)) => enforce_shared(&state, &query).map_err(|e| hide_other_agents(&query, &actor, e)),
+            Ok(Some(query)) => enforce(&state, &query).map_err(|e| hide_other_agents(&query, &actor, e)),
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         },
