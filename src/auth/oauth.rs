@@ -125,6 +125,9 @@ pub(super) fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Form, OAuth
         if k.len() > 64 || v.len() > 8192 {
             return Err(OAuthError::invalid_request("A parameter is too long."));
         }
+        if k.contains('\0') || v.contains('\0') {
+            return Err(OAuthError::invalid_request("A parameter contains the NUL character (U+0000)."));
+        }
         if k == "resource" {
             resources.push(v);
             continue;

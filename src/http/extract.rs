@@ -49,6 +49,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 /// is a 422; only text that is not JSON at all is a 400. A body that parses is parsed once, without
 /// tracking paths; only a failing one is parsed again to find the path.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if escapes_nul(bytes) {
+        return Err(ApiError::Status {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_body",
+            detail: "Text must not contain the NUL character (U+0000).".into(),
+        });
+    }
     if let Ok(value) = serde_json::from_slice::<T>(bytes) {
         return Ok(value);
     }
@@ -76,6 +83,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     } else {
         Err(ApiError::Status { status: StatusCode::BAD_REQUEST, code: "malformed_json", detail: message.into() })
     }
+}
+
+/// Whether JSON text holds a `\u0000` escape (a NUL in a string; JSON cannot hold a raw one):
+/// preceded by an odd run of backslashes, it is the escape, not an escaped backslash and `u0000`.
+fn escapes_nul(bytes: &[u8]) -> bool {
+    bytes.windows(6).enumerate().any(|(i, w)| {
+        w[0] == b'\\' && &w[1..] == b"u0000" && bytes[..i].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 0
+    })
 }
 
 /// [`ApiJson`] plus `validator` rules: a failing rule is a 422 listing the field paths.
@@ -113,7 +128,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // Nothing we store or compare can hold U+0000 (Postgres text cannot): refused as input.
+        if parts.uri.query().is_some_and(|q| q.contains("%00")) {
+            return Err(ApiError::Status {
+                status: StatusCode::BAD_REQUEST,
+                code: "invalid_query",
+                detail: "Query parameters must not contain the NUL character (U+0000).".into(),
+            });
+        }
         let axum::extract::Query(value) = axum::extract::Query::<T>::from_request_parts(parts, state).await?;
         Ok(Self(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_nul_escape_is_told_from_an_escaped_backslash() {
+        assert!(super::escapes_nul(br#"{"a":"x\u0000"}"#));
+        assert!(super::escapes_nul(br#"{"a":"\\\u0000"}"#), "an escaped backslash, then the escape");
+        assert!(!super::escapes_nul(br#"{"a":"\\u0000"}"#), "a backslash, then the text u0000");
+        assert!(!super::escapes_nul(br#"{"a":"u0000 \u0001"}"#));
     }
 }

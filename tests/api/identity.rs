@@ -741,14 +741,14 @@ async fn bad_input_is_4xx_problem_json() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
         ),
-        // Postgres cannot store U+0000 in text: a 422, never a 500 from the insert.
+        // Postgres cannot store U+0000 in text: refused as input, never a 500 from a statement.
         (
             Method::POST,
             "/api/v1/agents".into(),
             None,
             Some(json!({ "name": "a\u{0}b", "description": "\u{0}" })),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_text",
+            "invalid_body",
         ),
         (
             Method::POST,
@@ -756,8 +756,9 @@ async fn bad_input_is_4xx_problem_json() {
             None,
             Some(json!({ "name": "nul\u{0}org" })),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_text",
+            "invalid_body",
         ),
+        (Method::GET, "/api/v1/agents?q=a%00b".into(), None, None, StatusCode::BAD_REQUEST, "invalid_query"),
         (Method::GET, "/api/v1/audit?limit=abc".into(), None, None, StatusCode::BAD_REQUEST, "invalid_query"),
         (Method::GET, "/api/v1/audit?limit=100000".into(), None, None, StatusCode::BAD_REQUEST, "invalid_query"),
         (Method::GET, "/api/v1/audit?since=yesterday".into(), None, None, StatusCode::BAD_REQUEST, "invalid_query"),
@@ -785,6 +786,17 @@ async fn bad_input_is_4xx_problem_json() {
         }
         assert_problem(resp, status, code).await;
     }
+    // A NUL in an OAuth form: RFC 6749 JSON, not a 500 from the client lookup.
+    let resp = app
+        .client
+        .post(app.url("/api/v1/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials&client_id=a%00b&client_secret=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "invalid_request");
     // Wrong content type.
     let resp = app
         .client
