@@ -965,16 +965,16 @@ async fn a_person_in_two_organizations_switches_the_one_the_console_works_in() {
     assert_eq!(made.status(), StatusCode::CREATED);
     let browser = Browser::start(1280, 800).await;
     browser_sign_in(&app, &browser, "pat@beta.test", "/console/organization").await;
-    let first = browser.text(&browser.find("main h1").await).await;
+    let first = browser.text_of("main h1").await;
     // The switcher lists both, marks the current one, and offers the other.
-    let list = browser.text(&browser.find("#org-list").await).await;
+    let list = browser.text_of("#org-list").await;
     assert!(list.contains("Beta Works") && list.contains("Acme Labs") && list.contains("working here"), "{list}");
     assert!(browser.find_now("#switch-org").await.is_some(), "the header links to the switcher");
     let (target, target_name) =
         if first.starts_with("Acme Labs") { (&beta.org_id, "Beta Works") } else { (&admin.org_id, "Acme Labs") };
     browser.click(&browser.find(&format!("button[data-org=\"{target}\"]")).await).await;
     browser.wait_for_url(Duration::from_secs(10), |u| u.contains("done=switched")).await;
-    assert!(browser.text(&browser.find("main h1").await).await.starts_with(target_name));
+    assert!(browser.text_of("main h1").await.starts_with(target_name));
     let cookie = browser.cookies().await.into_iter().find(|c| c["name"] == "agentidp_console_org").unwrap();
     assert_eq!(cookie["httpOnly"], true);
     // Now in Acme Labs (switching there if it was Beta first): an agent made from the console
@@ -990,7 +990,7 @@ async fn a_person_in_two_organizations_switches_the_one_the_console_works_in() {
     assert_eq!(names_in(&app, &beta, &admin.org_id).await, ["acme-bot"]);
     assert_eq!(names_in(&app, &beta, &beta.org_id).await, ["beta-bot"]);
     browser.goto(&app.url("/console/agents")).await;
-    let agents = browser.text(&browser.find("#agents").await).await;
+    let agents = browser.text_of("#agents").await;
     assert!(agents.contains("acme-bot") && !agents.contains("beta-bot"), "{agents}");
 
     // The cookie decides only among the person's own organizations: another one is ignored.

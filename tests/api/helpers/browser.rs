@@ -215,6 +215,22 @@ impl Browser {
             .to_owned()
     }
 
+    /// The text of the element `css` selects, found again when the page replaced it between the
+    /// find and the read (a navigation that had not quite finished).
+    pub async fn text_of(&self, css: &str) -> String {
+        for _ in 0..50 {
+            let e = self.find(css).await;
+            let resp = self.http.get(format!("{}/element/{}/text", self.base, e.0)).send().await;
+            let v: Value = resp.unwrap_or_else(|e| panic!("WebDriver text of {css}: {e}")).json().await.unwrap();
+            match v["value"].get("error").and_then(Value::as_str) {
+                None => return v["value"].as_str().unwrap_or_default().to_owned(),
+                Some("stale element reference") => tokio::time::sleep(Duration::from_millis(100)).await,
+                Some(err) => panic!("WebDriver text of {css}: {err}: {}", v["value"]["message"]),
+            }
+        }
+        panic!("{css} kept being replaced");
+    }
+
     pub async fn attribute(&self, e: &Element, name: &str) -> Option<String> {
         self.cmd(reqwest::Method::GET, &format!("/element/{}/attribute/{name}", e.0), None)
             .await
