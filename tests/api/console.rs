@@ -600,6 +600,8 @@ async fn a_member_sees_no_admin_buttons_and_an_agent_name_with_markup_stays_text
     // The admin sees the buttons on the same agent.
     let admin_browser = Browser::start(1280, 800).await;
     browser_sign_in(&app, &admin_browser, ADMIN_EMAIL, &format!("/console/agents/{agent_id}")).await;
+    // Waited for (the page may still be loading), then each looked for at once.
+    admin_browser.find("#suspend").await;
     for button in ["#suspend", "#delete-agent", "#create-credential", "#revoke-tokens", "#edit-agent"] {
         assert!(admin_browser.find_now(button).await.is_some(), "{button} is shown to an admin");
     }
